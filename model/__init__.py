@@ -1,0 +1,7 @@
+"""Pure-torch model code: no ranks, devices, DeepSpeed, argparse or file I/O here."""
+from model.embeddings import SequenceEmbedding
+from model.encoder import Encoder
+from model.losses import domain_cross_entropy
+from model.recommender import Recommender, build_recommender
+
+__all__ = ["SequenceEmbedding", "Encoder", "Recommender", "build_recommender", "domain_cross_entropy"]

@@ -1,0 +1,1 @@
+"""xdrec training side: config, data, engine, stages, loop, evaluation, tracking, CLI."""

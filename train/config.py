@@ -1,0 +1,381 @@
+"""One typed config tree for xdrec.
+
+An experiment is a YAML file in ``configs/experiment/``. Its ``model`` and ``data`` sections may
+name a preset (``model: tiny`` loads ``configs/model/tiny.yaml``) or give ``{preset: tiny, ...}``
+to load a preset and override some of its keys. Dotted command-line overrides
+(``model.n_layers=4``) are applied last. Every key is checked against the dataclasses below:
+an unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and the
+file (or ``command line``) it came from, before any work starts.
+
+Derived values live as methods (``TrainConfig.global_batch_size``), never as extra keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+STAGES = ("source", "joint", "target_only")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and where it came from."""
+
+
+@dataclass
+class ModelConfig:
+    """SASRec-style encoder over the mixed-domain item sequence."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    ff_mult: int = 4  # feed-forward width = ff_mult * d_model
+    dropout: float = 0.2
+    emb_dropout: float = 0.2
+    max_len: int = 50  # sequences are trimmed to their last max_len events
+    causal: bool = True
+    domain_embeddings: bool = True
+
+
+@dataclass
+class SyntheticConfig:
+    """Generator with planted cross-domain structure: a user's latent taste drives both domains."""
+
+    n_users: int = 2000
+    items_per_domain: list[int] = field(default_factory=lambda: [600, 600])
+    n_tastes: int = 12
+    events_per_domain: list[int] = field(default_factory=lambda: [16, 6])  # mean events a user has
+    min_events_per_domain: int = 3
+    taste_purity: float = 0.8  # probability an event follows the user's taste (else popularity)
+    seed: int = 0
+
+
+@dataclass
+class TableConfig:
+    """Column mapping for a generic interaction table (CSV or TSV)."""
+
+    user: str = "user"
+    item: str = "item"
+    timestamp: str = "timestamp"
+    domain: str = "domain"
+    delimiter: Optional[str] = None  # None: ',' for .csv, tab for .tsv/.txt
+
+
+@dataclass
+class DataConfig:
+    """Where interactions come from and where the prepared shards go."""
+
+    name: str = "synthetic"
+    format: Literal["synthetic", "abxi", "table"] = "synthetic"
+    path: str = ""  # abxi: folder with *_preprocessed.txt and map_item_*.txt; table: a file
+    domains: list[str] = field(default_factory=lambda: ["A", "B"])  # index order = domain id
+    source: str = "A"
+    target: str = "B"
+    out_dir: str = "data/prepared"  # shards go to <out_dir>/<name>/
+    shard_samples: int = 1000  # samples per tar shard
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    table: TableConfig = field(default_factory=TableConfig)
+
+    def prepared_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass
+class StageConfig:
+    """One training stage. ``epochs`` passes over the stage's driving stream."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    source_weight: float = 1.0  # w_s in L = w_s * mean CE(source) + w_t * mean CE(target)
+    target_weight: float = 1.0  # w_t
+    patience: int = 3  # stop after this many evaluations without a better valid metric
+
+
+@dataclass
+class TrainConfig:
+    stages: list[str] = field(default_factory=lambda: ["target_only", "source", "joint"])
+    micro_batch_size: int = 128
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    mix_ratio: float = 0.5  # joint stage: fraction of each batch drawn from the source domain
+    shuffle_buffer: int = 2000
+    num_workers: int = 0
+    source: StageConfig = field(default_factory=StageConfig)
+    joint: StageConfig = field(default_factory=StageConfig)
+    target_only: StageConfig = field(default_factory=StageConfig)
+    log_every: int = 20
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.micro_batch_size * self.grad_accum * world_size
+
+    def stage(self, name: str) -> StageConfig:
+        return getattr(self, name)
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    num_negatives: int = 999  # ABXI protocol: same-domain negatives, user's items excluded
+    batch_size: int = 512
+    select_metric: str = "ndcg@10"  # on valid, sampled999 protocol, the stage's selection domain
+    select_protocol: Literal["full", "sampled999"] = "sampled999"
+    seed: int = 2025  # negatives are a function of (seed, split, user): same for every model
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = True
+    project: str = "xdrec"
+    entity: Optional[str] = None
+    mode: Optional[Literal["online", "offline", "disabled"]] = None  # None: WANDB_MODE, else auto
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    seed: int = 0
+    runs_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def validate(self, origin: str = "config") -> None:
+        """Cross-field checks that single-key typing cannot express."""
+        d = self.data
+        for key, dom in (("data.source", d.source), ("data.target", d.target)):
+            if dom not in d.domains:
+                raise ConfigError(f"{origin}: {key}={dom!r} is not one of data.domains {d.domains}")
+        if d.source == d.target:
+            raise ConfigError(f"{origin}: data.source and data.target are both {d.source!r}")
+        if len(d.domains) != 2:
+            raise ConfigError(f"{origin}: data.domains must name exactly 2 domains, got {d.domains}")
+        for s in self.train.stages:
+            if s not in STAGES:
+                raise ConfigError(f"{origin}: train.stages has {s!r}; known stages: {list(STAGES)}")
+        if "joint" in self.train.stages and "source" not in self.train.stages:
+            raise ConfigError(f"{origin}: train.stages has 'joint' without 'source' (joint starts from it)")
+        if not 0.0 < self.train.mix_ratio < 1.0:
+            raise ConfigError(f"{origin}: train.mix_ratio must be in (0, 1), got {self.train.mix_ratio}")
+        if self.model.d_model % self.model.n_heads:
+            raise ConfigError(f"{origin}: model.d_model={self.model.d_model} is not divisible by "
+                              f"model.n_heads={self.model.n_heads}")
+        if self.eval.select_metric.split("@")[0] not in ("hr", "ndcg", "mrr"):
+            raise ConfigError(f"{origin}: eval.select_metric={self.eval.select_metric!r} is not hr@k, ndcg@k or mrr")
+        if self.train.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{origin}: train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
+        if d.format != "synthetic" and not d.path:
+            raise ConfigError(f"{origin}: data.path is empty but data.format={d.format!r} reads files")
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed construction from plain dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    o = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"{origin}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if o in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, origin)
+            except ConfigError:
+                pass
+        raise bad
+    if o is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{origin}: key '{key}' must be one of {list(args)}, got {value!r}")
+    if o is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if o is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(k, args[0], key, origin): _coerce(v, args[1], f"{key}.{k}", origin)
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return build(tp, value, origin, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{origin}: key '{key}' has unsupported type {tp}")  # pragma: no cover
+
+
+def build(cls: type, data: dict, origin: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{origin}: unknown config key '{full}' (known under "
+                              f"'{prefix or '<top>'}': {sorted(names)})")
+        kwargs[k] = _coerce(v, hints[k], full, origin)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML files, presets, dotted overrides
+
+_PRESET_SECTIONS = ("model", "data")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _configs_root(path: Path) -> Path:
+    """``configs/`` for a file at ``configs/<section>/<x>.yaml``."""
+    return path.resolve().parent.parent
+
+
+def _resolve_presets(raw: dict, path: Path) -> dict:
+    """Replace ``model: tiny`` / ``model: {preset: tiny, ...}`` with the preset's keys.
+
+    Returns (merged dict). Errors in a preset name the preset's own file.
+    """
+    out = dict(raw)
+    for section in _PRESET_SECTIONS:
+        val = raw.get(section)
+        preset = None
+        overrides: dict = {}
+        if isinstance(val, str):
+            preset = val
+        elif isinstance(val, dict) and "preset" in val:
+            overrides = {k: v for k, v in val.items() if k != "preset"}
+            preset = val["preset"]
+        if preset is None:
+            continue
+        ppath = _configs_root(path) / section / f"{preset}.yaml"
+        if not ppath.exists():
+            raise ConfigError(f"{path}: key '{section}' names preset {preset!r} but {ppath} does not exist")
+        pdata = _read_yaml(ppath)
+        # Check the preset on its own so an error names the preset file.
+        build(ExperimentConfig, {section: pdata}, str(ppath))
+        out[section] = _deep_merge(pdata, overrides)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} is not of the form a.b=value")
+    key, _, val = text.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"command line: override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(val) if val.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: override {text!r}: value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def _set_dotted(d: dict, parts: list[str], value: Any) -> None:
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load an experiment YAML (or the built-in defaults when ``path`` is None) plus overrides."""
+    raw: dict = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        raw = _resolve_presets(_read_yaml(path), path)
+    cfg = build(ExperimentConfig, raw, origin)
+    cfg.validate(origin)
+    if overrides:
+        ov: dict = {}
+        for text in overrides:
+            parts, value = parse_override(text)
+            _set_dotted(ov, parts, value)
+        merged = _deep_merge(to_dict(cfg), ov)
+        cfg = build(ExperimentConfig, merged, "command line")
+        cfg.validate("command line")
+    return cfg
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (reloadable with :func:`load_config`) and JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_fingerprint(section: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(section), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Data preparation (raw -> WebDataset shards) and streaming (shards -> batches)."""

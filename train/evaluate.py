@@ -1,0 +1,103 @@
+"""Ranking evaluation per domain: full ranking and the ABXI sampled protocol.
+
+- ``full``: the held-out item is ranked against every item of its domain (no sampling).
+- ``sampled999``: against ``num_negatives`` items drawn uniformly, without replacement, from its
+  domain, excluding every item of the user's sequence (ABXI, WWW'25). Negatives depend only on
+  (eval seed, split, user), so every model and stage is ranked against the same ones.
+
+Rank 1 = best; ties count against the target (a constant scorer gets the worst rank).
+HR@k = [rank <= k], NDCG@k = 1/log2(rank + 1) if rank <= k, MRR = 1/rank, averaged over users.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from train.config import EvalConfig
+from train.data.stream import eval_batches
+
+SAMPLED = "sampled999"
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: list[int]) -> dict:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out: dict = {"n_users": int(len(ranks))}
+    if not len(ranks):
+        return out
+    for k in ks:
+        hit = ranks <= k
+        out[f"hr@{k}"] = float(hit.mean())
+        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
+    out["mrr"] = float((1.0 / ranks).mean())
+    return out
+
+
+def ranks_of_targets(scores: torch.Tensor, target_cols: torch.Tensor,
+                     neg_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """scores: [B, N]; target_cols: [B]; neg_cols: [B, K] or None (rank among all N columns).
+
+    Returns [B] ranks (1 = best), ties counted against the target.
+    """
+    t = scores.gather(1, target_cols[:, None])  # (B, 1)
+    if neg_cols is None:
+        return (scores >= t).sum(1)  # includes the target itself: rank >= 1
+    return 1 + (scores.gather(1, neg_cols) >= t).sum(1)
+
+
+def sample_negatives(*, n_items: int, offset: int, exclude: np.ndarray, k: int, seed: int, split: int,
+                     user: int) -> np.ndarray:
+    """``k`` distinct global ids in ``(offset, offset + n_items]``, none of them in ``exclude``."""
+    rng = np.random.default_rng([seed, split, user])
+    local = exclude[(exclude > offset) & (exclude <= offset + n_items)] - offset - 1
+    allowed = n_items - len(np.unique(local))
+    if allowed < k:
+        raise ValueError(f"user {user}: only {allowed} items of the domain are not in the user's "
+                         f"sequence, fewer than eval.num_negatives={k}")
+    cand = rng.choice(n_items, size=min(n_items, k + len(local)), replace=False)
+    cand = cand[~np.isin(cand, local)][:k]
+    return cand + offset + 1
+
+
+class Evaluator:
+    """Evaluates one prepared dataset; caches sampled negatives across calls."""
+
+    def __init__(self, manifest: dict, folder, cfg: EvalConfig, *, max_len: int):
+        self.manifest, self.folder, self.cfg, self.max_len = manifest, folder, cfg, max_len
+        self.domains = {d["name"]: d for d in manifest["domains"]}
+        self._negatives: dict = {}
+
+    def _negs(self, domain: str, split: str, users, excludes) -> np.ndarray:
+        d = self.domains[domain]
+        cache = self._negatives.setdefault((domain, split), {})
+        rows = []
+        for u, ex in zip(users.tolist(), excludes):
+            if u not in cache:
+                cache[u] = sample_negatives(n_items=d["n_items"], offset=d["offset"], exclude=ex,
+                                            k=self.cfg.num_negatives, seed=self.cfg.seed,
+                                            split=("valid", "test").index(split), user=u)
+            rows.append(cache[u])
+        return np.stack(rows)
+
+    @torch.no_grad()
+    def ranks(self, score_fn, domain: str, split: str, *, only_domain: bool, device) -> dict:
+        """Per-user ranks ``{"user", "full", SAMPLED}`` (numpy) for ``split`` users of ``domain``.
+
+        ``score_fn(items [B, L], domain index) -> [B, n_items of domain]``.
+        """
+        d = self.domains[domain]
+        users, full, sampled = [], [], []
+        for b in eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
+                              max_len=self.max_len, only_domain=only_domain):
+            scores = score_fn(b["items"].to(device), d["index"]).float()
+            tcol = (b["target"] - d["offset"] - 1).to(device)
+            negs = torch.from_numpy(self._negs(domain, split, b["user"], b["exclude"]) - d["offset"] - 1)
+            full.append(ranks_of_targets(scores, tcol).cpu())
+            sampled.append(ranks_of_targets(scores, tcol, negs.to(device)).cpu())
+            users.append(b["user"])
+        cat = (lambda xs: torch.cat(xs).numpy()) if users else (lambda xs: np.zeros(0, dtype=np.int64))
+        return {"user": cat(users), "full": cat(full), SAMPLED: cat(sampled)}
+
+    def evaluate(self, score_fn, domain: str, split: str, *, only_domain: bool, device) -> dict:
+        """``{"full": {...metrics}, "sampled999": {...}}`` for one domain and split."""
+        r = self.ranks(score_fn, domain, split, only_domain=only_domain, device=device)
+        return {p: metrics_from_ranks(r[p], self.cfg.ks) for p in ("full", SAMPLED)}

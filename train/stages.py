@@ -1,0 +1,174 @@
+"""Source-then-joint training and the target-only baseline, as configuration, not branches.
+
+- ``source``: next-item CE on source-domain targets of the mixed sequences.
+- ``joint``: starts from the best ``source`` weights; batches mix source and target rows at
+  ``train.mix_ratio``; L = w_s * mean CE(source) + w_t * mean CE(target).
+- ``target_only``: the same model, built from the same seed and trained the same way, on
+  target-domain events alone (source items removed from its inputs and evaluation histories).
+
+Each stage selects its best epoch on valid (sampled protocol by default) of its selection domain
+(source for ``source``, target otherwise) and reports valid and test metrics of those weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from model import build_recommender
+from train.config import ExperimentConfig, save_config
+from train.data.prepare import ensure_prepared
+from train.data.stream import DomainIndex, mixed_batches, train_batches
+from train.engine import build_engine, setup_distributed
+from train.evaluate import SAMPLED, Evaluator
+from train.loop import StagePlan, run_stage, score_fn
+from train.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    select_domain: str  # "source" | "target"
+    eval_domains: tuple[str, ...]
+    only_target: bool  # inputs hold target-domain items alone
+
+
+SPECS = {
+    "source": StageSpec("source", ("source",), False),
+    "joint": StageSpec("target", ("source", "target"), False),
+    "target_only": StageSpec("target", ("target",), True),
+}
+
+
+def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
+    dom = DomainIndex(manifest)
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    ranges = [(int(o) + 1, int(e) + 1) for o, e in zip(dom.offsets, dom.ends)]
+    return build_recommender(n_items=dom.n_items, ranges=ranges, item_domain=dom.item_domain_table(),
+                             d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ff_mult=m.ff_mult,
+                             dropout=m.dropout, emb_dropout=m.emb_dropout, max_len=m.max_len, causal=m.causal,
+                             domain_embeddings=m.domain_embeddings)
+
+
+class Experiment:
+    """Everything a run shares across its stages: config, data, evaluator, tracker, device."""
+
+    def __init__(self, cfg: ExperimentConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.env, self.device = setup_distributed()
+        self.run_dir = cfg.run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.manifest = ensure_prepared(cfg.data, log=log)
+        self.folder = cfg.data.prepared_dir()
+        self.names = {"source": cfg.data.source, "target": cfg.data.target}
+        self.dom = DomainIndex(self.manifest)
+        self.evaluator = Evaluator(self.manifest, self.folder, cfg.eval, max_len=cfg.model.max_len)
+        self.tracker = Tracker(cfg, self.run_dir, is_main=self.env.is_main)
+
+    # -- data -------------------------------------------------------------------------------
+    def _batches(self, stage: str, epoch: int):
+        cfg, t = self.cfg, self.cfg.train
+        common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer)
+        if stage == "joint":
+            return mixed_batches(self.manifest, self.folder, source=self.names["source"],
+                                 target=self.names["target"], batch_size=t.micro_batch_size,
+                                 mix_ratio=t.mix_ratio, **common)
+        domain = self.names["source" if stage == "source" else "target"]
+        return train_batches(self.manifest, self.folder, domain, batch_size=t.micro_batch_size,
+                             only_domain=SPECS[stage].only_target, **common)
+
+    def _steps_per_epoch(self, stage: str) -> int:
+        t = self.cfg.train
+        domain = self.names["source" if stage == "source" else "target"]
+        rows = t.micro_batch_size
+        if stage == "joint":
+            rows -= max(1, min(rows - 1, round(t.mix_ratio * rows)))
+        n = self.manifest["counts"][domain]["train"]["samples"] / self.env.world_size
+        return max(1, math.ceil(n / rows / t.grad_accum))
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _select(self, engine, stage: str) -> float:
+        spec = SPECS[stage]
+        metric = self.cfg.eval.select_metric
+        res = self.evaluator.evaluate(score_fn(engine), self.names[spec.select_domain], "valid",
+                                      only_domain=spec.only_target, device=self.device)
+        return res[self.cfg.eval.select_protocol][metric]
+
+    def evaluate_stage(self, engine, stage: str) -> dict:
+        spec = SPECS[stage]
+        out: dict = {}
+        for split in ("valid", "test"):
+            for role in spec.eval_domains:
+                name = self.names[role]
+                out.setdefault(split, {})[name] = self.evaluator.evaluate(
+                    score_fn(engine), name, split, only_domain=spec.only_target, device=self.device)
+        return out
+
+    # -- stages -----------------------------------------------------------------------------
+    def run_stage(self, stage: str) -> tuple[dict, dict]:
+        cfg = self.cfg
+        sc = cfg.train.stage(stage)
+        weights = [0.0] * len(self.dom.names)
+        weights[self.dom.index(self.names["source"])] = sc.source_weight
+        weights[self.dom.index(self.names["target"])] = sc.target_weight
+        model = build_model(cfg, self.manifest)
+        total = sc.epochs * self._steps_per_epoch(stage)
+        engine = build_engine(model, train=cfg.train, stage=sc, total_steps=total,
+                              world_size=self.env.world_size)
+        if stage == "joint":
+            src = self.run_dir / "source" / "checkpoints"
+            engine.load_checkpoint(str(src), tag="best", load_module_only=True,
+                                   load_optimizer_states=False, load_lr_scheduler_states=False)
+            self.log(f"[joint] starting from the best source weights in {src}")
+        plan = StagePlan(name=stage, batches=partial(self._batches, stage), weights=weights, epochs=sc.epochs,
+                         patience=sc.patience, select=partial(self._select, engine, stage),
+                         ckpt_dir=self.run_dir / stage / "checkpoints", log_every=cfg.train.log_every,
+                         domain_names=self.dom.names)
+        save_config(cfg, plan.ckpt_dir / "config.yaml")
+        summary = run_stage(engine, plan, device=self.device, tracker=self.tracker, log=self.log)
+        metrics = self.evaluate_stage(engine, stage)
+        self.tracker.log({stage: metrics})
+        return metrics, summary
+
+    def run(self) -> dict:
+        t0 = time.time()
+        results: dict = {}
+        meta: dict = {}
+        # The joint stage needs the source checkpoint: run source first whatever the order given.
+        order = sorted(self.cfg.train.stages, key=lambda s: ("source", "joint").index(s) if s != "target_only" else -1)
+        for stage in order:
+            self.log(f"== stage {stage} ==")
+            results[stage], meta[stage] = self.run_stage(stage)
+            self.write_metrics(results, meta)
+        meta["wall_s"] = time.time() - t0
+        self.write_metrics(results, meta)
+        self.tracker.summary(results)
+        self.tracker.finish()
+        return results
+
+    def write_metrics(self, results: dict, meta: dict) -> None:
+        if self.env.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps({**results, "_meta": meta}, indent=1))
+
+
+def format_table(results: dict, target: str, source: str | None = None) -> str:
+    """Test metrics of target-only vs source-then-joint on ``target`` (and joint on ``source``)."""
+    cols = [("full", "hr@10"), ("full", "ndcg@10"), ("full", "mrr"),
+            (SAMPLED, "hr@10"), (SAMPLED, "ndcg@10"), (SAMPLED, "mrr")]
+    head = f"{'stage':<22}{'domain':<14}" + "".join(f"{p[:4] + ' ' + m:>16}" for p, m in cols)
+    lines = [head, "-" * len(head)]
+    rows = [("target_only", target), ("joint", target)]
+    if source:
+        rows += [("source", source), ("joint", source)]
+    label = {"joint": "source-then-joint", "target_only": "target-only", "source": "source only"}
+    for stage, dom in rows:
+        m = results.get(stage, {}).get("test", {}).get(dom)
+        if m:
+            lines.append(f"{label[stage]:<22}{dom:<14}" + "".join(f"{m[p][k]:>16.4f}" for p, k in cols))
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Run tracking: a local ``metrics.jsonl`` always, Weights & Biases on rank 0.
+
+W&B mode: ``tracking.mode`` if set, else ``WANDB_MODE`` if set, else ``online`` when an API key
+is configured (``WANDB_API_KEY`` or a ``~/.netrc`` entry for api.wandb.ai) and ``offline``
+otherwise, so a machine without network never blocks on a login. Offline runs land in
+``<run_dir>/wandb/offline-run-*`` and upload later with ``wandb sync``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from train.config import ExperimentConfig, to_dict
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_mode(cfg: ExperimentConfig) -> str:
+    if not cfg.tracking.wandb:
+        return "disabled"
+    return cfg.tracking.mode or os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+
+
+class Tracker:
+    """``log(record)`` appends to metrics.jsonl and W&B (rank 0 only; other ranks do nothing)."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, is_main: bool):
+        self.is_main = is_main
+        self.step = 0
+        self.run = None
+        self._file = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a")
+        mode = wandb_mode(cfg)
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity, name=cfg.name,
+                                  config=to_dict(cfg), dir=str(run_dir), mode=mode)
+
+    def log(self, record: dict, *, step: int | None = None) -> None:
+        if not self.is_main:
+            return
+        if step is not None:
+            self.step = max(self.step, step)
+        flat = _flatten(record)
+        self._file.write(json.dumps({"time": time.time(), "step": self.step, **flat}) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            self.run.log(flat, step=self.step)
+
+    def summary(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(_flatten(record))
+
+    def finish(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
