@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from train.config import ConfigError, load_config
 from train.data.formats import DataFormatError
 from train.data.prepare import ManifestError
+
+
+_log = functools.partial(print, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +32,7 @@ def cmd_prepare(args) -> int:
     from train.data.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
-    prepare(cfg.data)
+    prepare(cfg.data, log=_log)
     return 0
 
 
@@ -36,7 +40,7 @@ def cmd_train(args) -> int:
     from train.stages import Experiment, format_table
 
     cfg = load_config(args.config, args.overrides)
-    exp = Experiment(cfg)
+    exp = Experiment(cfg, log=_log)
     results = exp.run()
     if exp.env.is_main:
         print(f"\nTest metrics ({cfg.data.name}; source {cfg.data.source} -> target {cfg.data.target}):")

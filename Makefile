@@ -1,0 +1,37 @@
+# xdrec: `make demo` and `make test` each set everything up on a fresh machine, then run.
+#   make demo                                         synthetic default experiment
+#   make demo DATA=../shared/data/amazon-food-kitchen real data: configs/experiment/<folder name>.yaml
+#   make demo EXP=configs/experiment/x.yaml ARGS="model.n_layers=4"
+#   make test                                         the test suite (CPU, gloo)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a machine without CUDA the CPU build goes in first, so nothing pulls a multi-GB CUDA wheel.
+# GPU users: install your CUDA torch into $(VENV) first (or set TORCH_SPEC=).
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
+EXP ?= configs/experiment/demo.yaml
+ifneq ($(DATA),)
+EXP := configs/experiment/$(notdir $(patsubst %/,%,$(DATA))).yaml
+DATA_ARG := data.path=$(DATA)
+endif
+
+.PHONY: setup demo test clean
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@echo "warming DeepSpeed's ops (first time only, about a minute on a CPU)"
+	$(BIN)/python -m train.engine
+	touch $@
+
+demo: setup
+	$(BIN)/xdrec train $(EXP) $(DATA_ARG) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data/prepared wandb .pytest_cache

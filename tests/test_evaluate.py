@@ -1,0 +1,42 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from train.evaluate import metrics_from_ranks, ranks_of_targets, sample_negatives
+
+
+def test_metrics_against_hand_computed_ranks():
+    ranks = np.array([1, 3, 11, 20])
+    m = metrics_from_ranks(ranks, [5, 10, 20])
+    assert m["hr@5"] == pytest.approx(2 / 4)
+    assert m["hr@10"] == pytest.approx(2 / 4)
+    assert m["hr@20"] == pytest.approx(4 / 4)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(2) + 1 / math.log2(4)) / 4)
+    assert m["ndcg@20"] == pytest.approx((1 + 0.5 + 1 / math.log2(12) + 1 / math.log2(21)) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 11 + 1 / 20) / 4)
+
+
+def test_ranks_full_and_sampled_with_ties_against_target():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.5, 0.2],
+                           [1.0, 1.0, 1.0, 1.0, 1.0]])
+    target = torch.tensor([2, 0])
+    assert ranks_of_targets(scores, target).tolist() == [3, 5]  # tie with col 3 counts against
+    negs = torch.tensor([[0, 4], [1, 2]])
+    assert ranks_of_targets(scores, target, negs).tolist() == [1, 3]
+
+
+def test_negatives_exclude_user_items_are_distinct_and_deterministic():
+    exclude = np.array([3, 5, 7, 101])  # 101 is outside the domain (offset 0, 100 items)
+    a = sample_negatives(n_items=100, offset=0, exclude=exclude, k=90, seed=1, split=1, user=7)
+    b = sample_negatives(n_items=100, offset=0, exclude=exclude, k=90, seed=1, split=1, user=7)
+    assert np.array_equal(a, b) and len(set(a.tolist())) == 90
+    assert not set(a.tolist()) & {3, 5, 7} and a.min() >= 1 and a.max() <= 100
+    c = sample_negatives(n_items=100, offset=0, exclude=exclude, k=90, seed=1, split=1, user=8)
+    assert not np.array_equal(a, c)
+
+
+def test_too_few_negatives_is_an_error():
+    with pytest.raises(ValueError, match="fewer than eval.num_negatives"):
+        sample_negatives(n_items=10, offset=50, exclude=np.arange(51, 56), k=6, seed=0, split=0, user=1)

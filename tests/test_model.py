@@ -1,0 +1,86 @@
+import math
+
+import torch
+
+from model import build_recommender, domain_cross_entropy
+
+
+def _model(causal=True, seed=0):
+    torch.manual_seed(seed)
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])  # ids 1-3 domain 0, 4-7 domain 1
+    m = build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=2,
+                          n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=causal,
+                          domain_embeddings=True)
+    return m.eval()
+
+
+def test_causal_mask_future_item_does_not_change_earlier_outputs():
+    m = _model()
+    a = torch.tensor([[0, 0, 1, 5, 2, 6]])
+    b = a.clone()
+    b[0, 4:] = torch.tensor([7, 3])  # change the future of position 3
+    ha, hb = m(a), m(b)
+    assert torch.allclose(ha[:, :4], hb[:, :4], atol=1e-6)
+    assert not torch.allclose(ha[:, 4:], hb[:, 4:], atol=1e-4)
+
+
+def test_bidirectional_model_does_see_the_future():
+    m = _model(causal=False)
+    a = torch.tensor([[0, 0, 1, 5, 2, 6]])
+    b = a.clone()
+    b[0, 5] = 3
+    assert not torch.allclose(m(a)[:, 3], m(b)[:, 3], atol=1e-4)
+
+
+def test_padding_positions_are_invisible():
+    """Whatever sits in padded slots (here: noisy position embeddings) never reaches real outputs."""
+    m = _model()
+    items = torch.tensor([[0, 0, 1, 5, 2, 6]])
+    before = m(items)[:, 2:]
+    with torch.no_grad():
+        m.embedding.position.weight[:2] += 5 * torch.randn(2, 8)
+    assert torch.allclose(m(items)[:, 2:], before, atol=1e-6)
+    assert torch.isfinite(m(torch.zeros(2, 6, dtype=torch.long))).all()  # all-padding rows: no NaN
+
+
+def test_loss_matches_hand_computation():
+    h = torch.tensor([[[1.0, 0.0], [0.5, 0.5], [0.0, 2.0]]])  # (B=1, L=3, D=2)
+    table = torch.tensor([[0.0, 0.0], [1.0, 2.0], [0.0, 1.0], [3.0, 0.0], [1.0, 1.0]])
+    targets = torch.tensor([[1, 0, 4]])  # pos 0 -> item 1 (domain 0), pos 2 -> item 4 (domain 1)
+    loss, sums, counts = domain_cross_entropy(h, targets, table, [(1, 3), (3, 5)], [0.3, 0.7])
+    # domain 0 softmax over items 1,2 at h0=(1,0): logits (1, 0)
+    ce0 = -math.log(math.exp(1) / (math.exp(1) + math.exp(0)))
+    # domain 1 softmax over items 3,4 at h2=(0,2): logits (0, 2), target item 4
+    ce1 = -math.log(math.exp(2) / (math.exp(0) + math.exp(2)))
+    assert counts == [1, 1]
+    assert math.isclose(loss.item(), 0.3 * ce0 + 0.7 * ce1, rel_tol=1e-6)
+    assert math.isclose(sums[0].item(), ce0, rel_tol=1e-6) and math.isclose(sums[1].item(), ce1, rel_tol=1e-6)
+
+
+def test_loss_is_a_mean_per_domain_not_per_batch():
+    h = torch.randn(2, 4, 8)
+    table = torch.randn(8, 8)
+    t = torch.tensor([[1, 2, 3, 4], [5, 0, 0, 6]])  # 3 targets in domain 0, 3 in domain 1
+    loss, sums, counts = domain_cross_entropy(h, t, table, [(1, 4), (4, 8)], [1.0, 2.0])
+    assert counts == [3, 3]
+    assert torch.isclose(loss, sums[0] / 3 + 2.0 * sums[1] / 3)
+
+
+def test_empty_domain_adds_zero_but_keeps_gradient_path():
+    m = _model()
+    items = torch.tensor([[0, 1, 2, 3]])
+    targets = torch.tensor([[0, 2, 3, 1]])  # domain-0 targets only
+    loss, sums, counts = m(items, targets=targets, weights=[1.0, 1.0])
+    assert counts == [3, 0] and sums[1].item() == 0.0
+    loss.backward()
+    assert m.embedding.item.weight.grad is not None
+
+
+def test_scores_and_recommend_cover_one_domain():
+    m = _model()
+    items = torch.tensor([[0, 0, 1, 5, 2, 6]])
+    s = m(items, domain=1)
+    assert s.shape == (1, 4)
+    top = m.recommend(items, domain=1, k=2)
+    assert ((top >= 4) & (top <= 7)).all()
+    assert torch.equal(top[0, 0], s.argmax(1)[0] + 4)

@@ -1,0 +1,154 @@
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from train.config import DataConfig, SyntheticConfig
+from train.data.formats import DataFormatError
+from train.data.prepare import ManifestError, load_manifest, prepare
+from train.data.stream import DomainIndex, sample_stream, shard_urls
+
+
+def _samples(manifest, folder, domain, split):
+    return [s for (s,) in sample_stream(shard_urls(manifest, folder, domain, split), shuffle=False,
+                                          seed=0, epoch=0, buffer=0)]
+
+
+def _raw_sequences(folder: Path):
+    seqs = {}
+    for line in next(folder.glob("*_preprocessed.txt")).read_text().splitlines():
+        parts = line.split()
+        seqs[int(parts[0])] = [int(t.split("|")[0]) for t in parts[1:]]
+    return seqs
+
+
+@pytest.fixture
+def prepared(fk_slice, tmp_path):
+    cfg = DataConfig(name="fk", format="abxi", path=str(fk_slice), domains=["food", "kitchen"],
+                     source="food", target="kitchen", out_dir=str(tmp_path / "out"), shard_samples=64)
+    prepare(cfg, log=lambda *_: None)
+    return cfg, load_manifest(cfg.prepared_dir()), _raw_sequences(fk_slice)
+
+
+def test_counts_and_vocab_on_real_slice(prepared):
+    cfg, m, raw = prepared
+    assert m["n_users"] == 200 == len(raw)
+    assert m["n_events"] == sum(len(s) for s in raw.values())
+    food, kitchen = m["domains"]
+    # ABXI ids: food 1..11837, kitchen above; the slice keeps the original global ids.
+    assert food["offset"] == 0 and kitchen["offset"] == food["n_items"]
+    dom = DomainIndex(m)
+    all_items = {i for s in raw.values() for i in s}
+    assert dom.n_items == len(all_items)
+    assert food["n_events"] + kitchen["n_events"] == m["n_events"]
+    # every user appears once in valid and once in test, in the domain of the held-out item
+    for split in ("valid", "test"):
+        assert sum(m["counts"][d][split]["samples"] for d in ("food", "kitchen")) == 200
+    # shards are hashed, and > 1 shard per split exists at 64 samples per shard
+    assert len(m["shards"]["food"]["train"]) >= 2
+    assert all(len(sh["sha256"]) == 64 for sh in m["shards"]["food"]["train"])
+
+
+def test_leave_one_out_splits_do_not_leak(prepared):
+    cfg, m, raw = prepared
+    folder = cfg.prepared_dir()
+    item_map = json.loads((folder / "item_map.json").read_text())
+    user_map = json.loads((folder / "user_map.json").read_text())
+    inv_user = {v: int(k) for k, v in user_map.items()}
+    seqs = {inv_user[u]: s for u, s in ((u, [item_map[str(i)] for i in raw[inv_user[u]]]) for u in inv_user)}
+    dom = DomainIndex(m)
+    test_users = set()
+    for d in ("food", "kitchen"):
+        for s in _samples(m, folder, d, "train"):
+            full = seqs[inv_user[s["user"]]]
+            assert s["items"] == full[:-2]  # the last two events are never training data
+        for s in _samples(m, folder, d, "valid"):
+            full = seqs[inv_user[s["user"]]]
+            assert s["items"] == full[:-2] and s["target"] == full[-2]
+            assert m["domains"][int(dom.of([s["target"]])[0])]["name"] == d
+        for s in _samples(m, folder, d, "test"):
+            full = seqs[inv_user[s["user"]]]
+            assert s["items"] == full[:-1] and s["target"] == full[-1]
+            assert set(s["exclude"]) == set(full)
+            test_users.add(s["user"])
+    assert len(test_users) == 200
+
+
+def test_sha_mismatch_is_refused(prepared):
+    cfg, m, _ = prepared
+    shard = cfg.prepared_dir() / m["shards"]["kitchen"]["test"][0]["path"]
+    with open(shard, "r+b") as f:
+        f.seek(600)
+        f.write(b"X")
+    with pytest.raises(ManifestError, match=r"kitchen/test.*sha256"):
+        load_manifest(cfg.prepared_dir())
+
+
+def test_missing_shard_is_named(prepared):
+    cfg, m, _ = prepared
+    shard = cfg.prepared_dir() / m["shards"]["food"]["valid"][0]["path"]
+    shard.unlink()
+    with pytest.raises(ManifestError, match=str(shard)):
+        load_manifest(cfg.prepared_dir())
+
+
+def test_shards_are_plain_webdataset_tars(prepared):
+    cfg, m, _ = prepared
+    path = cfg.prepared_dir() / m["shards"]["food"]["test"][0]["path"]
+    with tarfile.open(path) as t:
+        names = t.getnames()
+    assert names and all(n.startswith("u") and n.endswith(".json") for n in names)
+
+
+def test_malformed_line_names_file_and_line(fk_slice, tmp_path):
+    seq = next(fk_slice.glob("*_preprocessed.txt"))
+    lines = seq.read_text().splitlines()
+    lines[6] = lines[6] + " 12|notatime"
+    seq.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(name="bad", format="abxi", path=str(fk_slice), domains=["food", "kitchen"],
+                     source="food", target="kitchen", out_dir=str(tmp_path / "out"))
+    with pytest.raises(DataFormatError, match=rf"{seq.name}:7: event '12\|notatime'"):
+        prepare(cfg, log=lambda *_: None)
+    assert not (tmp_path / "out" / "bad").exists()
+
+
+def test_unknown_item_names_line(fk_slice, tmp_path):
+    seq = next(fk_slice.glob("*_preprocessed.txt"))
+    seq.write_text(seq.read_text() + "9999 99999999|1400000000\n")
+    cfg = DataConfig(name="bad", format="abxi", path=str(fk_slice), domains=["food", "kitchen"],
+                     source="food", target="kitchen", out_dir=str(tmp_path / "out"))
+    with pytest.raises(DataFormatError, match=r":201: item 99999999 is not in map_item"):
+        prepare(cfg, log=lambda *_: None)
+
+
+def test_table_format_with_ties_and_filtering(tmp_path):
+    csv = tmp_path / "log.csv"
+    csv.write_text("uid,iid,t,dom\n"
+                   "u1,x,3,books\nu1,y,1,movies\nu1,z,1,books\nu1,x2,5,movies\n"  # tie at t=1: file order
+                   "u2,x,1,books\nu2,y,2,movies\n")  # 2 events: filtered
+    cfg = DataConfig(name="t", format="table", path=str(csv), domains=["books", "movies"], source="books",
+                     target="movies", out_dir=str(tmp_path / "out"))
+    cfg.table.user, cfg.table.item, cfg.table.timestamp, cfg.table.domain = "uid", "iid", "t", "dom"
+    prepare(cfg, log=lambda *_: None)
+    m = load_manifest(cfg.prepared_dir())
+    assert m["filtered"]["users_with_fewer_than_3_events"] == 1
+    items = json.loads((cfg.prepared_dir() / "item_map.json").read_text())
+    assert [d["n_items"] for d in m["domains"]] == [2, 2]
+    (test,) = _samples(m, cfg.prepared_dir(), "movies", "test")
+    assert test["items"] == [items["y"], items["z"], items["x"]] and test["target"] == items["x2"]
+
+
+def test_table_bad_row_names_line(tmp_path):
+    csv = tmp_path / "log.csv"
+    csv.write_text("user,item,timestamp,domain\nu1,a,1,A\nu1,b,two,B\n")
+    cfg = DataConfig(name="t", format="table", path=str(csv), out_dir=str(tmp_path / "out"))
+    with pytest.raises(DataFormatError, match=r"log.csv:3: timestamp 'two' is not a number"):
+        prepare(cfg, log=lambda *_: None)
+
+
+def test_synthetic_default_needs_no_files(tmp_path):
+    cfg = DataConfig(out_dir=str(tmp_path), synthetic=SyntheticConfig(n_users=50, items_per_domain=[30, 30]))
+    prepare(cfg, log=lambda *_: None)
+    m = load_manifest(cfg.prepared_dir())
+    assert m["n_users"] == 50 and [d["n_items"] for d in m["domains"]] == [30, 30]

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+
+from train.config import DataConfig, SyntheticConfig
+from train.data.prepare import load_manifest, prepare
+from train.data.stream import DomainIndex, eval_batches, mixed_batches, train_batches, train_example
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep")
+    cfg = DataConfig(out_dir=str(out), shard_samples=40,
+                     synthetic=SyntheticConfig(n_users=120, items_per_domain=[40, 50], events_per_domain=[10, 5]))
+    prepare(cfg, log=lambda *_: None)
+    return load_manifest(cfg.prepared_dir()), cfg.prepared_dir()
+
+
+def test_train_example_trims_pads_and_masks_other_domain():
+    m = {"domains": [{"name": "A", "offset": 0, "n_items": 10}, {"name": "B", "offset": 10, "n_items": 10}]}
+    dom = DomainIndex(m)
+    ex = train_example({"user": 3, "items": [1, 11, 2, 12, 13, 3]}, dom=dom, label_domain=1, max_len=4,
+                       only_domain=False)
+    # last max_len + 1 = 5 events: [11, 2, 12, 13, 3]; inputs [11, 2, 12, 13], targets [2, 12, 13, 3]
+    assert ex["items"].tolist() == [11, 2, 12, 13]
+    assert ex["targets"].tolist() == [0, 12, 13, 0]  # only domain-B targets keep a loss
+    only = train_example({"user": 3, "items": [1, 11, 2, 12, 13, 3]}, dom=dom, label_domain=1, max_len=4,
+                         only_domain=True)
+    assert only["items"].tolist() == [0, 0, 11, 12] and only["targets"].tolist() == [0, 0, 12, 13]
+    none = train_example({"user": 3, "items": [1, 2, 11]}, dom=dom, label_domain=0, max_len=4, only_domain=False)
+    assert none["targets"].tolist() == [0, 0, 0, 2]
+
+
+def test_mixed_batches_hold_the_configured_ratio(synth):
+    m, folder = synth
+    dom = DomainIndex(m)
+    batches = list(mixed_batches(m, folder, source="A", target="B", batch_size=16, mix_ratio=0.25, max_len=12,
+                                 seed=0, epoch=0, buffer=50))
+    n_target_train = m["counts"]["B"]["train"]["samples"]
+    assert sum(len(b["user"]) for b in batches) > n_target_train  # source rows come on top of one target pass
+    for b in batches[:-1]:
+        t = b["targets"]
+        rows_a = ((t > 0) & (torch.from_numpy(dom.of(t.numpy())) == 0)).any(1)
+        rows_b = ((t > 0) & (torch.from_numpy(dom.of(t.numpy())) == 1)).any(1)
+        assert rows_a.sum() == 4 and rows_b.sum() == 12 and not (rows_a & rows_b).any()
+
+
+def test_epochs_are_shuffled_differently_and_reproducibly(synth):
+    m, folder = synth
+    order = lambda ep: torch.cat([b["user"] for b in train_batches(m, folder, "A", batch_size=32, max_len=12,
+                                                                      seed=1, epoch=ep, buffer=50)]).tolist()
+    e0, e0b, e1 = order(0), order(0), order(1)
+    assert e0 == e0b and e0 != e1 and sorted(e0) == sorted(e1)
+
+
+def test_eval_batches_cover_every_user_of_the_domain_once(synth):
+    m, folder = synth
+    users = np.concatenate([b["user"].numpy() for d in ("A", "B")
+                            for b in eval_batches(m, folder, d, "test", batch_size=25, max_len=12)])
+    assert sorted(users.tolist()) == list(range(m["n_users"]))
