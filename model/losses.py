@@ -1,37 +1,51 @@
-"""Per-domain softmax cross-entropy: L = sum_d w_d * mean CE over targets in domain d."""
+"""Per-domain softmax cross-entropy: L = sum_d w_d * mean CE over targets in domain d.
+
+Split in two so a distributed trainer can make the mean global: ``domain_ce_sums`` gives each
+domain's summed CE and target count on the local batch; ``weighted_domain_mean`` turns sums and
+(possibly all-reduced) counts into the loss.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def domain_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, item_weight: torch.Tensor,
-                         ranges: list[tuple[int, int]], weights: list[float]):
-    """Loss and per-domain statistics.
+def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor, item_weight: torch.Tensor,
+                   ranges: list[tuple[int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Summed CE and target count per domain.
 
-    hidden: (B, L, D) encoder outputs; targets: (B, L) global item id per position, 0 = no loss;
-    item_weight: (n_items + 1, D) tied item table; ranges[d] = (first_id, last_id + 1) of domain d;
-    weights[d] = w_d. Each target's softmax runs over the items of its own domain only.
+    hidden: (B, L, D) encoder outputs, or one such tensor per domain (domain d's targets are
+    scored from hidden[d]: per-domain query heads); targets: (B, L) global item id per position,
+    0 = no loss; item_weight: (n_items + 1, D) tied item table; ranges[d] = (first_id, last_id + 1).
+    Each target's softmax runs over the items of its own domain only.
 
-    Returns ``(loss, sums, counts)``: ``sums[d]`` is the summed CE (detached) and ``counts[d]``
-    the number of targets of domain d. A domain with no targets adds an exact 0 that still
-    touches its item rows, so every parameter takes part in every step.
+    Returns ``(sums, counts)``: ``sums[d]`` a scalar with gradient, ``counts`` a (n_domains,)
+    int64 tensor. A domain without targets gives an exact 0 that still touches its item rows and
+    head, so every parameter takes part in every step.
     """
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    per_domain = hidden if isinstance(hidden, (list, tuple)) else [hidden] * len(ranges)
     flat_t = targets.reshape(-1)
-    loss = hidden.new_zeros(())
     sums, counts = [], []
-    for (lo, hi), w in zip(ranges, weights):
+    for hid, (lo, hi) in zip(per_domain, ranges):
         sel = (flat_t >= lo) & (flat_t < hi)
-        h = flat_h[sel]  # (N_d, D)
-        logits = h @ item_weight[lo:hi].T  # (N_d, n_d)
-        n = int(sel.sum())
-        if n:
-            ce = F.cross_entropy(logits.float(), flat_t[sel] - lo, reduction="sum")
-            loss = loss + w * ce / n
-            sums.append(ce.detach())
-        else:
-            loss = loss + 0.0 * logits.sum()
-            sums.append(hidden.new_zeros((), dtype=torch.float32))
-        counts.append(n)
-    return loss, sums, counts
+        h = hid.reshape(-1, hid.shape[-1])[sel]  # (N_d, D)
+        logits = (h @ item_weight[lo:hi].T).float()  # (N_d, n_d)
+        sums.append(F.cross_entropy(logits, flat_t[sel] - lo, reduction="sum") if len(h) else 0.0 * logits.sum())
+        counts.append(sel.sum())
+    return sums, torch.stack(counts)
+
+
+def weighted_domain_mean(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float],
+                         scale: float = 1.0) -> torch.Tensor:
+    """``scale * sum_d w_d * sums[d] / counts[d]`` (a domain with count 0 adds 0 * sums[d])."""
+    loss = sums[0].new_zeros(())
+    for s, n, w in zip(sums, counts.tolist(), weights):
+        loss = loss + (w * scale / n) * s if n else loss + 0.0 * s
+    return loss
+
+
+def domain_cross_entropy(hidden, targets: torch.Tensor, item_weight: torch.Tensor,
+                         ranges: list[tuple[int, int]], weights: list[float]):
+    """Single-batch loss: ``(loss, detached per-domain CE sums, per-domain counts as a list)``."""
+    sums, counts = domain_ce_sums(hidden, targets, item_weight, ranges)
+    return weighted_domain_mean(sums, counts, weights), [s.detach() for s in sums], counts.tolist()

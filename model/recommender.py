@@ -10,24 +10,33 @@ from torch import nn
 
 from model.embeddings import SequenceEmbedding
 from model.encoder import Encoder
-from model.losses import domain_cross_entropy
+from model.losses import domain_ce_sums
 
 
 class Recommender(nn.Module):
-    def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]]):
-        """ranges[d] = (first global id, last + 1) of domain d."""
+    def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
+                 heads: nn.ModuleList | None = None):
+        """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
+        hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h)."""
         super().__init__()
         self.embedding = embedding
         self.encoder = encoder
         self.ranges = [tuple(r) for r in ranges]
+        self.heads = heads
 
-    def forward(self, items: torch.Tensor, targets: torch.Tensor | None = None,
-                weights: list[float] | None = None, domain: int | None = None):
+    def queries(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Per-domain query states [..., D]. Every head runs on every call (ZeRO-3 needs each
+        module in every forward, whatever the batch holds)."""
+        if self.heads is None:
+            return [h] * len(self.ranges)
+        return [h + head(h) for head in self.heads]
+
+    def forward(self, items: torch.Tensor, targets: torch.Tensor | None = None, domain: int | None = None):
         """One entry point, so a wrapping engine (DeepSpeed ZeRO-3 gathers parameters around
         module forwards) sees every use of the tied item table inside ``forward``.
 
-        - ``targets`` given: ``(loss, per-domain CE sums, per-domain counts)``, see
-          ``domain_cross_entropy``; ``weights[d]`` is w_d.
+        - ``targets`` given: ``(per-domain CE sums, per-domain target counts)``, see
+          ``model.losses.domain_ce_sums``; ``weighted_domain_mean`` makes the loss of them.
         - ``domain`` given: ``[B, n_items of domain]`` next-item scores at the last position
           (column j = global id ``lo + j``; left padding puts the latest event last).
         - neither: hidden states ``[B, L, D]``.
@@ -36,10 +45,10 @@ class Recommender(nn.Module):
         h = self.encoder(self.embedding(items), items)  # (B, L, D)
         table = self.embedding.item.weight
         if targets is not None:
-            return domain_cross_entropy(h, targets, table, self.ranges, weights)
+            return domain_ce_sums(self.queries(h), targets, table, self.ranges)
         if domain is not None:
             lo, hi = self.ranges[domain]
-            return h[:, -1] @ table[lo:hi].T
+            return self.queries(h[:, -1])[domain] @ table[lo:hi].T
         return h
 
     @torch.no_grad()
@@ -50,9 +59,16 @@ class Recommender(nn.Module):
 
 def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domain: torch.Tensor,
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
-                      emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool) -> Recommender:
+                      emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
+                      domain_heads: bool = False) -> Recommender:
     emb = SequenceEmbedding(n_items=n_items, n_domains=len(ranges), d_model=d_model, max_len=max_len,
                             item_domain=item_domain, domain_embeddings=domain_embeddings, dropout=emb_dropout)
     enc = Encoder(d_model=d_model, n_layers=n_layers, n_heads=n_heads, ff_mult=ff_mult, dropout=dropout,
                   causal=causal)
-    return Recommender(emb, enc, ranges)
+    heads = None
+    if domain_heads:
+        heads = nn.ModuleList(nn.Linear(d_model, d_model) for _ in ranges)
+        for h in heads:  # start as the shared query: q_d = h
+            nn.init.zeros_(h.weight)
+            nn.init.zeros_(h.bias)
+    return Recommender(emb, enc, ranges, heads)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from model import build_recommender, domain_cross_entropy
+from model import build_recommender, domain_cross_entropy, weighted_domain_mean
 
 
 def _model(causal=True, seed=0):
@@ -70,9 +70,9 @@ def test_empty_domain_adds_zero_but_keeps_gradient_path():
     m = _model()
     items = torch.tensor([[0, 1, 2, 3]])
     targets = torch.tensor([[0, 2, 3, 1]])  # domain-0 targets only
-    loss, sums, counts = m(items, targets=targets, weights=[1.0, 1.0])
-    assert counts == [3, 0] and sums[1].item() == 0.0
-    loss.backward()
+    sums, counts = m(items, targets=targets)
+    assert counts.tolist() == [3, 0] and sums[1].item() == 0.0
+    weighted_domain_mean(sums, counts, [1.0, 1.0]).backward()
     assert m.embedding.item.weight.grad is not None
 
 
@@ -84,3 +84,30 @@ def test_scores_and_recommend_cover_one_domain():
     top = m.recommend(items, domain=1, k=2)
     assert ((top >= 4) & (top <= 7)).all()
     assert torch.equal(top[0, 0], s.argmax(1)[0] + 4)
+
+
+def _headed(seed=0):
+    torch.manual_seed(seed)
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    return build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1,
+                             n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True,
+                             domain_embeddings=True, domain_heads=True).eval()
+
+
+def test_domain_heads_start_as_the_shared_query_then_specialise():
+    m = _headed()
+    items = torch.tensor([[0, 0, 1, 5, 2, 6]])
+    h = m(items)[:, -1]
+    assert torch.allclose(m(items, domain=1), h @ m.embedding.item.weight[4:8].T, atol=1e-6)
+    with torch.no_grad():
+        m.heads[1].weight.normal_()
+    assert not torch.allclose(m(items, domain=1), h @ m.embedding.item.weight[4:8].T, atol=1e-3)
+    assert torch.allclose(m(items, domain=0), h @ m.embedding.item.weight[1:4].T, atol=1e-6)
+
+
+def test_every_head_takes_part_even_when_one_domain_has_no_targets():
+    m = _headed().train()
+    sums, counts = m(torch.tensor([[0, 1, 2, 3]]), targets=torch.tensor([[0, 2, 3, 1]]))
+    weighted_domain_mean(sums, counts, [1.0, 1.0]).backward()
+    assert counts.tolist() == [3, 0]
+    assert m.heads[0].weight.grad.abs().sum() > 0 and m.heads[1].weight.grad is not None

@@ -27,8 +27,9 @@ def test_train_example_trims_pads_and_masks_other_domain():
     only = train_example({"user": 3, "items": [1, 11, 2, 12, 13, 3]}, dom=dom, label_domain=1, max_len=4,
                          only_domain=True)
     assert only["items"].tolist() == [0, 0, 11, 12] and only["targets"].tolist() == [0, 0, 12, 13]
-    none = train_example({"user": 3, "items": [1, 2, 11]}, dom=dom, label_domain=0, max_len=4, only_domain=False)
-    assert none["targets"].tolist() == [0, 0, 0, 2]
+    a = train_example({"user": 3, "items": [1, 2, 11]}, dom=dom, label_domain=0, max_len=4, only_domain=False)
+    assert a["items"].tolist() == [0, 0, 1, 2] and a["targets"].tolist() == [0, 0, 2, 0]
+    assert train_example({"user": 3, "items": [11, 1]}, dom=dom, label_domain=1, max_len=4, only_domain=False) is None
 
 
 def test_mixed_batches_hold_the_configured_ratio(synth):

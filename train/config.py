@@ -41,6 +41,7 @@ class ModelConfig:
     max_len: int = 50  # sequences are trimmed to their last max_len events
     causal: bool = True
     domain_embeddings: bool = True
+    domain_heads: bool = True  # per-domain residual query projection before scoring
 
 
 @dataclass

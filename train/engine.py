@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from launch.env import DistEnv, detect, export
+from model.losses import weighted_domain_mean
 from train.config import StageConfig, TrainConfig
 
 if not torch.cuda.is_available():
@@ -80,6 +81,68 @@ def build_engine(model: torch.nn.Module, *, train: TrainConfig, stage: StageConf
         # The tied item table is used outside its own module's forward (output scores).
         deepspeed.zero.register_external_parameter(model, model.embedding.item.weight)
     return engine
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank (one tiny all-reduce; keeps ranks in step)."""
+    if _world() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    return not all_ranks(not flag)
+
+
+def sum_over_ranks(value: int) -> int:
+    if _world() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def gather_arrays(local: dict) -> dict:
+    """Concatenate every rank's numpy arrays key by key (rank order); identical on all ranks."""
+    if _world() == 1:
+        return local
+    parts: list = [None] * _world()
+    dist.all_gather_object(parts, local)
+    import numpy as np
+
+    return {k: np.concatenate([p[k] for p in parts]) for k in local}
+
+
+def barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def global_domain_loss(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float]):
+    """The seed's L = sum_d w_d * mean CE_d with the means over the *global* batch.
+
+    Per-domain target counts (and, for logging, the detached CE sums) are all-reduced; each rank's
+    loss is ``world * sum_d w_d * local_sum_d / global_count_d``, so after DeepSpeed averages
+    gradients over ranks the step equals the single-process step on the global batch, even when a
+    rank's batch holds no row of a domain. Returns ``(loss to backprop, global L value,
+    global per-domain mean CE (nan where a domain has no target))``.
+    """
+    world = _world()
+    stats = torch.cat([torch.stack([s.detach().float() for s in sums]), counts.float()])
+    if world > 1:
+        dist.all_reduce(stats)
+    n = len(sums)
+    g_sums, g_counts = stats[:n], stats[n:]
+    loss = weighted_domain_mean(sums, g_counts.long(), weights, scale=world)
+    means = [float(s / c) if c > 0 else float("nan") for s, c in zip(g_sums, g_counts)]
+    value = sum(w * m for w, m in zip(weights, means) if m == m)
+    return loss, value, means
 
 
 def warm_ops() -> None:

@@ -15,6 +15,7 @@ import torch
 
 from train.config import EvalConfig
 from train.data.stream import eval_batches
+from train.engine import any_rank, gather_arrays
 
 SAMPLED = "sampled999"
 
@@ -80,14 +81,25 @@ class Evaluator:
 
     @torch.no_grad()
     def ranks(self, score_fn, domain: str, split: str, *, only_domain: bool, device) -> dict:
-        """Per-user ranks ``{"user", "full", SAMPLED}`` (numpy) for ``split`` users of ``domain``.
+        """Per-user ranks ``{"user", "full", SAMPLED}`` (numpy, by user id) for ``split`` users of
+        ``domain``: each rank scores its own users, then all ranks gather every user's ranks, so
+        the metrics equal a single-process evaluation (never an average of per-rank metrics).
 
         ``score_fn(items [B, L], domain index) -> [B, n_items of domain]``.
         """
         d = self.domains[domain]
         users, full, sampled = [], [], []
-        for b in eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
-                              max_len=self.max_len, only_domain=only_domain):
+        batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
+                                    max_len=self.max_len, only_domain=only_domain))
+        while True:
+            b = next(batches, None)
+            # Ranks hold about equal user counts; one with none left still runs the forward (on a
+            # padding row) while others work, since ZeRO-3 gathers parameters collectively.
+            if not any_rank(b is not None):
+                break
+            if b is None:
+                score_fn(torch.zeros(1, self.max_len, dtype=torch.long, device=device), d["index"])
+                continue
             scores = score_fn(b["items"].to(device), d["index"]).float()
             tcol = (b["target"] - d["offset"] - 1).to(device)
             negs = torch.from_numpy(self._negs(domain, split, b["user"], b["exclude"]) - d["offset"] - 1)
@@ -95,7 +107,9 @@ class Evaluator:
             sampled.append(ranks_of_targets(scores, tcol, negs.to(device)).cpu())
             users.append(b["user"])
         cat = (lambda xs: torch.cat(xs).numpy()) if users else (lambda xs: np.zeros(0, dtype=np.int64))
-        return {"user": cat(users), "full": cat(full), SAMPLED: cat(sampled)}
+        out = gather_arrays({"user": cat(users), "full": cat(full), SAMPLED: cat(sampled)})
+        order = np.argsort(out["user"], kind="stable")
+        return {k: v[order] for k, v in out.items()}
 
     def evaluate(self, score_fn, domain: str, split: str, *, only_domain: bool, device) -> dict:
         """``{"full": {...metrics}, "sampled999": {...}}`` for one domain and split."""

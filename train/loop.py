@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from train.engine import all_ranks, global_domain_loss, sum_over_ranks
 from train.tracking import Tracker
 
 
@@ -26,12 +27,16 @@ class StagePlan:
     domain_names: list[str] = field(default_factory=list)
 
 
-def train_step(engine, batch: dict, weights: list[float], device) -> tuple[float, list[float], list[int]]:
-    """Forward, backward, optimizer step (DeepSpeed applies accumulation and clipping)."""
-    loss, sums, counts = engine(batch["items"].to(device), targets=batch["targets"].to(device), weights=weights)
+def train_step(engine, batch: dict, weights: list[float], device) -> tuple[float, list[float]]:
+    """Forward, backward, optimizer step (DeepSpeed applies accumulation and clipping).
+
+    Returns the global-batch loss value and per-domain mean CE (see ``global_domain_loss``).
+    """
+    sums, counts = engine(batch["items"].to(device), targets=batch["targets"].to(device))
+    loss, value, means = global_domain_loss(sums, counts, weights)
     engine.backward(loss)
     engine.step()
-    return float(loss.detach()), [float(s) for s in sums], counts
+    return value, means
 
 
 def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, log=print) -> dict:
@@ -45,15 +50,24 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, log=print) -
     for epoch in range(plan.epochs):
         engine.train()
         ep_loss, ep_n = 0.0, 0
-        for batch in plan.batches(epoch):
-            loss, sums, counts = train_step(engine, batch, plan.weights, device)
+        batches = iter(plan.batches(epoch))
+        while True:
+            batch = next(batches, None)
+            # Every rank runs the same number of steps: stop when any rank has run dry.
+            if not all_ranks(batch is not None):
+                left = sum_over_ranks((batch is not None) + sum(1 for _ in batches))
+                if left:
+                    log(f"[{plan.name}] epoch {epoch + 1}: {left} batches left on some ranks after the "
+                        f"shortest rank ran dry; skipped to keep ranks in step")
+                break
+            loss, means = train_step(engine, batch, plan.weights, device)
             step += 1
             ep_loss, ep_n = ep_loss + loss, ep_n + 1
             if step % plan.log_every == 0:
                 rec = {"loss": loss, "lr": engine.get_lr()[0], "epoch": epoch}
-                for name, s, c in zip(plan.domain_names, sums, counts):
-                    if c:
-                        rec[f"ce_{name}"] = s / c
+                for name, m in zip(plan.domain_names, means):
+                    if m == m:  # not nan: the domain had targets in this global batch
+                        rec[f"ce_{name}"] = m
                 tracker.log({plan.name: rec}, step=tracker.step + 1)
         if ep_n == 0:
             raise RuntimeError(f"stage {plan.name}: epoch {epoch} produced no training batch")

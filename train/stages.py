@@ -22,9 +22,9 @@ import torch
 
 from model import build_recommender
 from train.config import ExperimentConfig, save_config
-from train.data.prepare import ensure_prepared
+from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, mixed_batches, train_batches
-from train.engine import build_engine, setup_distributed
+from train.engine import barrier, build_engine, setup_distributed
 from train.evaluate import SAMPLED, Evaluator
 from train.loop import StagePlan, run_stage, score_fn
 from train.tracking import Tracker
@@ -52,19 +52,27 @@ def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
     return build_recommender(n_items=dom.n_items, ranges=ranges, item_domain=dom.item_domain_table(),
                              d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ff_mult=m.ff_mult,
                              dropout=m.dropout, emb_dropout=m.emb_dropout, max_len=m.max_len, causal=m.causal,
-                             domain_embeddings=m.domain_embeddings)
+                             domain_embeddings=m.domain_embeddings, domain_heads=m.domain_heads)
 
 
 class Experiment:
     """Everything a run shares across its stages: config, data, evaluator, tracker, device."""
 
     def __init__(self, cfg: ExperimentConfig, log=print):
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
         self.env, self.device = setup_distributed()
+        self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = cfg.run_dir()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        self.manifest = ensure_prepared(cfg.data, log=log)
+        manifest = None
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            manifest = ensure_prepared(cfg.data, log=self.log)  # rank 0 prepares; the others wait
+        barrier()
+        self.manifest = manifest or load_manifest(cfg.data.prepared_dir())
+        self.log(f"{self.env.launcher}: world size {self.env.world_size}, device {self.device}, "
+                 f"ZeRO stage {cfg.train.zero_stage}, global batch "
+                 f"{cfg.train.global_batch_size(self.env.world_size)}")
         self.folder = cfg.data.prepared_dir()
         self.names = {"source": cfg.data.source, "target": cfg.data.target}
         self.dom = DomainIndex(self.manifest)
@@ -130,7 +138,8 @@ class Experiment:
                          patience=sc.patience, select=partial(self._select, engine, stage),
                          ckpt_dir=self.run_dir / stage / "checkpoints", log_every=cfg.train.log_every,
                          domain_names=self.dom.names)
-        save_config(cfg, plan.ckpt_dir / "config.yaml")
+        if self.env.is_main:
+            save_config(cfg, plan.ckpt_dir / "config.yaml")
         summary = run_stage(engine, plan, device=self.device, tracker=self.tracker, log=self.log)
         metrics = self.evaluate_stage(engine, stage)
         self.tracker.log({stage: metrics})
@@ -139,7 +148,7 @@ class Experiment:
     def run(self) -> dict:
         t0 = time.time()
         results: dict = {}
-        meta: dict = {}
+        meta: dict = {"world_size": self.env.world_size, "launcher": self.env.launcher}
         # The joint stage needs the source checkpoint: run source first whatever the order given.
         order = sorted(self.cfg.train.stages, key=lambda s: ("source", "joint").index(s) if s != "target_only" else -1)
         for stage in order:

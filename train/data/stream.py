@@ -16,6 +16,7 @@ Batches are dicts of tensors::
 from __future__ import annotations
 
 import random
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -55,14 +56,34 @@ def shard_urls(manifest: dict, folder: str | Path, domain: str, split: str) -> l
     return [str(Path(folder) / s["path"]) for s in shards]
 
 
+def split_mode(n_shards: int) -> str:
+    """``shards`` when every (rank, worker) can own whole shards, else ``samples``.
+
+    WebDataset splits whole shards across ranks and workers: with fewer shards than
+    ranks x workers some reader would get nothing, so then every reader opens every shard and
+    keeps every (ranks x workers)-th sample instead. Either way the readers' samples are disjoint
+    and together cover the split once.
+    """
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    return "shards" if n_shards >= world * max(workers, 1) else "samples"
+
+
+def _split_samples(src):
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    yield from islice(src, rank * workers + worker, None, world * workers)
+
+
 def sample_stream(urls: list[str], *, shuffle: bool, seed: int, epoch: int, buffer: int) -> wds.DataPipeline:
-    """Decoded JSON samples from ``urls``; shards and samples shuffled by (seed, epoch)."""
+    """Decoded JSON samples of this rank and worker from ``urls``; shards and samples shuffled
+    by (seed, epoch), the same shard order on every rank so the split stays disjoint."""
     urls = list(urls)
     stages = []
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(urls)
-    stages += [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-               wds.tarfile_to_samples()]
+    if split_mode(len(urls)) == "shards":
+        stages += [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+    else:
+        stages += [wds.SimpleShardList(urls), wds.tarfile_to_samples(), _split_samples]
     if shuffle:
         stages.append(wds.shuffle(buffer, initial=min(buffer, 100), seed=seed * 7919 + epoch))
     stages += [wds.decode(), wds.to_tuple("json")]
