@@ -39,3 +39,34 @@ def test_torchrun_two_ranks_source_then_joint(tmp_path, zero_stage):
     n_users = sum(m[s]["test"][d]["full"]["n_users"] for s, d in (("joint", "A"), ("joint", "B")))
     assert n_users == 300
     assert m["joint"]["test"]["B"]["sampled999"]["ndcg@10"] > 0
+
+
+def test_accelerate_launch_two_processes(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    p = subprocess.run([str(accelerate), "launch", "--use_deepspeed", "--num_processes", "2", "--zero_stage", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "train.cli", "train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path}",
+                        f"data.out_dir={tmp_path / 'data'}", "train.zero_stage=2", "train.micro_batch_size=32",
+                        "train.stages=[target_only]"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert m["_meta"]["world_size"] == 2 and m["_meta"]["launcher"] == "accelerate"
+
+
+def test_accelerate_flags_that_contradict_the_config_are_errors():
+    from train.config import TrainConfig
+    from train.engine import LaunchConflict, check_launcher_settings
+
+    t = TrainConfig(zero_stage=2, precision="bf16", grad_accum=2)
+    check_launcher_settings(t, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_MIXED_PRECISION": "no",
+                                "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
+    with pytest.raises(LaunchConflict, match=r"--zero_stage 3 disagrees with train.zero_stage=2"):
+        check_launcher_settings(t, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    with pytest.raises(LaunchConflict, match=r"--mixed_precision fp16 disagrees with train.precision=bf16"):
+        check_launcher_settings(t, {"ACCELERATE_MIXED_PRECISION": "fp16"})
+    with pytest.raises(LaunchConflict, match=r"train.grad_accum=2"):
+        check_launcher_settings(t, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    with pytest.raises(LaunchConflict, match=r"deepspeed_config_file"):
+        check_launcher_settings(t, {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"})

@@ -12,6 +12,7 @@ import sys
 from train.config import ConfigError, load_config
 from train.data.formats import DataFormatError
 from train.data.prepare import ManifestError
+from train.engine import LaunchConflict
 
 
 _log = functools.partial(print, flush=True)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"prepare": cmd_prepare, "train": cmd_train}[args.cmd](args)
-    except (ConfigError, DataFormatError, ManifestError) as e:
+    except (ConfigError, DataFormatError, ManifestError, LaunchConflict) as e:
         print(f"xdrec: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,40 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+class LaunchConflict(ValueError):
+    """``accelerate launch`` was given a setting that disagrees with the typed config."""
+
+
+def check_launcher_settings(train: TrainConfig, environ: dict | None = None) -> None:
+    """The typed config is the one source of truth; ``accelerate launch`` flags may repeat it but
+    never contradict it. Each flag accelerate passes on (as ACCELERATE_* variables) is compared
+    with its key; a mismatch is an error naming both. ``--mixed_precision no`` is accelerate's
+    default and so counts as unspecified. A ``--deepspeed_config_file`` is refused: xdrec
+    generates the DeepSpeed JSON from ``train.*``.
+    """
+    e = os.environ if environ is None else environ
+    checks = [
+        ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "--zero_stage", "train.zero_stage", str(train.zero_stage)),
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "--gradient_accumulation_steps", "train.grad_accum",
+         str(train.grad_accum)),
+    ]
+    for var, flag, key, ours in checks:
+        if var in e and e[var] != ours:
+            raise LaunchConflict(f"accelerate launch {flag} {e[var]} disagrees with {key}={ours}; "
+                                 f"set {key}={e[var]} or drop the flag")
+    clip = e.get("ACCELERATE_GRADIENT_CLIPPING")
+    if clip not in (None, "none") and float(clip) != train.grad_clip:
+        raise LaunchConflict(f"accelerate launch --gradient_clipping {clip} disagrees with "
+                             f"train.grad_clip={train.grad_clip}")
+    mp = e.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mp != "no" and mp != train.precision:
+        raise LaunchConflict(f"accelerate launch --mixed_precision {mp} disagrees with "
+                             f"train.precision={train.precision}")
+    if e.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") not in (None, "none"):
+        raise LaunchConflict(f"accelerate launch --deepspeed_config_file {e['ACCELERATE_DEEPSPEED_CONFIG_FILE']}: "
+                             "xdrec generates the DeepSpeed config from train.*; drop the flag")
+
+
 def setup_distributed() -> tuple[DistEnv, torch.device]:
     """Initialise the default process group once; return (who am I, my device)."""
     env = detect()

@@ -24,7 +24,7 @@ from model import build_recommender
 from train.config import ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, mixed_batches, train_batches
-from train.engine import barrier, build_engine, setup_distributed
+from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import SAMPLED, Evaluator
 from train.loop import StagePlan, run_stage, score_fn
 from train.tracking import Tracker
@@ -60,6 +60,7 @@ class Experiment:
 
     def __init__(self, cfg: ExperimentConfig, log=print):
         self.cfg = cfg
+        check_launcher_settings(cfg.train)
         self.env, self.device = setup_distributed()
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = cfg.run_dir()
