@@ -24,34 +24,20 @@ def test_unknown_key_names_key_and_file(tmp_path):
     assert "model.n_layer" in str(e.value) and str(p) in str(e.value)
 
 
-def test_wrong_type_names_key_and_file(tmp_path):
-    p = _write(tmp_path, "train:\n  micro_batch_size: lots\n")
-    with pytest.raises(ConfigError, match=r"exp.yaml: key 'train.micro_batch_size' expects int"):
-        load_config(p)
-
-
-def test_bool_is_not_an_int(tmp_path):
-    p = _write(tmp_path, "model:\n  n_layers: true\n")
-    with pytest.raises(ConfigError, match="model.n_layers"):
-        load_config(p)
-
-
-def test_literal_choices_are_enforced(tmp_path):
-    p = _write(tmp_path, "train:\n  precision: fp8\n")
-    with pytest.raises(ConfigError, match=r"train.precision.*must be one of"):
-        load_config(p)
-
-
-def test_override_unknown_key_names_command_line(tmp_path):
-    p = _write(tmp_path, "name: x\n")
-    with pytest.raises(ConfigError, match=r"command line: unknown config key 'model.nope'"):
-        load_config(p, ["model.nope=3"])
-
-
-def test_override_wrong_type(tmp_path):
-    p = _write(tmp_path, "name: x\n")
-    with pytest.raises(ConfigError, match=r"command line: key 'model.dropout' expects float"):
-        load_config(p, ["model.dropout=high"])
+@pytest.mark.parametrize("text, overrides, message", [
+    ("train:\n  micro_batch_size: lots\n", [], r"exp.yaml: key 'train.micro_batch_size' expects int"),
+    ("model:\n  n_layers: true\n", [], r"exp.yaml: key 'model.n_layers' expects int"),  # bool is no int
+    ("train:\n  precision: fp8\n", [], r"exp.yaml: key 'train.precision' must be one of"),
+    ("model: huge\n", [], r"exp.yaml: key 'model' names preset 'huge'"),
+    ("data:\n  domains: [A, B]\n  target: C\n", [], r"exp.yaml: data.target='C' is not one of"),
+    ("name: x\n", ["model.nope=3"], r"command line: unknown config key 'model.nope'"),
+    ("name: x\n", ["model.dropout=high"], r"command line: key 'model.dropout' expects float"),
+    ("name: x\n", ["model.dropout"], r"command line: override 'model.dropout' is not of the form"),
+], ids=["type", "bool-not-int", "literal", "preset", "cross-field", "override-key", "override-type",
+        "override-form"])
+def test_bad_values_name_key_and_origin(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text), overrides)
 
 
 def test_preset_and_overrides_apply_in_order(tmp_path):
@@ -61,22 +47,10 @@ def test_preset_and_overrides_apply_in_order(tmp_path):
     assert cfg.train.global_batch_size(world_size=4) == cfg.train.micro_batch_size * cfg.train.grad_accum * 4
 
 
-def test_missing_preset_is_an_error(tmp_path):
-    p = _write(tmp_path, "model: huge\n")
-    with pytest.raises(ConfigError, match=r"names preset 'huge'"):
-        load_config(p)
-
-
 def test_error_inside_preset_names_the_preset_file(tmp_path):
     p = _write(tmp_path, "model: small\n")
     (tmp_path / "configs" / "model" / "small.yaml").write_text("d_modell: 32\n")
     with pytest.raises(ConfigError, match=r"small.yaml: unknown config key 'model.d_modell'"):
-        load_config(p)
-
-
-def test_cross_field_check(tmp_path):
-    p = _write(tmp_path, "data:\n  domains: [A, B]\n  target: C\n")
-    with pytest.raises(ConfigError, match=r"data.target='C' is not one of"):
         load_config(p)
 
 

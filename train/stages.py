@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from model import build_recommender
-from train.config import ExperimentConfig, save_config
+from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
-from train.data.stream import DomainIndex, mixed_batches, train_batches
+from train.data.stream import DomainIndex, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import SAMPLED, Evaluator
 from train.loop import StagePlan, run_stage, score_fn
@@ -75,6 +75,10 @@ class Experiment:
                  f"ZeRO stage {cfg.train.zero_stage}, global batch "
                  f"{cfg.train.global_batch_size(self.env.world_size)}")
         self.folder = cfg.data.prepared_dir()
+        for d in self.manifest["domains"]:
+            if d["n_items"] <= cfg.eval.num_negatives:
+                raise ConfigError(f"eval.num_negatives={cfg.eval.num_negatives} but domain {d['name']!r} of "
+                                  f"{self.folder} has only {d['n_items']} items; lower eval.num_negatives")
         self.names = {"source": cfg.data.source, "target": cfg.data.target}
         self.dom = DomainIndex(self.manifest)
         self.evaluator = Evaluator(self.manifest, self.folder, cfg.eval, max_len=cfg.model.max_len)
@@ -130,6 +134,13 @@ class Experiment:
         total = sc.epochs * self._steps_per_epoch(stage)
         engine = build_engine(model, train=cfg.train, stage=sc, total_steps=total,
                               world_size=self.env.world_size)
+        domain = self.names["source" if stage == "source" else "target"]
+        n_shards = len(self.manifest["shards"][domain]["train"])
+        mode = split_mode(n_shards)
+        self.log(f"[{stage}] {n_shards} {domain} train shards over {self.env.world_size} rank(s): each rank reads "
+                 + ("whole shards of its own" if mode == "shards" else "every shard, keeping every "
+                    f"{self.env.world_size}-th sample") + "; an epoch is one pass, every rank takes the same "
+                 "number of steps (the shortest rank's)")
         if stage == "joint":
             src = self.run_dir / "source" / "checkpoints"
             engine.load_checkpoint(str(src), tag="best", load_module_only=True,
