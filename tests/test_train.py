@@ -77,3 +77,17 @@ def test_cli_reports_config_errors_before_work(tmp_path):
     assert p.returncode == 2
     assert "command line: unknown config key 'model.n_layer'" in p.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu"}
+    base = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+            f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "tracking.wandb=true",
+            "train.stages=[source]"]
+    p1 = subprocess.run([*base, "train.stop_after_steps=3"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p1.returncode == 0 and "stopped at step 3" in p1.stdout, p1.stderr[-2000:]
+    p2 = subprocess.run([*base, "--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    run_id = (tmp_path / "tiny" / "wandb_run_id").read_text()
+    runs = sorted((tmp_path / "tiny" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)

@@ -12,6 +12,7 @@ import sys
 from train.config import ConfigError, load_config
 from train.data.formats import DataFormatError
 from train.data.prepare import ManifestError
+from train.checkpoint import ResumeError
 from train.engine import LaunchConflict
 
 
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="experiment YAML, e.g. configs/experiment/demo.yaml")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4")
+        if name == "train":
+            s.add_argument("--resume", choices=("auto", "never"), default="never",
+                           help="auto: skip finished stages and continue the latest resume checkpoint "
+                                "of runs/<name>/ (same world size); never: start afresh (default)")
     return p
 
 
@@ -38,11 +43,17 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from train.loop import StageInterrupted
     from train.stages import Experiment, format_table
 
     cfg = load_config(args.config, args.overrides)
-    exp = Experiment(cfg, log=_log)
-    results = exp.run()
+    exp = Experiment(cfg, log=_log, resume=args.resume == "auto")
+    try:
+        results = exp.run()
+    except StageInterrupted as e:
+        if exp.env.is_main:
+            print(f"{e}\ncontinue with: xdrec train {args.config} ... --resume auto", flush=True)
+        return 0
     if exp.env.is_main:
         print(f"\nTest metrics ({cfg.data.name}; source {cfg.data.source} -> target {cfg.data.target}):")
         print(format_table(results, cfg.data.target, cfg.data.source))
@@ -61,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"prepare": cmd_prepare, "train": cmd_train}[args.cmd](args)
-    except (ConfigError, DataFormatError, ManifestError, LaunchConflict) as e:
+    except (ConfigError, DataFormatError, ManifestError, LaunchConflict, ResumeError) as e:
         print(f"xdrec: error: {e}", file=sys.stderr)
         return 2
 

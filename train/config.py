@@ -115,6 +115,8 @@ class TrainConfig:
     joint: StageConfig = field(default_factory=StageConfig)
     target_only: StageConfig = field(default_factory=StageConfig)
     log_every: int = 20
+    checkpoint_every: int = 0  # steps between resume checkpoints; 0: at epoch ends only
+    stop_after_steps: int = 0  # write a resume checkpoint and exit after this many steps (0: never)
 
     def global_batch_size(self, world_size: int) -> int:
         return self.micro_batch_size * self.grad_accum * world_size

@@ -8,7 +8,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from train.engine import all_ranks, global_domain_loss, sum_over_ranks
+from launch.signals import stop_requested
+from train.checkpoint import LoopState, save_resume
+from train.engine import all_ranks, any_rank, global_domain_loss, sum_over_ranks
 from train.tracking import Tracker
 
 
@@ -24,6 +26,7 @@ class StagePlan:
     select: Callable[[], float]  # valid metric of the current weights; higher is better
     ckpt_dir: Path
     log_every: int = 20
+    checkpoint_every: int = 0  # steps between resume checkpoints (0: epoch ends only)
     domain_names: list[str] = field(default_factory=list)
 
 
@@ -39,58 +42,96 @@ def train_step(engine, batch: dict, weights: list[float], device) -> tuple[float
     return value, means
 
 
-def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, log=print) -> dict:
+def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "Stopper", resume: LoopState | None = None,
+              log=print) -> dict:
     """Train ``plan.epochs`` epochs (or until ``plan.patience`` evaluations bring no gain), saving
     the best-by-valid weights to ``plan.ckpt_dir`` tag ``best`` and loading them back at the end.
+
+    ``resume`` continues from a loaded checkpoint's loop state: the epoch's first
+    ``batch_in_epoch`` batches are skipped, so training restarts at the next unseen sample.
+    A resume checkpoint is written every ``plan.checkpoint_every`` steps, at every epoch end and
+    when ``stopper`` asks to stop (then :class:`StageInterrupted` is raised).
     Returns a summary: best epoch and metric, steps, the loss curve, wall time.
     """
     t0 = time.time()
-    best, best_epoch, bad, step = float("-inf"), -1, 0, 0
-    losses: list[float] = []
-    for epoch in range(plan.epochs):
+    st = resume or LoopState()
+    if resume:
+        log(f"[{plan.name}] resuming at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step}")
+    while not st.done and st.epoch < plan.epochs:
         engine.train()
-        ep_loss, ep_n = 0.0, 0
-        batches = iter(plan.batches(epoch))
+        batches = iter(plan.batches(st.epoch))
+        for _ in range(st.batch_in_epoch):  # already trained before the restart
+            next(batches, None)
         while True:
             batch = next(batches, None)
             # Every rank runs the same number of steps: stop when any rank has run dry.
             if not all_ranks(batch is not None):
                 left = sum_over_ranks((batch is not None) + sum(1 for _ in batches))
                 if left:
-                    log(f"[{plan.name}] epoch {epoch + 1}: {left} batches left on some ranks after the "
+                    log(f"[{plan.name}] epoch {st.epoch + 1}: {left} batches left on some ranks after the "
                         f"shortest rank ran dry; skipped to keep ranks in step")
                 break
             loss, means = train_step(engine, batch, plan.weights, device)
-            step += 1
-            ep_loss, ep_n = ep_loss + loss, ep_n + 1
-            if step % plan.log_every == 0:
-                rec = {"loss": loss, "lr": engine.get_lr()[0], "epoch": epoch}
+            st.step, st.batch_in_epoch = st.step + 1, st.batch_in_epoch + 1
+            st.ep_loss, st.ep_n = st.ep_loss + loss, st.ep_n + 1
+            if st.step % plan.log_every == 0:
+                rec = {"loss": loss, "lr": engine.get_lr()[0], "epoch": st.epoch, "stage_step": st.step}
                 for name, m in zip(plan.domain_names, means):
                     if m == m:  # not nan: the domain had targets in this global batch
                         rec[f"ce_{name}"] = m
                 tracker.log({plan.name: rec}, step=tracker.step + 1)
-        if ep_n == 0:
-            raise RuntimeError(f"stage {plan.name}: epoch {epoch} produced no training batch")
-        losses.append(ep_loss / ep_n)
+            if stopper.should_stop():
+                tag = save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
+                raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / tag)
+            if plan.checkpoint_every and st.step % plan.checkpoint_every == 0:
+                save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
+        if st.ep_n == 0:
+            raise RuntimeError(f"stage {plan.name}: epoch {st.epoch} produced no training batch")
+        st.losses.append(st.ep_loss / st.ep_n)
         engine.eval()
         score = plan.select()
-        improved = score > best
+        improved = score > st.best
         if improved:
-            best, best_epoch, bad = score, epoch, 0
-            engine.save_checkpoint(str(plan.ckpt_dir), tag="best", client_state={"epoch": epoch, "step": step})
+            st.best, st.best_epoch, st.bad = score, st.epoch, 0
+            engine.save_checkpoint(str(plan.ckpt_dir), tag="best", save_latest=False,
+                                   client_state={"epoch": st.epoch, "step": st.step})
         else:
-            bad += 1
-        tracker.log({plan.name: {"epoch_loss": losses[-1], "valid_select": score, "epoch": epoch}})
-        log(f"[{plan.name}] epoch {epoch + 1}/{plan.epochs}  loss {losses[-1]:.4f}  valid {score:.4f}"
+            st.bad += 1
+        tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch}})
+        log(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}  loss {st.losses[-1]:.4f}  valid {score:.4f}"
             f"{'  *' if improved else ''}  ({time.time() - t0:.0f}s)")
-        if bad >= plan.patience:
+        if st.bad >= plan.patience:
             log(f"[{plan.name}] no better valid metric for {plan.patience} evaluations; stopping")
-            break
+            st.done = True
+        st.epoch, st.batch_in_epoch, st.ep_loss, st.ep_n = st.epoch + 1, 0, 0.0, 0
+        save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
     engine.load_checkpoint(str(plan.ckpt_dir), tag="best", load_module_only=True,
                            load_optimizer_states=False, load_lr_scheduler_states=False)
     engine.eval()
-    return {"best_epoch": best_epoch, "best_valid_select": best, "steps": step, "epoch_losses": losses,
+    return {"best_epoch": st.best_epoch, "best_valid_select": st.best, "steps": st.step, "epoch_losses": st.losses,
             "wall_s": time.time() - t0}
+
+
+class StageInterrupted(Exception):
+    """Training stopped on request (signal or step budget) after writing a resume checkpoint."""
+
+    def __init__(self, stage: str, step: int, path: Path):
+        super().__init__(f"stage {stage} stopped at step {step}; resume checkpoint {path}")
+        self.stage, self.step, self.path = stage, step, path
+
+
+class Stopper:
+    """Asks every rank to stop at the same step boundary: on SIGUSR1 (see ``launch.signals``)
+    or once this process has taken ``stop_after_steps`` training steps (0 = never)."""
+
+    def __init__(self, stop_after_steps: int = 0):
+        self.budget = stop_after_steps
+        self.taken = 0
+
+    def should_stop(self) -> bool:
+        self.taken += 1
+        local = stop_requested() or (self.budget > 0 and self.taken >= self.budget)
+        return any_rank(local)
 
 
 def score_fn(engine) -> Callable[[torch.Tensor, int], torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +27,9 @@ from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import SAMPLED, Evaluator
-from train.loop import StagePlan, run_stage, score_fn
+from launch.signals import install as install_signal_handlers
+from train.checkpoint import load_resume
+from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
 from train.tracking import Tracker
 
 
@@ -58,8 +61,10 @@ def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
 class Experiment:
     """Everything a run shares across its stages: config, data, evaluator, tracker, device."""
 
-    def __init__(self, cfg: ExperimentConfig, log=print):
-        self.cfg = cfg
+    def __init__(self, cfg: ExperimentConfig, log=print, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
+        self.stopper = Stopper(cfg.train.stop_after_steps)
+        install_signal_handlers()
         check_launcher_settings(cfg.train)
         self.env, self.device = setup_distributed()
         self.log = log if self.env.is_main else (lambda *a, **k: None)
@@ -82,7 +87,7 @@ class Experiment:
         self.names = {"source": cfg.data.source, "target": cfg.data.target}
         self.dom = DomainIndex(self.manifest)
         self.evaluator = Evaluator(self.manifest, self.folder, cfg.eval, max_len=cfg.model.max_len)
-        self.tracker = Tracker(cfg, self.run_dir, is_main=self.env.is_main)
+        self.tracker = Tracker(cfg, self.run_dir, is_main=self.env.is_main, resume=resume)
 
     # -- data -------------------------------------------------------------------------------
     def _batches(self, stage: str, epoch: int):
@@ -134,6 +139,11 @@ class Experiment:
         total = sc.epochs * self._steps_per_epoch(stage)
         engine = build_engine(model, train=cfg.train, stage=sc, total_steps=total,
                               world_size=self.env.world_size)
+        ckpt_dir = self.run_dir / stage / "checkpoints"
+        state = load_resume(engine, ckpt_dir, stage=stage) if self.resume else None
+        if state is None and self.env.is_main and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # a fresh stage never mixes with an earlier run's checkpoints
+        barrier()
         domain = self.names["source" if stage == "source" else "target"]
         n_shards = len(self.manifest["shards"][domain]["train"])
         mode = split_mode(n_shards)
@@ -141,18 +151,19 @@ class Experiment:
                  + ("whole shards of its own" if mode == "shards" else "every shard, keeping every "
                     f"{self.env.world_size}-th sample") + "; an epoch is one pass, every rank takes the same "
                  "number of steps (the shortest rank's)")
-        if stage == "joint":
+        if stage == "joint" and state is None:
             src = self.run_dir / "source" / "checkpoints"
             engine.load_checkpoint(str(src), tag="best", load_module_only=True,
                                    load_optimizer_states=False, load_lr_scheduler_states=False)
             self.log(f"[joint] starting from the best source weights in {src}")
         plan = StagePlan(name=stage, batches=partial(self._batches, stage), weights=weights, epochs=sc.epochs,
                          patience=sc.patience, select=partial(self._select, engine, stage),
-                         ckpt_dir=self.run_dir / stage / "checkpoints", log_every=cfg.train.log_every,
-                         domain_names=self.dom.names)
+                         ckpt_dir=ckpt_dir, log_every=cfg.train.log_every,
+                         checkpoint_every=cfg.train.checkpoint_every, domain_names=self.dom.names)
         if self.env.is_main:
             save_config(cfg, plan.ckpt_dir / "config.yaml")
-        summary = run_stage(engine, plan, device=self.device, tracker=self.tracker, log=self.log)
+        summary = run_stage(engine, plan, device=self.device, tracker=self.tracker, stopper=self.stopper,
+                            resume=state, log=self.log)
         metrics = self.evaluate_stage(engine, stage)
         self.tracker.log({stage: metrics})
         return metrics, summary
@@ -163,15 +174,31 @@ class Experiment:
         meta: dict = {"world_size": self.env.world_size, "launcher": self.env.launcher}
         # The joint stage needs the source checkpoint: run source first whatever the order given.
         order = sorted(self.cfg.train.stages, key=lambda s: ("source", "joint").index(s) if s != "target_only" else -1)
+        prev = self._previous_metrics() if self.resume else {}
         for stage in order:
+            if prev.get("_meta", {}).get(stage, {}).get("done"):
+                self.log(f"== stage {stage}: finished in the run being resumed; keeping its metrics ==")
+                results[stage], meta[stage] = prev[stage], prev["_meta"][stage]
+                continue
             self.log(f"== stage {stage} ==")
-            results[stage], meta[stage] = self.run_stage(stage)
+            try:
+                results[stage], meta[stage] = self.run_stage(stage)
+            except StageInterrupted as e:
+                meta["stopped"] = {"stage": e.stage, "step": e.step, "checkpoint": str(e.path)}
+                self.write_metrics(results, meta)
+                self.tracker.finish()
+                raise
+            meta[stage]["done"] = True
             self.write_metrics(results, meta)
         meta["wall_s"] = time.time() - t0
         self.write_metrics(results, meta)
         self.tracker.summary(results)
         self.tracker.finish()
         return results
+
+    def _previous_metrics(self) -> dict:
+        path = self.run_dir / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def write_metrics(self, results: dict, meta: dict) -> None:
         if self.env.is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from train.config import ExperimentConfig, to_dict
@@ -34,7 +35,8 @@ def wandb_mode(cfg: ExperimentConfig) -> str:
 class Tracker:
     """``log(record)`` appends to metrics.jsonl and W&B (rank 0 only; other ranks do nothing)."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, is_main: bool):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, is_main: bool, resume: bool = False):
+        """``resume``: continue the W&B run whose id ``run_dir/wandb_run_id`` holds (same run)."""
         self.is_main = is_main
         self.step = 0
         self.run = None
@@ -47,8 +49,11 @@ class Tracker:
         if mode != "disabled":
             import wandb
 
+            id_file = run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
             self.run = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity, name=cfg.name,
-                                  config=to_dict(cfg), dir=str(run_dir), mode=mode)
+                                  config=to_dict(cfg), dir=str(run_dir), mode=mode, id=run_id, resume="allow")
 
     def log(self, record: dict, *, step: int | None = None) -> None:
         if not self.is_main:

@@ -1,0 +1,95 @@
+"""Resumable checkpoints: DeepSpeed's own (every rank saves its part) plus the loop position.
+
+A resume checkpoint of a stage lives in ``runs/<name>/<stage>/checkpoints/step<N>/`` and holds
+the module, optimizer and LR-schedule state (DeepSpeed ``save_checkpoint``), the loop state
+(epoch, batches already trained in that epoch, step, best valid metric, patience, losses) as
+client state, each rank's RNG states (``rng_rank<r>.pt``) and the resolved config. The stream
+is deterministic per (seed, epoch), so skipping the batches already trained in the epoch puts
+every rank at the next unseen sample. DeepSpeed's ``latest`` file names the newest one; the
+``best`` tag (best valid weights) is saved beside it without touching ``latest``.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+KEEP = 2  # resume checkpoints kept per stage
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # the epoch being trained
+    batch_in_epoch: int = 0  # batches of ``epoch`` already trained (on every rank)
+    step: int = 0
+    best: float = float("-inf")
+    best_epoch: int = -1
+    bad: int = 0  # evaluations since the last improvement
+    losses: list = field(default_factory=list)  # mean loss of each finished epoch
+    ep_loss: float = 0.0
+    ep_n: int = 0
+    done: bool = False
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_resume(engine, ckpt_dir: Path, state: LoopState, *, stage: str) -> str:
+    """Every rank calls this (ZeRO shards are per rank). Returns the tag."""
+    tag = f"step{state.step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": asdict(state), "stage": stage,
+                                                                 "world_size": _world()})
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{_rank()}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if _rank() == 0:
+        old = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())[:-KEEP]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+    return tag
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot continue this run; the message names the file."""
+
+
+def load_resume(engine, ckpt_dir: Path, *, stage: str) -> LoopState | None:
+    """Load the newest resume checkpoint of ``stage`` into ``engine``; None if there is none."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    saved = sorted(p.name for p in (ckpt_dir / tag).glob("rng_rank*.pt"))
+    if len(saved) != _world():
+        raise ResumeError(f"{ckpt_dir / tag}: written by {len(saved)} rank(s), this run has {_world()}; "
+                          "resume with the same world size (or start the stage afresh without --resume)")
+    rng = ckpt_dir / tag / f"rng_rank{_rank()}.pt"
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None or client is None or client.get("stage") != stage:
+        raise ResumeError(f"{ckpt_dir / tag}: not a resume checkpoint of stage {stage!r}")
+    _set_rng_state(torch.load(rng, weights_only=False))
+    return LoopState(**client["loop"])
