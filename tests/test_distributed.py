@@ -110,3 +110,26 @@ def test_zero_partitions_measured_per_rank(tmp_path):
         assert total / 2 <= held <= total / 2 + 64  # each parameter padded to an even split
         assert rows[(1, rank)]["optimizer_bytes"] < 0.6 * rows[(0, rank)]["optimizer_bytes"]
     assert rows[(3, 0)]["live_tensor_bytes"] < 64 * 2 ** 20  # buckets are capped at the model size
+
+
+def test_two_torchrun_agents_as_two_nodes_on_localhost(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                               "1", "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "-m", "train.cli", "train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path}",
+                               f"data.out_dir={tmp_path / 'data'}", "train.zero_stage=3",
+                               "train.micro_batch_size=32", "train.source.epochs=1", "train.joint.epochs=1",
+                               "train.target_only.epochs=1"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert m["_meta"]["world_size"] == 2
+    assert set(m) >= {"source", "joint", "target_only"}

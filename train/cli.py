@@ -1,7 +1,10 @@
 """``xdrec`` command line: thin entry points over the library.
 
     xdrec prepare configs/experiment/<x>.yaml [a.b=value ...]
-    xdrec train   configs/experiment/<x>.yaml [a.b=value ...]
+    xdrec train   configs/experiment/<x>.yaml [a.b=value ...] [--resume auto]
+    xdrec export  runs/<name> [--stage joint]          -> runs/<name>/export-joint/model.safetensors
+    xdrec evaluate runs/<name>/export-joint [--split test]
+    xdrec recommend runs/<name>/export-joint --domain B --history 3 17 42 [-k 10]
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from train.data.formats import DataFormatError
 from train.data.prepare import ManifestError
 from train.checkpoint import ResumeError
 from train.engine import LaunchConflict
+from train.export import ExportError
 
 
 _log = functools.partial(print, flush=True)
@@ -31,7 +35,66 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", choices=("auto", "never"), default="never",
                            help="auto: skip finished stages and continue the latest resume checkpoint "
                                 "of runs/<name>/ (same world size); never: start afresh (default)")
+    e = sub.add_parser("export", help="best ZeRO checkpoint of a stage -> model.safetensors + config")
+    e.add_argument("run_dir", help="runs/<name>")
+    e.add_argument("--stage", default="joint", choices=("source", "joint", "target_only"))
+    e.add_argument("--out", default=None, help="default: <run_dir>/export-<stage>")
+    v = sub.add_parser("evaluate", help="metrics of an exported model on its prepared data (no DeepSpeed)")
+    v.add_argument("export_dir")
+    v.add_argument("--split", default="test", choices=("valid", "test"))
+    r = sub.add_parser("recommend", help="top-k items of a domain for one history (no DeepSpeed)")
+    r.add_argument("export_dir")
+    r.add_argument("--domain", required=True)
+    r.add_argument("--history", nargs="+", required=True, help="item ids, oldest first (raw ids with --raw)")
+    r.add_argument("--raw", action="store_true", help="history and output use the raw ids of item_map.json")
+    r.add_argument("-k", type=int, default=10)
     return p
+
+
+def cmd_export(args) -> int:
+    from train.export import export
+
+    out = export(args.run_dir, args.out or f"{args.run_dir.rstrip('/')}/export-{args.stage}", stage=args.stage)
+    print(f"exported {args.stage} to {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from train.export import evaluate_exported
+
+    print(json.dumps(evaluate_exported(args.export_dir, splits=(args.split,)), indent=1))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from train.export import ExportError, load_exported
+
+    model, info = load_exported(args.export_dir)
+    names = [d["name"] for d in info["domains"]]
+    if args.domain not in names:
+        raise ExportError(f"--domain {args.domain!r} is not one of {names}")
+    to_id, to_raw = {}, {}
+    if args.raw:
+        to_id = json.loads((Path(args.export_dir) / "item_map.json").read_text())
+        to_raw = {v: k for k, v in to_id.items()}
+    try:
+        hist = [to_id[h] if args.raw else int(h) for h in args.history]
+    except (KeyError, ValueError) as e:
+        raise ExportError(f"--history item {e} is not a known item id") from None
+    max_len = model.embedding.position.num_embeddings
+    items = torch.zeros(1, max_len, dtype=torch.long)
+    hist = hist[-max_len:]
+    items[0, max_len - len(hist):] = torch.tensor(hist)
+    top = model.recommend(items, names.index(args.domain), k=args.k)[0].tolist()
+    print(" ".join(str(to_raw.get(i, i)) if args.raw else str(i) for i in top))
+    return 0
 
 
 def cmd_prepare(args) -> int:
@@ -71,8 +134,9 @@ def cmd_train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"prepare": cmd_prepare, "train": cmd_train}[args.cmd](args)
-    except (ConfigError, DataFormatError, ManifestError, LaunchConflict, ResumeError) as e:
+        return {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate,
+                "recommend": cmd_recommend}[args.cmd](args)
+    except (ConfigError, DataFormatError, ManifestError, LaunchConflict, ResumeError, ExportError) as e:
         print(f"xdrec: error: {e}", file=sys.stderr)
         return 2
 

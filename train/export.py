@@ -1,0 +1,93 @@
+"""``xdrec export``: consolidate a stage's best ZeRO checkpoint (any stage 0-3, any world size)
+into ``model.safetensors`` + ``config.yaml`` + ``domains.json`` (+ ``item_map.json``), which
+``load_exported`` (``xdrec recommend``, ``xdrec evaluate``) reads with plain torch, no DeepSpeed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from train.config import load_config, save_config
+from train.stages import build_model
+
+SCHEMA = 1
+
+
+class ExportError(ValueError):
+    """A checkpoint or export folder is missing or does not match; the message names the path."""
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str = "best") -> dict:
+    """fp32 state dict of a DeepSpeed checkpoint, whatever its ZeRO stage and world size."""
+    folder = ckpt_dir / tag
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: no checkpoint (train the stage first)")
+    if list(folder.glob("*zero_pp_rank_*")):  # ZeRO 1-3: the fp32 master weights live in the shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    states = folder / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ExportError(f"{folder}: neither ZeRO shards nor {states.name}")
+    return {k: v.float() for k, v in torch.load(states, map_location="cpu", weights_only=False)["module"].items()}
+
+
+def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Path:
+    from safetensors.torch import save_file
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_config(run_dir / "config.yaml")
+    manifest = json.loads((cfg.data.prepared_dir() / "manifest.json").read_text())
+    state = consolidated_state_dict(run_dir / stage / "checkpoints")
+    model = build_model(cfg, manifest)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{run_dir / stage}: checkpoint does not match the model of {run_dir / 'config.yaml'}: "
+                          f"missing {missing}, unexpected {unexpected}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    save_config(cfg, out / "config.yaml")
+    (out / "domains.json").write_text(json.dumps({"schema": SCHEMA, "stage": stage, "domains": manifest["domains"],
+                                                  "source": cfg.data.source, "target": cfg.data.target}, indent=1))
+    item_map = cfg.data.prepared_dir() / "item_map.json"
+    if item_map.is_file():
+        shutil.copy(item_map, out / "item_map.json")
+    return out
+
+
+def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, domains.json) from an export folder; plain torch."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in ("model.safetensors", "config.yaml", "domains.json"):
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder / name} is missing: not an xdrec export folder")
+    cfg = load_config(folder / "config.yaml")
+    info = json.loads((folder / "domains.json").read_text())
+    model = build_model(cfg, {"domains": info["domains"]})
+    try:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{folder / 'model.safetensors'} does not match {folder / 'config.yaml'}: {e}") from None
+    return model.eval(), info
+
+
+def evaluate_exported(folder: str | Path, *, splits=("valid", "test")) -> dict:
+    """Metrics of an exported model on its prepared data, single process, no DeepSpeed:
+    ``{split: {domain: {"full": ..., "sampled999": ...}}}`` as in ``metrics.json``."""
+    from train.data.prepare import load_manifest
+    from train.evaluate import Evaluator
+
+    model, info = load_exported(folder)
+    cfg = load_config(Path(folder) / "config.yaml")
+    manifest = load_manifest(cfg.data.prepared_dir())
+    ev = Evaluator(manifest, cfg.data.prepared_dir(), cfg.eval, max_len=cfg.model.max_len)
+    only = info["stage"] == "target_only"
+    domains = [info["target"]] if only else [d["name"] for d in info["domains"]]
+    with torch.no_grad():
+        return {split: {d: ev.evaluate(lambda items, dom: model(items, domain=dom), d, split, only_domain=only,
+                                       device=torch.device("cpu")) for d in domains} for split in splits}
