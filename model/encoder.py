@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Block(nn.Module):
@@ -37,6 +38,7 @@ class Encoder(nn.Module):
     def __init__(self, *, d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float, causal: bool):
         super().__init__()
         self.causal = causal
+        self.checkpoint_blocks = False  # recompute blocks in backward: activation memory for compute
         self.blocks = nn.ModuleList(Block(d_model, n_heads, ff_mult, dropout) for _ in range(n_layers))
         self.ln = nn.LayerNorm(d_model)
 
@@ -55,5 +57,8 @@ class Encoder(nn.Module):
         """x: (B, L, D) embeddings of items (B, L) -> (B, L, D)."""
         mask = self.attention_mask(items)
         for blk in self.blocks:
-            x = blk(x, mask)
+            if self.checkpoint_blocks and self.training:
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
         return self.ln(x)

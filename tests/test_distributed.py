@@ -27,11 +27,13 @@ def test_joint_loss_is_the_global_mean_when_a_rank_has_no_target_rows(tmp_path):
     assert r["grad_max_diff"] < 1e-6
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_torchrun_two_ranks_source_then_joint(tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, extra", [(2, "train.offload_optimizer=true"),
+                                               (3, "train.activation_checkpointing=true")],
+                         ids=["zero2-offload", "zero3-activation-checkpointing"])
+def test_torchrun_two_ranks_source_then_joint(tmp_path, zero_stage, extra):
     p = torchrun(["-m", "train.cli", "train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path / 'runs'}",
                   f"data.out_dir={tmp_path / 'data'}", f"train.zero_stage={zero_stage}",
-                  "train.micro_batch_size=32"], tmp_path)
+                  "train.micro_batch_size=32", extra], tmp_path)
     m = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
     assert m["_meta"]["world_size"] == 2 and m["_meta"]["launcher"] == "torchrun"
     assert "world size 2" in p.stdout
@@ -44,15 +46,14 @@ def test_torchrun_two_ranks_source_then_joint(tmp_path, zero_stage):
 def test_accelerate_launch_two_processes(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     accelerate = Path(sys.executable).parent / "accelerate"
-    p = subprocess.run([str(accelerate), "launch", "--use_deepspeed", "--num_processes", "2", "--zero_stage", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "train.cli", "train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path}",
-                        f"data.out_dir={tmp_path / 'data'}", "train.zero_stage=2", "train.micro_batch_size=32",
-                        "train.stages=[target_only]"],
+    p = subprocess.run([str(accelerate), "launch", "--config_file", "configs/accelerate/one-node-zero2.yaml",
+                        "--num_processes", "2", "-m", "train.cli", "train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path}",
+                        f"data.out_dir={tmp_path / 'data'}", "train.zero_stage=2", "train.micro_batch_size=32"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     assert m["_meta"]["world_size"] == 2 and m["_meta"]["launcher"] == "accelerate"
+    assert {"source", "joint", "target_only"} <= set(m)
 
 
 def test_accelerate_flags_that_contradict_the_config_are_errors():

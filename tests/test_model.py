@@ -111,3 +111,17 @@ def test_every_head_takes_part_even_when_one_domain_has_no_targets():
     weighted_domain_mean(sums, counts, [1.0, 1.0]).backward()
     assert counts.tolist() == [3, 0]
     assert m.heads[0].weight.grad.abs().sum() > 0 and m.heads[1].weight.grad is not None
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    items = torch.tensor([[0, 1, 5, 2, 6, 3], [1, 2, 3, 5, 6, 7]])
+    targets = torch.tensor([[0, 5, 2, 6, 3, 4], [2, 3, 5, 6, 7, 1]])
+    grads = []
+    for ckpt in (False, True):
+        m = _headed().train()  # dropout is 0: both passes see the same function
+        m.encoder.checkpoint_blocks = ckpt
+        sums, counts = m(items, targets=targets)
+        loss = weighted_domain_mean(sums, counts, [1.0, 1.0])
+        loss.backward()
+        grads.append((loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    assert grads[0][0] == grads[1][0] and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)

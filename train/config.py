@@ -105,6 +105,9 @@ class TrainConfig:
     grad_accum: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 0
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU (stage >= 1)
+    activation_checkpointing: bool = False  # recompute each Transformer block in backward
+    deepspeed_config: Optional[str] = None  # extra DeepSpeed JSON, checked against the keys above
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 50
@@ -181,6 +184,8 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: eval.select_metric={self.eval.select_metric!r} is not hr@k, ndcg@k or mrr")
         if self.train.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{origin}: train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
+        if self.train.offload_optimizer and self.train.zero_stage == 0:
+            raise ConfigError(f"{origin}: train.offload_optimizer needs train.zero_stage >= 1")
         if d.format != "synthetic" and not d.path:
             raise ConfigError(f"{origin}: data.path is empty but data.format={d.format!r} reads files")
 

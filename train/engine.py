@@ -96,7 +96,10 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, n_params: int | Non
     bucket = int(min(5e8, max(n_params, 1e6))) if n_params else int(5e8)
     zero = {"stage": train.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
             **_gloo_zero_settings()}
-    return {
+    if train.offload_optimizer:
+        # ZeRO-Offload: optimizer states and step on the CPU; torch's AdamW steps there (no op build).
+        zero["offload_optimizer"] = {"device": "cpu"}
+    generated = {
         "train_batch_size": train.global_batch_size(world_size),
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -105,9 +108,62 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, n_params: int | Non
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16"},
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if train.deepspeed_config:
+        return merge_user_deepspeed_config(generated, train.deepspeed_config)
+    return generated
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+# Keys of the generated config a user JSON may repeat but never change: they come from train.*.
+_OWNED = {"train_batch_size": "train.micro_batch_size x train.grad_accum x world size",
+          "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+          "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "train.grad_clip",
+          "zero_optimization.stage": "train.zero_stage", "bf16.enabled": "train.precision",
+          "fp16.enabled": "train.precision", "zero_optimization.offload_optimizer.device": "train.offload_optimizer"}
+
+
+def merge_user_deepspeed_config(generated: dict, path: str) -> dict:
+    """A user DeepSpeed JSON (``train.deepspeed_config``) adds tuning keys to the generated config;
+    a key the typed config owns must agree with it (``"auto"`` is accepted), else ConfigError."""
+    import json
+
+    from train.config import ConfigError
+
+    try:
+        user = json.loads(open(path).read())
+    except FileNotFoundError:
+        raise ConfigError(f"train.deepspeed_config: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    ours = _flat(generated)
+    for key, val in _flat(user).items():
+        if key in _OWNED and val != "auto" and key in ours and val != ours[key]:
+            raise ConfigError(f"{path}: '{key}' is {val!r} but {_OWNED[key]} gives {ours[key]!r}; "
+                              "set it in the xdrec config (or 'auto') instead")
+        if key in _OWNED and key not in ours and val not in ("auto", False, None):
+            raise ConfigError(f"{path}: '{key}' is {val!r} but {_OWNED[key]} does not enable it")
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = merge(out[k], v)
+            elif v != "auto":
+                out[k] = v
+        return out
+
+    return merge(generated, user)
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
@@ -129,6 +185,8 @@ def build_engine(model: torch.nn.Module, *, train: TrainConfig, stage: StageConf
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(train, world_size=world_size,
                                                                    n_params=sum(p.numel() for p in model.parameters())))
+    if train.activation_checkpointing and hasattr(model, "encoder"):
+        model.encoder.checkpoint_blocks = True
     if train.zero_stage == 3 and hasattr(model, "embedding"):
         # The tied item table is used outside its own module's forward (output scores).
         deepspeed.zero.register_external_parameter(model, model.embedding.item.weight)
