@@ -6,7 +6,8 @@
 For each ZeRO stage it builds the experiment's model over the prepared data's vocabulary, wraps it
 in the DeepSpeed engine, takes one training step on a batch of the real training stream, and
 reports per rank: parameter elements the module holds (``ds_tensor`` under ZeRO-3), optimizer
-state bytes (the AdamW moments and the fp32 partitions the base optimizer steps), gradient bytes (live
+state bytes (the AdamW moments, plus the fp32 partitions the base optimizer steps where they are
+not the module's own parameters and are attached at the time of measuring), gradient bytes (live
 tensor storage after backward minus before forward: gradients and reduce buckets), and all live tensor
 storage of the process (every CPU/GPU tensor reachable by the garbage collector, deduplicated by
 storage), which is what the rank really holds.
@@ -73,7 +74,10 @@ def measure(cfg, zero_stage: int, manifest: dict) -> dict:
     held = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     opt_state = [t for st in base.state.values() for t in st.values() if torch.is_tensor(t) and t.numel() > 1]
-    opt_params = [p for g in base.param_groups for p in g["params"]]
+    module_storages = {p.untyped_storage().data_ptr() for p in params}
+    # the tensors the base optimizer steps, when they are not the module's own (ZeRO 1/2 fp32 partitions)
+    opt_params = [p for g in base.param_groups for p in g["params"]
+                  if p.untyped_storage().data_ptr() not in module_storages]
     out = {
         "zero_stage": zero_stage, "rank": env.rank, "world_size": env.world_size, "model_elements": n_params,
         "param_elements_held": sum(t.numel() for t in held),
