@@ -113,7 +113,6 @@ class TrainConfig:
     warmup_steps: int = 50
     mix_ratio: float = 0.5  # joint stage: fraction of each batch drawn from the source domain
     shuffle_buffer: int = 2000
-    num_workers: int = 0
     source: StageConfig = field(default_factory=StageConfig)
     joint: StageConfig = field(default_factory=StageConfig)
     target_only: StageConfig = field(default_factory=StageConfig)

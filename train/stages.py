@@ -24,7 +24,7 @@ import torch
 from model import build_recommender
 from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
-from train.data.stream import DomainIndex, mixed_batches, split_mode, train_batches
+from train.data.stream import DomainIndex, joint_rows, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import SAMPLED, Evaluator
 from launch.signals import install as install_signal_handlers
@@ -90,6 +90,10 @@ class Experiment:
         self.tracker = Tracker(cfg, self.run_dir, is_main=self.env.is_main, resume=resume)
 
     # -- data -------------------------------------------------------------------------------
+    def _driver(self, stage: str) -> str:
+        """The domain whose training samples make one epoch of ``stage``."""
+        return self.names["source" if stage == "source" else "target"]
+
     def _batches(self, stage: str, epoch: int):
         cfg, t = self.cfg, self.cfg.train
         common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer)
@@ -97,17 +101,13 @@ class Experiment:
             return mixed_batches(self.manifest, self.folder, source=self.names["source"],
                                  target=self.names["target"], batch_size=t.micro_batch_size,
                                  mix_ratio=t.mix_ratio, **common)
-        domain = self.names["source" if stage == "source" else "target"]
-        return train_batches(self.manifest, self.folder, domain, batch_size=t.micro_batch_size,
+        return train_batches(self.manifest, self.folder, self._driver(stage), batch_size=t.micro_batch_size,
                              only_domain=SPECS[stage].only_target, **common)
 
     def _steps_per_epoch(self, stage: str) -> int:
         t = self.cfg.train
-        domain = self.names["source" if stage == "source" else "target"]
-        rows = t.micro_batch_size
-        if stage == "joint":
-            rows -= max(1, min(rows - 1, round(t.mix_ratio * rows)))
-        n = self.manifest["counts"][domain]["train"]["samples"] / self.env.world_size
+        rows = joint_rows(t.micro_batch_size, t.mix_ratio)[1] if stage == "joint" else t.micro_batch_size
+        n = self.manifest["counts"][self._driver(stage)]["train"]["samples"] / self.env.world_size
         return max(1, math.ceil(n / rows / t.grad_accum))
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class Experiment:
         if state is None and self.env.is_main and ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # a fresh stage never mixes with an earlier run's checkpoints
         barrier()
-        domain = self.names["source" if stage == "source" else "target"]
+        domain = self._driver(stage)
         n_shards = len(self.manifest["shards"][domain]["train"])
         mode = split_mode(n_shards)
         self.log(f"[{stage}] {n_shards} {domain} train shards over {self.env.world_size} rank(s): each rank reads "

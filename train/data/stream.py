@@ -157,6 +157,12 @@ def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size
                      for (s,) in samples), batch_size)
 
 
+def joint_rows(batch_size: int, mix_ratio: float) -> tuple[int, int]:
+    """(source rows, target rows) of a joint batch; each side keeps at least one row."""
+    n_src = max(1, min(batch_size - 1, round(mix_ratio * batch_size)))
+    return n_src, batch_size - n_src
+
+
 def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: str, batch_size: int,
                   mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int) -> Iterator[dict]:
     """Joint-stage batches: ``round(mix_ratio * B)`` source rows + the rest target rows.
@@ -164,8 +170,7 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
     One epoch is one pass over the target domain's training samples; the source stream restarts
     (with the next shuffle) whenever it runs out.
     """
-    n_src = max(1, min(batch_size - 1, round(mix_ratio * batch_size)))
-    n_tgt = batch_size - n_src
+    n_src, n_tgt = joint_rows(batch_size, mix_ratio)
 
     def source_forever():
         k = 0
