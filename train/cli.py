@@ -106,17 +106,23 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from train.engine import teardown_distributed
     from train.loop import StageInterrupted
     from train.stages import Experiment, format_table
 
     cfg = load_config(args.config, args.overrides)
     exp = Experiment(cfg, log=_log, resume=args.resume == "auto")
+    # On a clean end (finished or stopped on request) every rank tears the process group down
+    # together: left to exit-time destructors, a gloo rank sometimes aborted ("terminate called
+    # without an active exception"). On an error no barrier is attempted: the launcher stops the rest.
     try:
         results = exp.run()
     except StageInterrupted as e:
+        teardown_distributed()
         if exp.env.is_main:
             print(f"{e}\ncontinue with: xdrec train {args.config} ... --resume auto", flush=True)
         return 0
+    teardown_distributed()
     if exp.env.is_main:
         print(f"\nTest metrics ({cfg.data.name}; source {cfg.data.source} -> target {cfg.data.target}):")
         print(format_table(results, cfg.data.target, cfg.data.source))

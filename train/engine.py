@@ -73,7 +73,10 @@ def setup_distributed() -> tuple[DistEnv, torch.device]:
 
 
 def teardown_distributed() -> None:
+    """Every rank reaches here before the group goes, so no rank tears down under another's collective."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
