@@ -34,19 +34,19 @@ def step_losses(run: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("n_procs, zero_stage", [(1, 0), (2, 2), (2, 3)], ids=["1rank-zero0", "2ranks-zero2",
-                                                                               "2ranks-zero3"])
-def test_stop_and_resume_equals_uninterrupted(tmp_path, n_procs, zero_stage):
-    z = f"train.zero_stage={zero_stage}"
-    full = launch(n_procs, [f"runs_dir={tmp_path / 'full'}", z], tmp_path)
+@pytest.mark.parametrize("n_procs, zero_stage, accum", [(1, 0, 1), (1, 1, 2), (2, 2, 1), (2, 3, 1)],
+                         ids=["1rank-zero0", "1rank-zero1-accum2", "2ranks-zero2", "2ranks-zero3"])
+def test_stop_and_resume_equals_uninterrupted(tmp_path, n_procs, zero_stage, accum):
+    z = f"train.zero_stage={zero_stage} train.grad_accum={accum}".split()
+    full = launch(n_procs, [f"runs_dir={tmp_path / 'full'}", *z], tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     # stop mid-epoch 1 of the source stage (7 steps per epoch at 2 x 32 rows), then resume
-    first = launch(n_procs, [f"runs_dir={tmp_path / 'cut'}", z, "train.stop_after_steps=4"], tmp_path)
+    first = launch(n_procs, [f"runs_dir={tmp_path / 'cut'}", *z, "train.stop_after_steps=4"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped at step 4" in first.stdout
     meta = json.loads((tmp_path / "cut" / "tiny" / "metrics.json").read_text())["_meta"]
     assert meta["stopped"]["stage"] == "source" and meta["stopped"]["step"] == 4
-    second = launch(n_procs, [f"runs_dir={tmp_path / 'cut'}", z, "--resume", "auto"], tmp_path)
+    second = launch(n_procs, [f"runs_dir={tmp_path / 'cut'}", *z, "--resume", "auto"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming at epoch 1, batch 4, step 4" in second.stdout
     a, b = step_losses(tmp_path / "full" / "tiny"), step_losses(tmp_path / "cut" / "tiny")

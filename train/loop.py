@@ -27,6 +27,7 @@ class StagePlan:
     ckpt_dir: Path
     log_every: int = 20
     checkpoint_every: int = 0  # steps between resume checkpoints (0: epoch ends only)
+    grad_accum: int = 1  # stop and checkpoint only where accumulated gradients have been applied
     domain_names: list[str] = field(default_factory=list)
 
 
@@ -80,7 +81,9 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
                     if m == m:  # not nan: the domain had targets in this global batch
                         rec[f"ce_{name}"] = m
                 tracker.log({plan.name: rec}, step=tracker.step + 1)
-            if stopper.should_stop():
+            if st.step % plan.grad_accum:
+                continue  # mid-accumulation: gradients not yet applied are not checkpointed
+            if stopper.should_stop(plan.grad_accum):
                 tag = save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
                 raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / tag)
             if plan.checkpoint_every and st.step % plan.checkpoint_every == 0:
@@ -121,15 +124,17 @@ class StageInterrupted(Exception):
 
 
 class Stopper:
-    """Asks every rank to stop at the same step boundary: on SIGUSR1 (see ``launch.signals``)
-    or once this process has taken ``stop_after_steps`` training steps (0 = never)."""
+    """Asks every rank to stop at the same optimizer-step boundary: on SIGUSR1 (see
+    ``launch.signals``) or once this process has taken ``stop_after_steps`` training batches
+    (0 = never; counted at accumulation boundaries)."""
 
     def __init__(self, stop_after_steps: int = 0):
         self.budget = stop_after_steps
         self.taken = 0
 
-    def should_stop(self) -> bool:
-        self.taken += 1
+    def should_stop(self, batches: int = 1) -> bool:
+        """Called at each optimizer step with the batches it consumed; True on every rank at once."""
+        self.taken += batches
         local = stop_requested() or (self.budget > 0 and self.taken >= self.budget)
         return any_rank(local)
 

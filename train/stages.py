@@ -159,7 +159,8 @@ class Experiment:
         plan = StagePlan(name=stage, batches=partial(self._batches, stage), weights=weights, epochs=sc.epochs,
                          patience=sc.patience, select=partial(self._select, engine, stage),
                          ckpt_dir=ckpt_dir, log_every=cfg.train.log_every,
-                         checkpoint_every=cfg.train.checkpoint_every, domain_names=self.dom.names)
+                         checkpoint_every=cfg.train.checkpoint_every, grad_accum=cfg.train.grad_accum,
+                         domain_names=self.dom.names)
         if self.env.is_main:
             save_config(cfg, plan.ckpt_dir / "config.yaml")
         summary = run_stage(engine, plan, device=self.device, tracker=self.tracker, stopper=self.stopper,
