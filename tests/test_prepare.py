@@ -2,6 +2,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from train.config import DataConfig, SyntheticConfig
@@ -152,3 +153,24 @@ def test_synthetic_default_needs_no_files(tmp_path):
     prepare(cfg, log=lambda *_: None)
     m = load_manifest(cfg.prepared_dir())
     assert m["n_users"] == 50 and [d["n_items"] for d in m["domains"]] == [30, 30]
+
+
+def test_data_verify_and_stats_on_real_slice(prepared):
+    from train.data.inspect import stats, verify
+
+    cfg, m, raw = prepared
+    folder = cfg.prepared_dir()
+    counts = verify(folder)
+    assert counts["kitchen"]["test"] == m["counts"]["kitchen"]["test"]["samples"]
+    s = stats(folder)
+    assert s["users"] == 200 == s["users_in_all_domains"]  # ABXI users are active in both domains
+    assert [s["domains"][d["name"]]["events"] for d in m["domains"]] == [d["n_events"] for d in m["domains"]]
+    lens = sorted(len(v) for v in raw.values())
+    assert s["sequence_length_percentiles"]["p50"] == pytest.approx(float(np.percentile(lens, 50)))
+    # a manifest whose sample count disagrees with the shard is refused, naming the shard
+    mpath = folder / "manifest.json"
+    bad = json.loads(mpath.read_text())
+    bad["shards"]["food"]["train"][0]["samples"] += 1
+    mpath.write_text(json.dumps(bad))
+    with pytest.raises(ManifestError, match=r"food/train-000000.tar: 64 samples, manifest.json says 65"):
+        verify(folder)

@@ -2,6 +2,7 @@
 
     xdrec prepare configs/experiment/<x>.yaml [a.b=value ...]
     xdrec train   configs/experiment/<x>.yaml [a.b=value ...] [--resume auto]
+    xdrec data verify|stats data/prepared/<name>
     xdrec export  runs/<name> [--stage joint]          -> runs/<name>/export-joint/model.safetensors
     xdrec evaluate runs/<name>/export-joint [--split test]
     xdrec recommend runs/<name>/export-joint --domain B --history 3 17 42 [-k 10]
@@ -35,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", choices=("auto", "never"), default="never",
                            help="auto: skip finished stages and continue the latest resume checkpoint "
                                 "of runs/<name>/ (same world size); never: start afresh (default)")
+    d = sub.add_parser("data", help="inspect a prepared folder")
+    d.add_argument("action", choices=("verify", "stats"), help="verify: re-hash and re-count every shard; "
+                   "stats: users/items/events per domain, overlap, sequence lengths")
+    d.add_argument("folder", help="data/prepared/<name>")
     e = sub.add_parser("export", help="best ZeRO checkpoint of a stage -> model.safetensors + config")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--stage", default="joint", choices=("source", "joint", "target_only"))
@@ -49,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--raw", action="store_true", help="history and output use the raw ids of item_map.json")
     r.add_argument("-k", type=int, default=10)
     return p
+
+
+def cmd_data(args) -> int:
+    import json
+
+    from train.data.inspect import stats, verify
+
+    if args.action == "verify":
+        counts = verify(args.folder)
+        print(f"{args.folder}: every shard matches its sha256 and sample count: {json.dumps(counts)}")
+    else:
+        print(json.dumps(stats(args.folder), indent=1))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -140,7 +158,8 @@ def cmd_train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate,
+        return {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,
+                "evaluate": cmd_evaluate,
                 "recommend": cmd_recommend}[args.cmd](args)
     except (ConfigError, DataFormatError, ManifestError, LaunchConflict, ResumeError, ExportError) as e:
         print(f"xdrec: error: {e}", file=sys.stderr)
