@@ -155,6 +155,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _exit_now_if_distributed(code: int) -> None:
+    """Under a multi-process launcher, leave without running C++ static destructors: gloo's
+    background threads made a rank abort at interpreter exit ("terminate called without an
+    active exception", SIGABRT) about once in ten runs even after the process group was
+    destroyed, turning a finished run into a failed one. Output is flushed first; files and the
+    W&B run are closed by then."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -166,5 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """Console-script and ``python -m train.cli`` entry point."""
+    code = main()
+    _exit_now_if_distributed(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -126,3 +126,6 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    from train.cli import _exit_now_if_distributed
+
+    _exit_now_if_distributed(0)
