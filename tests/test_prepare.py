@@ -174,3 +174,13 @@ def test_data_verify_and_stats_on_real_slice(prepared):
     mpath.write_text(json.dumps(bad))
     with pytest.raises(ManifestError, match=r"food/train-000000.tar: 64 samples, manifest.json says 65"):
         verify(folder)
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    hashes = []
+    for k in range(2):
+        cfg = DataConfig(out_dir=str(tmp_path / str(k)), synthetic=SyntheticConfig(n_users=40, items_per_domain=[20, 20]))
+        prepare(cfg, log=lambda *_: None)
+        m = load_manifest(cfg.prepared_dir())
+        hashes.append([sh["sha256"] for d in m["shards"].values() for s in d.values() for sh in s])
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 6

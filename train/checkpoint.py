@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from train.engine import barrier, rank, world_size
 
 KEEP = 2  # resume checkpoints kept per stage
 
@@ -34,14 +35,6 @@ class LoopState:
     ep_loss: float = 0.0
     ep_n: int = 0
     done: bool = False
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _rng_state() -> dict:
@@ -61,12 +54,11 @@ def save_resume(engine, ckpt_dir: Path, state: LoopState, *, stage: str) -> str:
     """Every rank calls this (ZeRO shards are per rank). Returns the tag."""
     tag = f"step{state.step:08d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": asdict(state), "stage": stage,
-                                                                 "world_size": _world()})
+                                                                 "world_size": world_size()})
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{_rank()}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    if _rank() == 0:
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank()}.pt")
+    barrier()
+    if rank() == 0:
         old = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())[:-KEEP]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
@@ -84,10 +76,10 @@ def load_resume(engine, ckpt_dir: Path, *, stage: str) -> LoopState | None:
         return None
     tag = latest.read_text().strip()
     saved = sorted(p.name for p in (ckpt_dir / tag).glob("rng_rank*.pt"))
-    if len(saved) != _world():
-        raise ResumeError(f"{ckpt_dir / tag}: written by {len(saved)} rank(s), this run has {_world()}; "
+    if len(saved) != world_size():
+        raise ResumeError(f"{ckpt_dir / tag}: written by {len(saved)} rank(s), this run has {world_size()}; "
                           "resume with the same world size (or start the stage afresh without --resume)")
-    rng = ckpt_dir / tag / f"rng_rank{_rank()}.pt"
+    rng = ckpt_dir / tag / f"rng_rank{rank()}.pt"
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None or client is None or client.get("stage") != stage:
         raise ResumeError(f"{ckpt_dir / tag}: not a resume checkpoint of stage {stage!r}")

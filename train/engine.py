@@ -200,6 +200,14 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def world_size() -> int:
+    return _world()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def all_ranks(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (one tiny all-reduce; keeps ranks in step)."""
     if _world() == 1:

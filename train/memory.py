@@ -24,7 +24,7 @@ import torch
 from train.config import load_config
 from train.data.prepare import ensure_prepared
 from train.data.stream import train_batches
-from train.engine import build_engine, global_domain_loss, setup_distributed, teardown_distributed
+from train.engine import barrier, build_engine, global_domain_loss, setup_distributed, teardown_distributed
 
 
 def _storage_bytes(tensors) -> int:
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     env, _ = setup_distributed()
     manifest = ensure_prepared(cfg.data, log=lambda *a: None) if env.is_main else None
-    torch.distributed.barrier()
+    barrier()
     if manifest is None:
         manifest = ensure_prepared(cfg.data, log=lambda *a: None)
     rows = []

@@ -23,10 +23,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import webdataset as wds
 
 from train.config import DataConfig, config_fingerprint, to_dict
 from train.data.formats import DataFormatError, Event, read_abxi, read_table
+from train.data.stream import DomainIndex
 from train.data.synthetic import generate
 
 SCHEMA_VERSION = 1
@@ -89,22 +91,15 @@ def build_sequences(events: Iterable[Event], n_domains: int):
     return sequences, item_map, user_map, info
 
 
-def domain_of(item: int, info: list[dict]) -> int:
-    for d, di in enumerate(info):
-        if di["offset"] < item <= di["offset"] + di["n_items"]:
-            return d
-    raise ValueError(f"item id {item} is outside every domain")
-
-
-def split_samples(sequences: list[list[int]], info: list[dict]):
+def split_samples(sequences: list[list[int]], dom: DomainIndex):
     """Leave-one-out samples per (domain, split); users with < 3 events are filtered and counted."""
-    out = {(d, s): [] for d in range(len(info)) for s in SPLITS}
+    out = {(d, s): [] for d in range(len(dom.names)) for s in SPLITS}
     filtered = 0
     for user, seq in enumerate(sequences):
         if len(seq) < 3:
             filtered += 1
             continue
-        doms = [domain_of(i, info) for i in seq]
+        doms = dom.of(np.asarray(seq)).tolist()
         train = seq[:-2]
         exclude = sorted(set(seq))
         for d in set(doms[1:-2]):  # train targets are train[1:]
@@ -120,7 +115,7 @@ def _write_shards(samples: list[dict], folder: Path, split: str, per_shard: int)
     for k in range(0, max(len(samples), 1), per_shard):
         chunk = samples[k:k + per_shard]
         path = folder / f"{split}-{k // per_shard:06d}.tar"
-        with wds.TarWriter(str(path)) as w:
+        with wds.TarWriter(str(path), mtime=0.0) as w:  # fixed mtime: same input, same sha256
             for s in chunk:
                 w.write({"__key__": f"u{s['user']:08d}", "json": s})
         shards.append({"path": str(path), "samples": len(chunk)})
@@ -137,7 +132,8 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     n_events = sum(len(s) for s in sequences)
     if not sequences:
         raise DataFormatError(f"data '{cfg.name}': no events read from {cfg.path or 'synthetic'}")
-    samples, filtered = split_samples(sequences, info)
+    dom = DomainIndex({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
+    samples, filtered = split_samples(sequences, dom)
     counts: dict = {}
     shards: dict = {}
     for d, name in enumerate(cfg.domains):
@@ -151,10 +147,8 @@ def prepare(cfg: DataConfig, log=print) -> Path:
                 sh["sha256"] = sha256_file(p)
             shards[name][split] = written
             counts[name][split] = {"samples": len(ss)}
-    dom_events = [0] * len(info)
-    for seq in sequences:
-        for i in seq:
-            dom_events[domain_of(i, info)] += 1
+    dom_events = np.bincount(dom.of(np.fromiter((i for seq in sequences for i in seq), dtype=np.int64)),
+                             minlength=len(info)).tolist()
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.name,
