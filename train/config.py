@@ -287,13 +287,22 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
+    return out
+
+
+def flatten(d: dict, *, sep: str, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}} -> {"a<sep>b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        out.update(flatten(v, sep=sep, prefix=key) if isinstance(v, dict) else {key: v})
     return out
 
 
@@ -325,7 +334,7 @@ def _resolve_presets(raw: dict, path: Path) -> dict:
         pdata = _read_yaml(ppath)
         # Check the preset on its own so an error names the preset file.
         build(ExperimentConfig, {section: pdata}, str(ppath))
-        out[section] = _deep_merge(pdata, overrides)
+        out[section] = deep_merge(pdata, overrides)
     return out
 
 
@@ -369,7 +378,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for text in overrides:
             parts, value = parse_override(text)
             _set_dotted(ov, parts, value)
-        merged = _deep_merge(to_dict(cfg), ov)
+        merged = deep_merge(to_dict(cfg), ov)
         cfg = build(ExperimentConfig, merged, "command line")
         cfg.validate("command line")
     return cfg

@@ -120,14 +120,6 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, n_params: int | Non
     return generated
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
-    return out
-
-
 # Keys of the generated config a user JSON may repeat but never change: they come from train.*.
 _OWNED = {"train_batch_size": "train.micro_batch_size x train.grad_accum x world size",
           "train_micro_batch_size_per_gpu": "train.micro_batch_size",
@@ -141,7 +133,7 @@ def merge_user_deepspeed_config(generated: dict, path: str) -> dict:
     a key the typed config owns must agree with it (``"auto"`` is accepted), else ConfigError."""
     import json
 
-    from train.config import ConfigError
+    from train.config import ConfigError, deep_merge, flatten
 
     try:
         user = json.loads(open(path).read())
@@ -149,24 +141,18 @@ def merge_user_deepspeed_config(generated: dict, path: str) -> dict:
         raise ConfigError(f"train.deepspeed_config: {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    ours = _flat(generated)
-    for key, val in _flat(user).items():
+    ours = flatten(generated, sep=".")
+    for key, val in flatten(user, sep=".").items():
         if key in _OWNED and val != "auto" and key in ours and val != ours[key]:
             raise ConfigError(f"{path}: '{key}' is {val!r} but {_OWNED[key]} gives {ours[key]!r}; "
                               "set it in the xdrec config (or 'auto') instead")
         if key in _OWNED and key not in ours and val not in ("auto", False, None):
             raise ConfigError(f"{path}: '{key}' is {val!r} but {_OWNED[key]} does not enable it")
 
-    def merge(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for k, v in b.items():
-            if isinstance(v, dict) and isinstance(out.get(k), dict):
-                out[k] = merge(out[k], v)
-            elif v != "auto":
-                out[k] = v
-        return out
+    def drop_auto(d: dict) -> dict:  # "auto" keeps the generated value
+        return {k: drop_auto(v) if isinstance(v, dict) else v for k, v in d.items() if v != "auto"}
 
-    return merge(generated, user)
+    return deep_merge(generated, drop_auto(user))
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
@@ -196,12 +182,8 @@ def build_engine(model: torch.nn.Module, *, train: TrainConfig, stage: StageConf
     return engine
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def world_size() -> int:
-    return _world()
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rank() -> int:
@@ -210,7 +192,7 @@ def rank() -> int:
 
 def all_ranks(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (one tiny all-reduce; keeps ranks in step)."""
-    if _world() == 1:
+    if world_size() == 1:
         return flag
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -222,7 +204,7 @@ def any_rank(flag: bool) -> bool:
 
 
 def sum_over_ranks(value: int) -> int:
-    if _world() == 1:
+    if world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.long)
     dist.all_reduce(t)
@@ -231,9 +213,9 @@ def sum_over_ranks(value: int) -> int:
 
 def gather_arrays(local: dict) -> dict:
     """Concatenate every rank's numpy arrays key by key (rank order); identical on all ranks."""
-    if _world() == 1:
+    if world_size() == 1:
         return local
-    parts: list = [None] * _world()
+    parts: list = [None] * world_size()
     dist.all_gather_object(parts, local)
     import numpy as np
 
@@ -241,7 +223,7 @@ def gather_arrays(local: dict) -> dict:
 
 
 def barrier() -> None:
-    if _world() > 1:
+    if world_size() > 1:
         dist.barrier()
 
 
@@ -254,7 +236,7 @@ def global_domain_loss(sums: list[torch.Tensor], counts: torch.Tensor, weights: 
     rank's batch holds no row of a domain. Returns ``(loss to backprop, global L value,
     global per-domain mean CE (nan where a domain has no target))``.
     """
-    world = _world()
+    world = world_size()
     stats = torch.cat([torch.stack([s.detach().float() for s in sums]), counts.float()])
     if world > 1:
         dist.all_reduce(stats)

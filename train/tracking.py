@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from train.config import ExperimentConfig, to_dict
+from train.config import ExperimentConfig, flatten, to_dict
 
 
 def _has_api_key() -> bool:
@@ -60,7 +60,7 @@ class Tracker:
             return
         if step is not None:
             self.step = max(self.step, step)
-        flat = _flatten(record)
+        flat = flatten(record, sep="/")
         self._file.write(json.dumps({"time": time.time(), "step": self.step, **flat}) + "\n")
         self._file.flush()
         if self.run is not None:
@@ -68,7 +68,7 @@ class Tracker:
 
     def summary(self, record: dict) -> None:
         if self.run is not None:
-            self.run.summary.update(_flatten(record))
+            self.run.summary.update(flatten(record, sep="/"))
 
     def finish(self) -> None:
         if self._file is not None:
@@ -77,14 +77,3 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
