@@ -19,7 +19,7 @@ def test_slurm_srun_one_task_per_process_for_n_nodes():
     for node in range(2):
         for local in range(4):
             env = detect({"SLURM_PROCID": str(node * 4 + local), "SLURM_LOCALID": str(local), "SLURM_NTASKS": "8",
-                          "MASTER_ADDR": "n0", "MASTER_PORT": "29500"})
+                          "SLURM_STEP_NUM_TASKS": "8", "MASTER_ADDR": "n0", "MASTER_PORT": "29500"})
             assert (env.rank, env.local_rank, env.world_size, env.launcher) == (node * 4 + local, local, 8, "slurm")
     # a one-task allocation is a single process, whatever Slurm says
-    assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "single"
+    assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1"}).launcher == "single"

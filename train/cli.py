@@ -13,13 +13,12 @@ import argparse
 import functools
 import sys
 
-from train.config import ConfigError, load_config
-from train.data.formats import DataFormatError
-from train.data.prepare import ManifestError
-from train.checkpoint import ResumeError
-from train.engine import LaunchConflict
-from train.export import ExportError
+from launch import signals
 
+# Exit status of a run stopped by SIGUSR1 after writing its resume checkpoint (EX_TEMPFAIL:
+# "try again"); slurm/job.sh requeues the job on it. A run stopped by train.stop_after_steps
+# exits 0: the user asked for that stop.
+EXIT_PREEMPTED = 75
 
 _log = functools.partial(print, flush=True)
 
@@ -116,6 +115,7 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from train.config import load_config
     from train.data.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
@@ -124,6 +124,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from train.config import load_config
     from train.engine import teardown_distributed
     from train.loop import StageInterrupted
     from train.stages import Experiment, format_table
@@ -139,7 +140,7 @@ def cmd_train(args) -> int:
         teardown_distributed()
         if exp.env.is_main:
             print(f"{e}\ncontinue with: xdrec train {args.config} ... --resume auto", flush=True)
-        return 0
+        return EXIT_PREEMPTED if e.preempted else 0
     teardown_distributed()
     if exp.env.is_main:
         print(f"\nTest metrics ({cfg.data.name}; source {cfg.data.source} -> target {cfg.data.target}):")
@@ -171,17 +172,29 @@ def _exit_now_if_distributed(code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Imported here, after entry() installed the signal handler: importing torch and DeepSpeed
+    # takes seconds, and a SIGUSR1 in that window would otherwise kill the process.
+    from launch.env import LaunchError
+    from train.checkpoint import ResumeError
+    from train.config import ConfigError
+    from train.data.formats import DataFormatError
+    from train.data.prepare import ManifestError
+    from train.engine import LaunchConflict
+    from train.export import ExportError
+
     try:
         return {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,
                 "evaluate": cmd_evaluate,
                 "recommend": cmd_recommend}[args.cmd](args)
-    except (ConfigError, DataFormatError, ManifestError, LaunchConflict, ResumeError, ExportError) as e:
+    except (ConfigError, DataFormatError, ManifestError, LaunchConflict, LaunchError, ResumeError,
+            ExportError) as e:
         print(f"xdrec: error: {e}", file=sys.stderr)
         return 2
 
 
 def entry() -> None:
     """Console-script and ``python -m train.cli`` entry point."""
+    signals.install()  # first: a preemption signal during the imports must not kill the process
     code = main()
     _exit_now_if_distributed(code)
     sys.exit(code)

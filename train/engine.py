@@ -62,7 +62,8 @@ def setup_distributed() -> tuple[DistEnv, torch.device]:
     env = detect()
     export(env)
     if torch.cuda.is_available():
-        device = torch.device("cuda", env.local_rank)
+        # Slurm may bind one GPU per task (then each process sees only "its" GPU as cuda:0).
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -190,25 +191,32 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _reduce(values: list[int], op) -> list[int]:
+    """All-reduce a few integers; on the device the backend needs (NCCL reduces CUDA tensors only)."""
+    if world_size() == 1:
+        return list(values)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor(values, dtype=torch.long, device=dev)
+    dist.all_reduce(t, op=op)
+    return [int(v) for v in t.tolist()]
+
+
+def max_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise maximum over ranks, identical on every rank (one tiny all-reduce)."""
+    return _reduce(values, dist.ReduceOp.MAX)
+
+
 def all_ranks(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (one tiny all-reduce; keeps ranks in step)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return not max_over_ranks([int(not flag)])[0]
 
 
 def any_rank(flag: bool) -> bool:
-    return not all_ranks(not flag)
+    return bool(max_over_ranks([int(flag)])[0])
 
 
 def sum_over_ranks(value: int) -> int:
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(t)
-    return int(t.item())
+    return _reduce([value], dist.ReduceOp.SUM)[0]
 
 
 def gather_arrays(local: dict) -> dict:

@@ -10,7 +10,7 @@ import torch
 
 from launch.signals import stop_requested
 from train.checkpoint import LoopState, save_resume
-from train.engine import all_ranks, any_rank, global_domain_loss, sum_over_ranks
+from train.engine import all_ranks, global_domain_loss, max_over_ranks, sum_over_ranks
 from train.tracking import Tracker
 
 
@@ -85,7 +85,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
                 continue  # mid-accumulation: gradients not yet applied are not checkpointed
             if stopper.should_stop(plan.grad_accum):
                 tag = save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
-                raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / tag)
+                raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / tag, preempted=stopper.signalled)
             if plan.checkpoint_every and st.step % plan.checkpoint_every == 0:
                 save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
         if st.ep_n == 0:
@@ -118,9 +118,10 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
 class StageInterrupted(Exception):
     """Training stopped on request (signal or step budget) after writing a resume checkpoint."""
 
-    def __init__(self, stage: str, step: int, path: Path):
-        super().__init__(f"stage {stage} stopped at step {step}; resume checkpoint {path}")
-        self.stage, self.step, self.path = stage, step, path
+    def __init__(self, stage: str, step: int, path: Path, *, preempted: bool = False):
+        why = "on a preemption signal" if preempted else "after train.stop_after_steps"
+        super().__init__(f"stage {stage} stopped at step {step} {why}; resume checkpoint {path}")
+        self.stage, self.step, self.path, self.preempted = stage, step, path, preempted
 
 
 class Stopper:
@@ -131,12 +132,14 @@ class Stopper:
     def __init__(self, stop_after_steps: int = 0):
         self.budget = stop_after_steps
         self.taken = 0
+        self.signalled = False  # the stop came from a signal on some rank (a preemption)
 
     def should_stop(self, batches: int = 1) -> bool:
         """Called at each optimizer step with the batches it consumed; True on every rank at once."""
         self.taken += batches
-        local = stop_requested() or (self.budget > 0 and self.taken >= self.budget)
-        return any_rank(local)
+        signal, budget = max_over_ranks([int(stop_requested()), int(self.budget > 0 and self.taken >= self.budget)])
+        self.signalled = bool(signal)
+        return bool(signal or budget)
 
 
 def score_fn(engine) -> Callable[[torch.Tensor, int], torch.Tensor]:

@@ -32,6 +32,18 @@ def wandb_mode(cfg: ExperimentConfig) -> str:
     return cfg.tracking.mode or os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
 
 
+def _last_step(path: Path) -> int:
+    """The ``step`` of the last complete record of a metrics.jsonl (0 if none)."""
+    step = 0
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                step = max(step, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+    return step
+
+
 class Tracker:
     """``log(record)`` appends to metrics.jsonl and W&B (rank 0 only; other ranks do nothing)."""
 
@@ -44,6 +56,8 @@ class Tracker:
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:  # continue the step axis where the interrupted process left it (W&B needs it monotone)
+            self.step = _last_step(run_dir / "metrics.jsonl")
         self._file = open(run_dir / "metrics.jsonl", "a")
         mode = wandb_mode(cfg)
         if mode != "disabled":
