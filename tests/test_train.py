@@ -83,11 +83,37 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu"}
     base = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
             f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "tracking.wandb=true",
-            "train.stages=[source]"]
+            "train.stages=[source]", "train.log_every=1"]
     p1 = subprocess.run([*base, "train.stop_after_steps=3"], cwd=REPO, env=env, capture_output=True, text=True)
     assert p1.returncode == 0 and "stopped at step 3" in p1.stdout, p1.stderr[-2000:]
+    first = (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()
     p2 = subprocess.run([*base, "--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True)
     assert p2.returncode == 0, p2.stderr[-2000:]
     run_id = (tmp_path / "tiny" / "wandb_run_id").read_text()
     runs = sorted((tmp_path / "tiny" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    # the resumed process continues the step axis (W&B drops records whose step goes back)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert len(first) == 3 and steps == sorted(steps) and steps[3] > steps[2] > 0
+
+
+def test_sigusr1_checkpoints_and_exits_75_for_a_requeue(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source]",
+           "train.micro_batch_size=4", "train.log_every=1"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    jsonl = tmp_path / "tiny" / "metrics.jsonl"
+    end = time.time() + 300
+    while not (jsonl.is_file() and '"source/stage_step": 3' in jsonl.read_text()):
+        assert p.poll() is None and time.time() < end, p.communicate()[1][-2000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 75, err[-2000:]
+    assert "on a preemption signal" in out
+    ckpt = tmp_path / "tiny" / "source" / "checkpoints"
+    assert (ckpt / (ckpt / "latest").read_text().strip() / "rng_rank0.pt").is_file()
