@@ -133,7 +133,8 @@ def test_table_format_with_ties_and_filtering(tmp_path):
     cfg.table.user, cfg.table.item, cfg.table.timestamp, cfg.table.domain = "uid", "iid", "t", "dom"
     prepare(cfg, log=lambda *_: None)
     m = load_manifest(cfg.prepared_dir())
-    assert m["filtered"]["users_with_fewer_than_3_events"] == 1
+    assert m["filtered"][-1] == {"filter": "users with < 3 events", "events_removed": 2, "users_removed": 1,
+                                 "items_removed": 0}
     items = json.loads((cfg.prepared_dir() / "item_map.json").read_text())
     assert [d["n_items"] for d in m["domains"]] == [2, 2]
     (test,) = _samples(m, cfg.prepared_dir(), "movies", "test")

@@ -12,7 +12,6 @@ Derived values live as methods (``TrainConfig.global_batch_size``), never as ext
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,29 +58,55 @@ class SyntheticConfig:
 
 @dataclass
 class TableConfig:
-    """Column mapping for a generic interaction table (CSV or TSV)."""
+    """Column mapping for interaction tables: CSV, TSV, Parquet, JSON lines (``.gz`` for text)."""
 
     user: str = "user"
     item: str = "item"
-    timestamp: str = "timestamp"
-    domain: str = "domain"
+    timestamp: str = "timestamp"  # unix seconds (int/float) or an ISO-8601 string
+    domain: str = "domain"  # only read when data.path is one table of every domain
+    rating: Optional[str] = None  # optional column, needed by data.filter.min_rating
     delimiter: Optional[str] = None  # None: ',' for .csv, tab for .tsv/.txt
 
 
 @dataclass
+class FilterConfig:
+    """What ``xdrec prepare`` keeps, applied in this order; each step reports what it removed."""
+
+    min_rating: Optional[float] = None  # keep events with rating >= this (needs a rating column)
+    duplicates: Literal["keep", "first", "last"] = "keep"  # repeated (user, item): keep all, earliest, latest
+    user_core: int = 0  # iterative k-core per domain: a user keeps its events in a domain only with
+    item_core: int = 0  # >= user_core of them there; an item needs >= item_core events
+    min_domains: int = 1  # 2: keep only users active in both domains (repeated with the k-core to a fixed point)
+    last_n: int = 0  # keep each user's last N events (0: all)
+    min_events: int = 3  # leave-one-out needs >= 3 events (train, valid, test)
+    tie_break: Literal["input", "item"] = "input"  # order of equal timestamps: input order or item id
+
+
+@dataclass
 class DataConfig:
-    """Where interactions come from and where the prepared shards go."""
+    """Where interactions come from and how they are prepared into shards."""
 
     name: str = "synthetic"
-    format: Literal["synthetic", "abxi", "table"] = "synthetic"
-    path: str = ""  # abxi: folder with *_preprocessed.txt and map_item_*.txt; table: a file
+    format: Literal["synthetic", "abxi", "table", "amazon"] = "synthetic"
+    # abxi: folder with *_preprocessed.txt and map_item_*.txt; table: one file (or glob) holding
+    # every domain, told apart by the table.domain column
+    path: str = ""
+    # table / amazon: files (or globs) per domain, e.g. {Books: [reviews_Books_5.json.gz]}; the
+    # amazon format is the review JSON lines (reviewerID, asin, unixReviewTime, overall)
+    files: dict[str, list[str]] = field(default_factory=dict)
     domains: list[str] = field(default_factory=lambda: ["A", "B"])  # index order = domain id
     source: str = "A"
     target: str = "B"
     out_dir: str = "data/prepared"  # shards go to <out_dir>/<name>/
-    shard_samples: int = 1000  # samples per tar shard
+    shard_samples: int = 1000  # a shard closes at this many samples ...
+    shard_bytes: int = 0  # ... or (if > 0) once it holds this many bytes
+    # Stream shards from here instead of <out_dir>/<name>/ (the manifest stays local): a base URL
+    # (https://host/x, file:///mnt/x) or a pattern with {path}, e.g. "pipe:aws s3 cp s3://b/x/{path} -"
+    remote: str = ""
+    on_error: Literal["raise", "skip"] = "raise"  # a corrupt shard or sample: stop naming it, or skip and count
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     table: TableConfig = field(default_factory=TableConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
 
     def prepared_dir(self) -> Path:
         return Path(self.out_dir) / self.name
@@ -113,6 +138,8 @@ class TrainConfig:
     warmup_steps: int = 50
     mix_ratio: float = 0.5  # joint stage: fraction of each batch drawn from the source domain
     shuffle_buffer: int = 2000
+    num_workers: int = 0  # DataLoader worker processes decoding shards per rank (0: in the training process)
+    resampled: bool = False  # infinite stream: shards drawn with replacement, an epoch = the nominal sample count
     source: StageConfig = field(default_factory=StageConfig)
     joint: StageConfig = field(default_factory=StageConfig)
     target_only: StageConfig = field(default_factory=StageConfig)
@@ -185,8 +212,30 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
         if self.train.offload_optimizer and self.train.zero_stage == 0:
             raise ConfigError(f"{origin}: train.offload_optimizer needs train.zero_stage >= 1")
-        if d.format != "synthetic" and not d.path:
-            raise ConfigError(f"{origin}: data.path is empty but data.format={d.format!r} reads files")
+        if d.format == "abxi" and not d.path:
+            raise ConfigError(f"{origin}: data.path is empty but data.format='abxi' reads a folder")
+        if d.format == "table" and not (d.path or d.files):
+            raise ConfigError(f"{origin}: data.format='table' needs data.path (one table with a domain column) "
+                              "or data.files (files per domain)")
+        if d.format == "amazon" and not d.files:
+            raise ConfigError(f"{origin}: data.format='amazon' needs data.files: one review file (or more) per domain")
+        for dom in d.files:
+            if dom not in d.domains:
+                raise ConfigError(f"{origin}: data.files.{dom}: {dom!r} is not one of data.domains {d.domains}")
+        f = d.filter
+        if f.min_events < 3:
+            raise ConfigError(f"{origin}: data.filter.min_events={f.min_events}; leave-one-out needs >= 3")
+        if f.last_n and f.last_n < f.min_events:
+            raise ConfigError(f"{origin}: data.filter.last_n={f.last_n} is below data.filter.min_events={f.min_events}")
+        if f.min_domains > len(d.domains) or f.min_domains < 1:
+            raise ConfigError(f"{origin}: data.filter.min_domains={f.min_domains} must be 1..{len(d.domains)}")
+        if f.min_rating is not None and (d.format in ("abxi", "synthetic") or (d.format == "table" and not d.table.rating)):
+            raise ConfigError(f"{origin}: data.filter.min_rating needs ratings: data.format 'amazon', or 'table' "
+                              "with data.table.rating (the rating column)")
+        if d.shard_samples < 1 or d.shard_bytes < 0:
+            raise ConfigError(f"{origin}: data.shard_samples must be >= 1 and data.shard_bytes >= 0")
+        if self.train.num_workers < 0:
+            raise ConfigError(f"{origin}: train.num_workers must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,9 +438,3 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def config_fingerprint(section: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(to_dict(section), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,9 +1,10 @@
-"""``xdrec prepare``: raw interactions -> id maps, chronological sequences, leave-one-out splits,
-WebDataset tar shards per domain and split, and ``manifest.json``.
+"""``xdrec prepare``: raw interactions -> filters, id maps, chronological sequences,
+leave-one-out splits, WebDataset tar shards per domain and split, and ``manifest.json``.
 
 Layout of ``<data.out_dir>/<data.name>/``::
 
-    manifest.json                  counts, vocab per domain, sha256 per shard, schema version
+    manifest.json                  counts, vocab per domain, sha256 per shard, filter report,
+                                   the data config, schema version
     item_map.json, user_map.json   raw id -> xdrec id
     <domain>/train-000000.tar ...  one sample per user with >= 1 training target in <domain>
     <domain>/valid-000000.tar ...  users whose validation target (second last event) is in <domain>
@@ -12,27 +13,31 @@ Layout of ``<data.out_dir>/<data.name>/``::
 Item ids are global: domain k owns ids ``offset_k + 1 .. offset_k + n_items_k``; 0 is padding.
 Every sample is one JSON object ``{"user", "items", ...}``; valid/test samples add ``target``
 (the held-out item) and ``exclude`` (every item of the user's full sequence, for the ABXI
-negative sampling).
+negative sampling). A shard closes at ``data.shard_samples`` samples or ``data.shard_bytes``
+bytes, whichever comes first. Events are held as arrays (``train.data.events``) and samples are
+written user by user, so memory grows with events at array cost.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
-from collections import defaultdict
+import tarfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 
-from train.config import DataConfig, config_fingerprint, to_dict
-from train.data.formats import DataFormatError, Event, read_abxi, read_table
+from train.config import DataConfig, to_dict
+from train.data.events import apply_filters, chronological, collect, id_sort_key, summary
+from train.data.formats import DataFormatError, Event, read_abxi, read_files, table_files
 from train.data.stream import DomainIndex
 from train.data.synthetic import generate
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SPLITS = ("train", "valid", "test")
+_READ_ONLY_KEYS = ("remote", "on_error")
 
 
 def sha256_file(path: Path) -> str:
@@ -46,10 +51,13 @@ def sha256_file(path: Path) -> str:
 def _input_files(cfg: DataConfig) -> list[Path]:
     if cfg.format == "synthetic":
         return []
-    p = Path(cfg.path)
     if cfg.format == "abxi":
+        p = Path(cfg.path)
         return sorted(list(p.glob("*_preprocessed.txt")) + list(p.glob("map_item_*.txt"))) if p.is_dir() else []
-    return [p] if p.is_file() else []
+    try:
+        return [f for f, _ in table_files(cfg)]
+    except DataFormatError:
+        return []  # reported when the files are read
 
 
 def read_events(cfg: DataConfig) -> Iterable[Event]:
@@ -57,69 +65,66 @@ def read_events(cfg: DataConfig) -> Iterable[Event]:
         return generate(cfg.synthetic, len(cfg.domains))
     if cfg.format == "abxi":
         return read_abxi(cfg.path, len(cfg.domains))
-    return read_table(cfg.path, cfg.table, cfg.domains)
+    return read_files(cfg)
 
 
-def _sort_key(raw: str):
-    return (0, int(raw), "") if raw.isdigit() else (1, 0, raw)
+def user_samples(user: int, seq: list[int], doms: list[int]) -> Iterator[tuple[int, str, dict]]:
+    """Leave-one-out samples of one user (>= 3 events): ``(domain, split, sample)``.
 
-
-def build_sequences(events: Iterable[Event], n_domains: int):
-    """Group events by user, map ids, sort each user's events by time (ties: input order).
-
-    Returns ``(sequences, item_map, user_map, domains_info)``; ``sequences[u]`` is the list of
-    global item ids of user ``u`` in time order.
+    train: the sequence without its last two events, once per domain that has a training target
+    (positions 1..); valid: target = second last event; test: target = last event.
     """
-    per_user: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
-    item_domain: dict[str, int] = {}
-    for n, ev in enumerate(events):
-        prev = item_domain.setdefault(ev.item, ev.domain)
-        if prev != ev.domain:
-            raise DataFormatError(f"item {ev.item!r} appears in domain {prev} and domain {ev.domain}")
-        per_user[ev.user].append((ev.ts, n, ev.item))
-    item_map: dict[str, int] = {}
-    info = []
-    offset = 0
-    for d in range(n_domains):
-        items = sorted((i for i, dd in item_domain.items() if dd == d), key=_sort_key)
-        for k, raw in enumerate(items):
-            item_map[raw] = offset + k + 1
-        info.append({"offset": offset, "n_items": len(items)})
-        offset += len(items)
-    user_map = {u: k for k, u in enumerate(per_user)}
-    sequences = [[item_map[i] for _, _, i in sorted(evs)] for evs in per_user.values()]
-    return sequences, item_map, user_map, info
+    train = seq[:-2]
+    exclude = sorted(set(seq))
+    for d in sorted(set(doms[1:-2])):
+        yield d, "train", {"user": user, "items": train}
+    yield doms[-2], "valid", {"user": user, "items": seq[:-2], "target": seq[-2], "exclude": exclude}
+    yield doms[-1], "test", {"user": user, "items": seq[:-1], "target": seq[-1], "exclude": exclude}
 
 
-def split_samples(sequences: list[list[int]], dom: DomainIndex):
-    """Leave-one-out samples per (domain, split); users with < 3 events are filtered and counted."""
-    out = {(d, s): [] for d in range(len(dom.names)) for s in SPLITS}
-    filtered = 0
-    for user, seq in enumerate(sequences):
-        if len(seq) < 3:
-            filtered += 1
-            continue
-        doms = dom.of(np.asarray(seq)).tolist()
-        train = seq[:-2]
-        exclude = sorted(set(seq))
-        for d in set(doms[1:-2]):  # train targets are train[1:]
-            out[(d, "train")].append({"user": user, "items": train})
-        out[(doms[-2], "valid")].append({"user": user, "items": seq[:-2], "target": seq[-2], "exclude": exclude})
-        out[(doms[-1], "test")].append({"user": user, "items": seq[:-1], "target": seq[-1], "exclude": exclude})
-    return out, filtered
+class ShardWriter:
+    """Rolling WebDataset tar writer of one (domain, split): a new shard every ``max_samples``
+    samples or once ``max_bytes`` (> 0) are written. Fixed mtime and uid: same input, same bytes."""
 
+    def __init__(self, folder: Path, split: str, max_samples: int, max_bytes: int):
+        self.folder, self.split, self.max_samples, self.max_bytes = folder, split, max_samples, max_bytes
+        self.shards: list[dict] = []
+        self._tar = None
+        self._n = self._bytes = 0
+        folder.mkdir(parents=True, exist_ok=True)
 
-def _write_shards(samples: list[dict], folder: Path, split: str, per_shard: int) -> list[dict]:
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for k in range(0, max(len(samples), 1), per_shard):
-        chunk = samples[k:k + per_shard]
-        path = folder / f"{split}-{k // per_shard:06d}.tar"
-        with wds.TarWriter(str(path), mtime=0.0) as w:  # fixed mtime: same input, same sha256
-            for s in chunk:
-                w.write({"__key__": f"u{s['user']:08d}", "json": s})
-        shards.append({"path": str(path), "samples": len(chunk)})
-    return shards
+    def _path(self) -> Path:
+        return self.folder / f"{self.split}-{len(self.shards):06d}.tar"
+
+    def _open(self) -> None:
+        self._tar = tarfile.open(self._path(), "w", format=tarfile.USTAR_FORMAT)
+        self._n = self._bytes = 0
+
+    def _close(self) -> None:
+        self._tar.close()
+        path = self._path()
+        self.shards.append({"path": path, "samples": self._n, "bytes": path.stat().st_size})
+        self._tar = None
+
+    def write(self, sample: dict) -> None:
+        if self._tar is None:
+            self._open()
+        data = json.dumps(sample, separators=(",", ":")).encode()
+        info = tarfile.TarInfo(f"u{sample['user']:08d}.json")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        self._tar.addfile(info, io.BytesIO(data))
+        self._n += 1
+        self._bytes += 512 + -(-len(data) // 512) * 512
+        if self._n >= self.max_samples or (self.max_bytes and self._bytes >= self.max_bytes):
+            self._close()
+
+    def finish(self) -> list[dict]:
+        if self._tar is not None:
+            self._close()
+        if not self.shards:  # an empty split still has one (empty) shard, so every listing is uniform
+            self._open()
+            self._close()
+        return self.shards
 
 
 def prepare(cfg: DataConfig, log=print) -> Path:
@@ -128,39 +133,67 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    sequences, item_map, user_map, info = build_sequences(read_events(cfg), len(cfg.domains))
-    n_events = sum(len(s) for s in sequences)
-    if not sequences:
-        raise DataFormatError(f"data '{cfg.name}': no events read from {cfg.path or 'synthetic'}")
+    n_dom = len(cfg.domains)
+    table = collect(read_events(cfg), n_dom)
+    if not len(table):
+        raise DataFormatError(f"data '{cfg.name}': no events read from {cfg.path or cfg.files or 'synthetic'}")
+    keep, reports = apply_filters(table, cfg.filter, n_dom)
+    if not keep.any():
+        raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
+    # ids: per domain, surviving items in raw-id order; users in order of first appearance
+    kept_items = np.zeros(len(table.items), bool)
+    kept_items[table.item[keep]] = True
+    item_id = np.zeros(len(table.items), np.int64)
+    item_map: dict[str, int] = {}
+    info = []
+    offset = 0
+    for d in range(n_dom):
+        codes = sorted(np.flatnonzero(kept_items & (table.item_domain == d)).tolist(),
+                       key=lambda c: id_sort_key(table.items[c]))
+        for k, c in enumerate(codes):
+            item_id[c] = offset + k + 1
+            item_map[table.items[c]] = offset + k + 1
+        info.append({"offset": offset, "n_items": len(codes)})
+        offset += len(codes)
     dom = DomainIndex({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
-    samples, filtered = split_samples(sequences, dom)
-    counts: dict = {}
-    shards: dict = {}
-    for d, name in enumerate(cfg.domains):
-        counts[name], shards[name] = {}, {}
-        for split in SPLITS:
-            ss = samples[(d, split)]
-            written = _write_shards(ss, tmp / name, split, cfg.shard_samples)
-            for sh in written:
-                p = Path(sh["path"])
-                sh["path"] = str(p.relative_to(tmp))
-                sh["sha256"] = sha256_file(p)
-            shards[name][split] = written
-            counts[name][split] = {"samples": len(ss)}
-    dom_events = np.bincount(dom.of(np.fromiter((i for seq in sequences for i in seq), dtype=np.int64)),
-                             minlength=len(info)).tolist()
+    order = chronological(table, cfg.filter.tie_break)
+    order = order[keep[order]]
+    users_sorted = table.user[order]
+    items_sorted = item_id[table.item[order]]
+    bounds = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1], True])
+    writers = {(d, s): ShardWriter(tmp / name, s, cfg.shard_samples, cfg.shard_bytes)
+               for d, name in enumerate(cfg.domains) for s in SPLITS}
+    user_map: dict[str, int] = {}
+    counts = np.zeros((n_dom, len(SPLITS)), np.int64)
+    for k in range(len(bounds) - 1):
+        seq = items_sorted[bounds[k]:bounds[k + 1]]
+        user = len(user_map)
+        user_map[table.users[users_sorted[bounds[k]]]] = user
+        for d, split, sample in user_samples(user, seq.tolist(), dom.of(seq).tolist()):
+            writers[(d, split)].write(sample)
+            counts[d, SPLITS.index(split)] += 1
+    shards: dict = {name: {} for name in cfg.domains}
+    for (d, split), w in writers.items():
+        listed = []
+        for sh in w.finish():
+            listed.append({"path": str(sh["path"].relative_to(tmp)), "samples": sh["samples"], "bytes": sh["bytes"],
+                           "sha256": sha256_file(sh["path"])})
+        shards[cfg.domains[d]][split] = listed
+    dom_events = np.bincount(table.domain[keep], minlength=n_dom).tolist()
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.name,
         "format": cfg.format,
         "fingerprint": data_fingerprint(cfg),
         "data_config": to_dict(cfg),
-        "n_users": len(sequences),
-        "n_events": n_events,
-        "filtered": {"users_with_fewer_than_3_events": filtered},
+        "n_users": len(user_map),
+        "n_events": int(keep.sum()),
+        "read": {"events": len(table), "users": len(table.users), "items": len(table.items)},
+        "filtered": reports,
         "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d]}
                     for d, name in enumerate(cfg.domains)],
-        "counts": counts,
+        "counts": {name: {s: {"samples": int(counts[d, j])} for j, s in enumerate(SPLITS)}
+                   for d, name in enumerate(cfg.domains)},
         "shards": shards,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -169,15 +202,17 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log(f"prepared {cfg.name}: {len(sequences)} users, {n_events} events, "
-        + ", ".join(f"{x['name']}: {x['n_items']} items" for x in manifest["domains"])
-        + f"; filtered {filtered} users with < 3 events -> {out}")
+    log(f"prepared {cfg.name}: read {len(table)} events of {len(table.users)} users; kept {manifest['n_events']} "
+        f"events of {len(user_map)} users, " + ", ".join(f"{x['name']}: {x['n_items']} items" for x in manifest["domains"])
+        + f"; filters: {summary(reports)} -> {out}")
     return out / "manifest.json"
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
-    """Hash of the data config and the input files' contents: a changed input re-prepares."""
-    h = hashlib.sha256(config_fingerprint(cfg).encode())
+    """Hash of the data config and the input files' contents: a changed input re-prepares.
+    Keys that only change how shards are read (``remote``, ``on_error``) are left out."""
+    keys = {k: v for k, v in to_dict(cfg).items() if k not in _READ_ONLY_KEYS}
+    h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for p in _input_files(cfg):
         h.update(p.name.encode())
         h.update(sha256_file(p).encode())
@@ -213,9 +248,17 @@ def load_manifest(folder: str | Path, verify: bool = True) -> dict:
 
 
 def ensure_prepared(cfg: DataConfig, log=print) -> dict:
-    """Return the verified manifest of ``cfg``, preparing (again) if absent or stale."""
+    """Return the verified manifest of ``cfg``, preparing (again) if absent or stale.
+
+    With ``data.remote`` the shards are streamed from elsewhere: the manifest must be here (it
+    is small; copy it beside the config) and is used as is; the stream names any bad shard."""
     folder = cfg.prepared_dir()
     mpath = folder / "manifest.json"
+    if cfg.remote:
+        if not mpath.is_file():
+            raise ManifestError(f"{mpath}: data.remote={cfg.remote!r} streams the shards, but their manifest.json "
+                                "must be local; copy it there")
+        return load_manifest(folder, verify=False)
     if mpath.is_file():
         m = json.loads(mpath.read_text())
         if m.get("fingerprint") == data_fingerprint(cfg) and m.get("schema_version") == SCHEMA_VERSION:
