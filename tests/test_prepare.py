@@ -12,7 +12,7 @@ from train.data.stream import DomainIndex, sample_stream, shard_urls
 
 
 def _samples(manifest, folder, domain, split):
-    return [s for (s,) in sample_stream(shard_urls(manifest, folder, domain, split), shuffle=False,
+    return [s for s in sample_stream(shard_urls(manifest, folder, domain, split), shuffle=False,
                                           seed=0, epoch=0, buffer=0)]
 
 

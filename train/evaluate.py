@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from train.config import EvalConfig
-from train.data.stream import eval_batches
+from train.data.stream import ReaderOptions, eval_batches
 from train.engine import any_rank, gather_arrays
 
 SAMPLED = "sampled999"
@@ -62,8 +62,8 @@ def sample_negatives(*, n_items: int, offset: int, exclude: np.ndarray, k: int, 
 class Evaluator:
     """Evaluates one prepared dataset; caches sampled negatives across calls."""
 
-    def __init__(self, manifest: dict, folder, cfg: EvalConfig, *, max_len: int):
-        self.manifest, self.folder, self.cfg, self.max_len = manifest, folder, cfg, max_len
+    def __init__(self, manifest: dict, folder, cfg: EvalConfig, *, max_len: int, reader: ReaderOptions = ReaderOptions()):
+        self.manifest, self.folder, self.cfg, self.max_len, self.reader = manifest, folder, cfg, max_len, reader
         self.domains = {d["name"]: d for d in manifest["domains"]}
         self._negatives: dict = {}
 
@@ -90,7 +90,7 @@ class Evaluator:
         d = self.domains[domain]
         users, full, sampled = [], [], []
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
-                                    max_len=self.max_len, only_domain=only_domain))
+                                    max_len=self.max_len, only_domain=only_domain, reader=self.reader))
         while True:
             b = next(batches, None)
             # Ranks hold about equal user counts; one with none left still runs the forward (on a

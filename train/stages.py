@@ -24,7 +24,7 @@ import torch
 from model import build_recommender
 from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
-from train.data.stream import DomainIndex, joint_rows, mixed_batches, split_mode, train_batches
+from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import SAMPLED, Evaluator
 from launch.signals import install as install_signal_handlers
@@ -86,7 +86,8 @@ class Experiment:
                                   f"{self.folder} has only {d['n_items']} items; lower eval.num_negatives")
         self.names = {"source": cfg.data.source, "target": cfg.data.target}
         self.dom = DomainIndex(self.manifest)
-        self.evaluator = Evaluator(self.manifest, self.folder, cfg.eval, max_len=cfg.model.max_len)
+        self.reader = ReaderOptions.of(cfg)
+        self.evaluator = Evaluator(self.manifest, self.folder, cfg.eval, max_len=cfg.model.max_len, reader=self.reader)
         self.tracker = Tracker(cfg, self.run_dir, is_main=self.env.is_main, resume=resume)
 
     # -- data -------------------------------------------------------------------------------
@@ -96,7 +97,9 @@ class Experiment:
 
     def _batches(self, stage: str, epoch: int):
         cfg, t = self.cfg, self.cfg.train
-        common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer)
+        # resampled streams are endless: an epoch is the nominal number of steps of one pass
+        common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer, reader=self.reader,
+                      epoch_batches=self._steps_per_epoch(stage) * t.grad_accum if t.resampled else None)
         if stage == "joint":
             return mixed_batches(self.manifest, self.folder, source=self.names["source"],
                                  target=self.names["target"], batch_size=t.micro_batch_size,
@@ -146,11 +149,18 @@ class Experiment:
         barrier()
         domain = self._driver(stage)
         n_shards = len(self.manifest["shards"][domain]["train"])
-        mode = split_mode(n_shards)
-        self.log(f"[{stage}] {n_shards} {domain} train shards over {self.env.world_size} rank(s): each rank reads "
-                 + ("whole shards of its own" if mode == "shards" else "every shard, keeping every "
-                    f"{self.env.world_size}-th sample") + "; an epoch is one pass, every rank takes the same "
-                 "number of steps (the shortest rank's)")
+        workers = cfg.train.num_workers
+        readers = self.env.world_size * max(workers, 1)
+        if cfg.train.resampled:
+            how = ("every reader draws shards with replacement (resampled), an epoch is "
+                   f"{self._steps_per_epoch(stage)} steps")
+        elif split_mode(n_shards, workers) == "shards":
+            how = "whole shards per reader; an epoch is one pass, every rank takes the same number of steps"
+        else:
+            how = (f"every reader opens every shard, keeping every {readers}th sample; an epoch is one pass, every "
+                   "rank takes the same number of steps")
+        self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
+                 f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}")
         if stage == "joint" and state is None:
             src = self.run_dir / "source" / "checkpoints"
             engine.load_checkpoint(str(src), tag="best", load_module_only=True,

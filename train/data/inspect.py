@@ -10,7 +10,7 @@ from train.data.stream import DomainIndex, sample_stream, shard_urls
 
 
 def _samples(manifest: dict, folder: Path, domain: str, split: str):
-    for (s,) in sample_stream(shard_urls(manifest, folder, domain, split), shuffle=False, seed=0, epoch=0,
+    for s in sample_stream(shard_urls(manifest, folder, domain, split), shuffle=False, seed=0, epoch=0,
                               buffer=0):
         yield s
 

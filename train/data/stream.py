@@ -15,12 +15,17 @@ Batches are dicts of tensors::
 """
 from __future__ import annotations
 
+import json
 import random
+import sys
+from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import braceexpand
 import torch
 import webdataset as wds
 
@@ -51,12 +56,44 @@ class DomainIndex:
         return t
 
 
-def shard_urls(manifest: dict, folder: str | Path, domain: str, split: str) -> list[str]:
-    shards = manifest["shards"][domain][split]
-    return [str(Path(folder) / s["path"]) for s in shards]
+class ShardError(ValueError):
+    """A shard cannot be read or holds a malformed sample; the message names the shard (and key)."""
 
 
-def split_mode(n_shards: int) -> str:
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How shards are read (``data.remote``, ``data.on_error``, ``train.num_workers``, ``train.resampled``)."""
+
+    remote: str = ""  # base URL or pattern with {path}; "" = the local prepared folder
+    on_error: str = "raise"  # "raise": stop naming the shard/key; "skip": skip it, count and report
+    num_workers: int = 0  # DataLoader worker processes per rank (training streams)
+    resampled: bool = False  # draw shards with replacement forever; the caller bounds the epoch
+
+    @classmethod
+    def of(cls, cfg) -> "ReaderOptions":
+        return cls(cfg.data.remote, cfg.data.on_error, cfg.train.num_workers, cfg.train.resampled)
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """A list of shard URLs, or one string with brace patterns, e.g. ``data/A/train-{000000..000009}.tar``
+    (several patterns may be joined with ``::``)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    return [u for sp in specs for part in sp.split("::") for u in braceexpand.braceexpand(part)]
+
+
+def shard_urls(manifest: dict, folder: str | Path, domain: str, split: str, remote: str = "") -> list[str]:
+    """URLs of a (domain, split)'s shards: in ``folder``, or under ``remote`` (a base URL such as
+    ``https://host/x`` or ``file:///mnt/x``, or a pattern with ``{path}`` such as
+    ``pipe:aws s3 cp s3://bucket/x/{path} -``)."""
+    paths = [s["path"] for s in manifest["shards"][domain][split]]
+    if not remote:
+        return [str(Path(folder) / p) for p in paths]
+    if "{path}" in remote:
+        return [remote.replace("{path}", p) for p in paths]
+    return [remote.rstrip("/") + "/" + p for p in paths]
+
+
+def split_mode(n_shards: int, num_workers: int = 0) -> str:
     """``shards`` when every (rank, worker) can own whole shards, else ``samples``.
 
     WebDataset splits whole shards across ranks and workers: with fewer shards than
@@ -64,8 +101,8 @@ def split_mode(n_shards: int) -> str:
     keeps every (ranks x workers)-th sample instead. Either way the readers' samples are disjoint
     and together cover the split once.
     """
-    rank, world, worker, workers = wds.utils.pytorch_worker_info()
-    return "shards" if n_shards >= world * max(workers, 1) else "samples"
+    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    return "shards" if n_shards >= world * max(num_workers, 1) else "samples"
 
 
 def _split_samples(src):
@@ -73,20 +110,127 @@ def _split_samples(src):
     yield from islice(src, rank * workers + worker, None, world * workers)
 
 
-def sample_stream(urls: list[str], *, shuffle: bool, seed: int, epoch: int, buffer: int) -> wds.DataPipeline:
-    """Decoded JSON samples of this rank and worker from ``urls``; shards and samples shuffled
-    by (seed, epoch), the same shard order on every rank so the split stays disjoint."""
-    urls = list(urls)
-    stages = []
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(urls)
-    if split_mode(len(urls)) == "shards":
-        stages += [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+def _reader_seed(*parts) -> random.Random:
+    """An RNG seeded by ``parts`` plus this reader's (rank, worker): string seeds hash the same in
+    every process."""
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    return random.Random("-".join(map(str, (*parts, rank, worker))))
+
+
+def _buffer_shuffle(buffer: int, seed: int, epoch: int):
+    """Shuffle within a ``buffer``-sample window, seeded by (seed, epoch, rank, worker)."""
+    def stage(src):
+        rng = _reader_seed("shuffle", seed, epoch)
+        buf = []
+        for s in src:
+            buf.append(s)
+            if len(buf) >= buffer:
+                k = rng.randrange(len(buf))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+    return stage
+
+
+def _resampled_shards(urls: list[str], seed: int, epoch: int):
+    """Endless shard URLs drawn with replacement, seeded per (seed, epoch, rank, worker)."""
+    def stage(_):
+        rng = _reader_seed("resample", seed, epoch)
+        while True:
+            yield {"url": rng.choice(urls)}
+    return stage
+
+
+class _Errors:
+    """wds exception handler and sample checker for ``data.on_error``: raise a :class:`ShardError`
+    naming the shard (and key), or skip, count and report on stderr."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.skipped = {"shards": 0, "samples": 0}
+
+    def _skip(self, kind: str, what: str) -> None:
+        self.skipped[kind] += 1
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        print(f"[data] rank {rank} worker {worker}: skipped {what} (data.on_error=skip; this reader has skipped "
+              f"{self.skipped['shards']} shard(s), {self.skipped['samples']} sample(s))", file=sys.stderr, flush=True)
+
+    def shard(self, exn: Exception) -> bool:
+        where = next((a for a in reversed(exn.args) if isinstance(a, str) and a not in str(exn.args[:1])), None)
+        what = f"{where or 'a shard'}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        if self.policy == "skip":
+            self._skip("shards", f"the rest of {what}")
+            return True
+        raise ShardError(f"{what} (set data.on_error=skip to skip and count bad shards)") from None
+
+    def sample(self, sample: dict, problem: str) -> None:
+        what = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')!r}: {problem}"
+        if self.policy == "skip":
+            self._skip("samples", what)
+            return
+        raise ShardError(what + " (set data.on_error=skip to skip and count bad samples)")
+
+
+_FIELDS = {"user": int, "items": list}
+_EVAL_FIELDS = {**_FIELDS, "target": int, "exclude": list}
+
+
+def _decode(errors: _Errors, fields: dict, n_items: int):
+    """Parse each sample's ``.json`` member and check its fields and item ids (0 < id <= n_items)."""
+    def stage(src):
+        for s in src:
+            raw = s.get("json")
+            if raw is None:
+                errors.sample(s, f"no .json member (has {sorted(k for k in s if not k.startswith('__'))})")
+                continue
+            try:
+                obj = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                errors.sample(s, f".json does not parse: {e}")
+                continue
+            bad = None
+            if not isinstance(obj, dict):
+                bad = f".json is a {type(obj).__name__}, not an object"
+            else:
+                for k, tp in fields.items():
+                    v = obj.get(k)
+                    if not isinstance(v, tp) or isinstance(v, bool):
+                        bad = f"field {k!r} must be {tp.__name__}, got {v!r:.60}"
+                        break
+            if bad is None:
+                ids = [obj["target"], *obj["items"]] if "target" in fields else obj["items"]
+                if not all(isinstance(i, int) and 0 < i <= n_items for i in ids):
+                    bad = f"item ids must be integers in 1..{n_items}"
+            if bad is not None:
+                errors.sample(s, bad)
+                continue
+            yield obj
+    return stage
+
+
+def sample_stream(urls: list[str] | str, *, shuffle: bool, seed: int, epoch: int, buffer: int,
+                  reader: ReaderOptions = ReaderOptions(), n_items: int = 2**62, eval_fields: bool = False,
+                  ) -> wds.DataPipeline:
+    """Decoded, checked JSON samples of this rank and worker from ``urls`` (a list or a brace
+    pattern). Shard order shuffled by (seed, epoch), the same on every rank so the split stays
+    disjoint; samples shuffled in a window seeded by (seed, epoch, rank, worker). ``resampled``:
+    shards drawn with replacement per reader, without end."""
+    urls = expand_urls(urls)
+    errors = _Errors(reader.on_error)
+    if reader.resampled:
+        stages = [_resampled_shards(urls, seed, epoch), wds.tarfile_to_samples(handler=errors.shard)]
     else:
-        stages += [wds.SimpleShardList(urls), wds.tarfile_to_samples(), _split_samples]
+        if shuffle:
+            random.Random(seed * 1_000_003 + epoch).shuffle(urls)
+        stages = [wds.SimpleShardList(urls)]
+        if split_mode(len(urls), reader.num_workers) == "shards":
+            stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=errors.shard)]
+        else:
+            stages += [wds.tarfile_to_samples(handler=errors.shard), _split_samples]
     if shuffle:
-        stages.append(wds.shuffle(buffer, initial=min(buffer, 100), seed=seed * 7919 + epoch))
-    stages += [wds.decode(), wds.to_tuple("json")]
+        stages.append(_buffer_shuffle(buffer, seed, epoch))
+    stages.append(_decode(errors, _EVAL_FIELDS if eval_fields else _FIELDS, n_items))
     return wds.DataPipeline(*stages)
 
 
@@ -146,15 +290,35 @@ def _batched(examples: Iterator[dict | None], batch_size: int) -> Iterator[dict]
         yield collate(buf)
 
 
+def _batch_stage(make_example, batch_size: int):
+    return lambda src: _batched((make_example(s) for s in src), batch_size)
+
+
+def _loader(pipe: wds.DataPipeline, reader: ReaderOptions, epoch_batches: int | None):
+    """Batches of ``pipe``, decoded in ``reader.num_workers`` DataLoader workers (batches come
+    back round-robin in worker order, so the sequence is deterministic and a resume can skip to
+    an exact position); ``epoch_batches`` bounds an endless (resampled) stream (``with_epoch``)."""
+    if reader.resampled and epoch_batches is None:
+        raise ValueError("a resampled stream is endless: give epoch_batches")
+    loader = pipe
+    if reader.num_workers:
+        loader = wds.WebLoader(pipe, batch_size=None, num_workers=reader.num_workers, prefetch_factor=4)
+    if epoch_batches is not None:
+        loader = loader.with_epoch(epoch_batches)
+    return loader
+
+
 def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size: int, max_len: int,
-                  seed: int, epoch: int, buffer: int, only_domain: bool = False) -> Iterator[dict]:
-    """One epoch of shuffled training batches of ``domain``'s train split."""
+                  seed: int, epoch: int, buffer: int, only_domain: bool = False,
+                  reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None):
+    """One epoch of shuffled training batches of ``domain``'s train split (this rank's share)."""
     dom = DomainIndex(manifest)
     d = dom.index(domain)
-    samples = sample_stream(shard_urls(manifest, folder, domain, "train"), shuffle=True, seed=seed,
-                            epoch=epoch, buffer=buffer)
-    return _batched((train_example(s, dom=dom, label_domain=d, max_len=max_len, only_domain=only_domain)
-                     for (s,) in samples), batch_size)
+    make = partial(train_example, dom=dom, label_domain=d, max_len=max_len, only_domain=only_domain)
+    pipe = sample_stream(shard_urls(manifest, folder, domain, "train", reader.remote), shuffle=True, seed=seed,
+                         epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items)
+    pipe.append(_batch_stage(make, batch_size))
+    return _loader(pipe, reader, epoch_batches)
 
 
 def joint_rows(batch_size: int, mix_ratio: float) -> tuple[int, int]:
@@ -164,11 +328,12 @@ def joint_rows(batch_size: int, mix_ratio: float) -> tuple[int, int]:
 
 
 def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: str, batch_size: int,
-                  mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int) -> Iterator[dict]:
+                  mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int,
+                  reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None) -> Iterator[dict]:
     """Joint-stage batches: ``round(mix_ratio * B)`` source rows + the rest target rows.
 
-    One epoch is one pass over the target domain's training samples; the source stream restarts
-    (with the next shuffle) whenever it runs out.
+    One epoch is one pass over the target domain's training samples (``epoch_batches`` batches
+    when resampled); the source stream restarts (with the next shuffle) whenever it runs out.
     """
     n_src, n_tgt = joint_rows(batch_size, mix_ratio)
 
@@ -177,7 +342,8 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
         while True:
             n = 0
             for b in train_batches(manifest, folder, source, batch_size=n_src, max_len=max_len,
-                                   seed=seed + 1, epoch=epoch * 1000 + k, buffer=buffer):
+                                   seed=seed + 1, epoch=epoch * 1000 + k, buffer=buffer, reader=reader,
+                                   epoch_batches=epoch_batches):
                 n += 1
                 yield b
             if n == 0:
@@ -186,15 +352,18 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
 
     src = source_forever()
     for tb in train_batches(manifest, folder, target, batch_size=n_tgt, max_len=max_len, seed=seed,
-                            epoch=epoch, buffer=buffer):
+                            epoch=epoch, buffer=buffer, reader=reader, epoch_batches=epoch_batches):
         sb = next(src)
         yield {k: torch.cat([sb[k], tb[k]]) for k in tb}
 
 
 def eval_batches(manifest: dict, folder: str | Path, domain: str, split: str, *, batch_size: int,
-                 max_len: int, only_domain: bool = False) -> Iterator[dict]:
-    """All ``split`` users whose held-out item is in ``domain``, in shard order."""
+                 max_len: int, only_domain: bool = False, reader: ReaderOptions = ReaderOptions()):
+    """All ``split`` users whose held-out item is in ``domain``, in shard order (in this process)."""
     dom = DomainIndex(manifest)
     d = dom.index(domain) if only_domain else None
-    samples = sample_stream(shard_urls(manifest, folder, domain, split), shuffle=False, seed=0, epoch=0, buffer=0)
-    return _batched((eval_example(s, dom=dom, max_len=max_len, only_domain=d) for (s,) in samples), batch_size)
+    reader = ReaderOptions(remote=reader.remote, on_error=reader.on_error)
+    pipe = sample_stream(shard_urls(manifest, folder, domain, split, reader.remote), shuffle=False, seed=0, epoch=0,
+                         buffer=0, reader=reader, n_items=dom.n_items, eval_fields=True)
+    pipe.append(_batch_stage(partial(eval_example, dom=dom, max_len=max_len, only_domain=d), batch_size))
+    return pipe
