@@ -20,7 +20,7 @@ from train.data.formats import DataFormatError, Event
 
 @dataclass
 class EventTable:
-    user: np.ndarray  # int32 code, in order of first appearance
+    user: np.ndarray  # int32 code (codes follow first appearance; ids follow raw id order)
     item: np.ndarray  # int32 code
     ts: np.ndarray  # float64
     domain: np.ndarray  # int8
@@ -108,14 +108,20 @@ def _first_or_last(t: EventTable, keep: np.ndarray, order: np.ndarray, which: st
     return out
 
 
+def _id_rank(raw_ids: list[str]) -> np.ndarray:
+    """code -> position of its raw id in id order (so ids do not depend on the input order)."""
+    rank = np.empty(len(raw_ids), np.int64)
+    rank[sorted(range(len(raw_ids)), key=lambda c: id_sort_key(raw_ids[c]))] = np.arange(len(raw_ids))
+    return rank
+
+
 def chronological(t: EventTable, tie_break: str) -> np.ndarray:
-    """Event indices sorted by user (first appearance), time, then input order or item id."""
+    """Event indices sorted by user (raw id order), time, then input order or item id."""
     pos = np.arange(len(t))
+    user = _id_rank(t.users)[t.user]
     if tie_break == "item":
-        rank = np.empty(len(t.items), np.int64)
-        rank[sorted(range(len(t.items)), key=lambda c: id_sort_key(t.items[c]))] = np.arange(len(t.items))
-        return np.lexsort((pos, rank[t.item], t.ts, t.user))
-    return np.lexsort((pos, t.ts, t.user))
+        return np.lexsort((pos, _id_rank(t.items)[t.item], t.ts, user))
+    return np.lexsort((pos, t.ts, user))
 
 
 def id_sort_key(raw: str):

@@ -140,7 +140,7 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     keep, reports = apply_filters(table, cfg.filter, n_dom)
     if not keep.any():
         raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
-    # ids: per domain, surviving items in raw-id order; users in order of first appearance
+    # ids: per domain, surviving items in raw-id order; users in raw-id order (chronological())
     kept_items = np.zeros(len(table.items), bool)
     kept_items[table.item[keep]] = True
     item_id = np.zeros(len(table.items), np.int64)
