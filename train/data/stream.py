@@ -93,6 +93,11 @@ def shard_urls(manifest: dict, folder: str | Path, domain: str, split: str, remo
     return [remote.rstrip("/") + "/" + p for p in paths]
 
 
+def shard_sizes(manifest: dict, domain: str, split: str) -> list[int]:
+    """Samples per shard of a (domain, split), aligned with :func:`shard_urls`."""
+    return [s["samples"] for s in manifest["shards"][domain][split]]
+
+
 def split_mode(n_shards: int, num_workers: int = 0) -> str:
     """``shards`` when every (rank, worker) can own whole shards, else ``samples``.
 
@@ -135,7 +140,7 @@ def _buffer_shuffle(buffer: int, seed: int, epoch: int):
 
 def _resampled_shards(urls: list[str], seed: int, epoch: int):
     """Endless shard URLs drawn with replacement, seeded per (seed, epoch, rank, worker)."""
-    def stage(_):
+    def stage(*_):  # the source stage of its pipeline: called without an input
         rng = _reader_seed("resample", seed, epoch)
         while True:
             yield {"url": rng.choice(urls)}
@@ -163,6 +168,30 @@ class _Errors:
             self._skip("shards", f"the rest of {what}")
             return True
         raise ShardError(f"{what} (set data.on_error=skip to skip and count bad shards)") from None
+
+    def count_check(self, expected: dict[str, int]):
+        """Stage over whole shards: a shard ending with fewer samples than the manifest lists
+        (a tar cut at a member boundary reads as a clean end) is an error, not a silent loss."""
+        def stage(src):
+            url, n = None, 0
+            for s in src:
+                if s.get("__url__") != url:
+                    self._short(url, n, expected)
+                    url, n = s.get("__url__"), 0
+                n += 1
+                yield s
+            self._short(url, n, expected)
+        return stage
+
+    def _short(self, url, n: int, expected: dict[str, int]) -> None:
+        want = expected.get(url)
+        if url is None or not want or n % want == 0:  # resampled: the same shard may come twice in a row
+            return
+        what = f"{url}: ended after {n % want} of its {want} samples (truncated?)"
+        if self.policy == "skip":
+            self._skip("shards", what)
+            return
+        raise ShardError(what + " (set data.on_error=skip to skip and count bad shards)")
 
     def sample(self, sample: dict, problem: str) -> None:
         what = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')!r}: {problem}"
@@ -211,23 +240,26 @@ def _decode(errors: _Errors, fields: dict, n_items: int):
 
 def sample_stream(urls: list[str] | str, *, shuffle: bool, seed: int, epoch: int, buffer: int,
                   reader: ReaderOptions = ReaderOptions(), n_items: int = 2**62, eval_fields: bool = False,
-                  ) -> wds.DataPipeline:
+                  sizes: list[int] | None = None) -> wds.DataPipeline:
     """Decoded, checked JSON samples of this rank and worker from ``urls`` (a list or a brace
     pattern). Shard order shuffled by (seed, epoch), the same on every rank so the split stays
     disjoint; samples shuffled in a window seeded by (seed, epoch, rank, worker). ``resampled``:
-    shards drawn with replacement per reader, without end."""
+    shards drawn with replacement per reader, without end. ``sizes`` (samples per URL, from the
+    manifest) turns a shard that ends early into an error too."""
     urls = expand_urls(urls)
     errors = _Errors(reader.on_error)
+    check = errors.count_check(dict(zip(urls, sizes or [])))
+    read = wds.tarfile_to_samples(handler=errors.shard)
     if reader.resampled:
-        stages = [_resampled_shards(urls, seed, epoch), wds.tarfile_to_samples(handler=errors.shard)]
+        stages = [_resampled_shards(urls, seed, epoch), read, check]
     else:
         if shuffle:
             random.Random(seed * 1_000_003 + epoch).shuffle(urls)
         stages = [wds.SimpleShardList(urls)]
         if split_mode(len(urls), reader.num_workers) == "shards":
-            stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=errors.shard)]
+            stages += [wds.split_by_node, wds.split_by_worker, read, check]
         else:
-            stages += [wds.tarfile_to_samples(handler=errors.shard), _split_samples]
+            stages += [read, check, _split_samples]
     if shuffle:
         stages.append(_buffer_shuffle(buffer, seed, epoch))
     stages.append(_decode(errors, _EVAL_FIELDS if eval_fields else _FIELDS, n_items))
@@ -316,7 +348,8 @@ def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size
     d = dom.index(domain)
     make = partial(train_example, dom=dom, label_domain=d, max_len=max_len, only_domain=only_domain)
     pipe = sample_stream(shard_urls(manifest, folder, domain, "train", reader.remote), shuffle=True, seed=seed,
-                         epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items)
+                         epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items,
+                         sizes=shard_sizes(manifest, domain, "train"))
     pipe.append(_batch_stage(make, batch_size))
     return _loader(pipe, reader, epoch_batches)
 
@@ -364,6 +397,7 @@ def eval_batches(manifest: dict, folder: str | Path, domain: str, split: str, *,
     d = dom.index(domain) if only_domain else None
     reader = ReaderOptions(remote=reader.remote, on_error=reader.on_error)
     pipe = sample_stream(shard_urls(manifest, folder, domain, split, reader.remote), shuffle=False, seed=0, epoch=0,
-                         buffer=0, reader=reader, n_items=dom.n_items, eval_fields=True)
+                         buffer=0, reader=reader, n_items=dom.n_items, eval_fields=True,
+                         sizes=shard_sizes(manifest, domain, split))
     pipe.append(_batch_stage(partial(eval_example, dom=dom, max_len=max_len, only_domain=d), batch_size))
     return pipe
