@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
-import io
 import json
 import math
 import re
@@ -72,8 +71,7 @@ def read_abxi_item_domains(map_path: Path, n_domains: int) -> dict[str, int]:
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8") as f:
-        yield from enumerate(f, 1)
+    yield from enumerate(_text_lines(path), 1)
 
 
 def read_abxi(folder: str | Path, n_domains: int = 2, max_lines: int | None = None) -> Iterator[Event]:
@@ -130,10 +128,15 @@ def _kind(path: Path) -> str:
                           ".ndjson, optionally .gz)")
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8", newline="")
-    return path.open(encoding="utf-8", newline="")
+def _text_lines(path: Path) -> Iterator[str]:
+    """Lines of a text file (``.gz`` too), decoded one by one so a bad byte names its line."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataFormatError(f"{path}:{lineno}: not UTF-8 text") from None
 
 
 def _guarded(path: Path, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
@@ -142,8 +145,6 @@ def _guarded(path: Path, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[int
     try:
         for lineno, row in rows:
             yield lineno, row
-    except UnicodeDecodeError:
-        raise DataFormatError(f"{path}:{lineno + 1}: not UTF-8 text") from None
     except csv.Error as e:
         raise DataFormatError(f"{path}:{lineno + 1}: unreadable CSV row: {e}") from None
     except (EOFError, gzip.BadGzipFile, OSError) as e:
@@ -151,35 +152,33 @@ def _guarded(path: Path, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[int
 
 
 def _csv_rows(path: Path, delim: str) -> Iterator[tuple[int, dict]]:
-    with _open_text(path) as f:
-        reader = csv.reader(f, delimiter=delim)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataFormatError(f"{path}:1: file is empty, expected a header row") from None
-        width = len(header)
-        for lineno, row in enumerate(reader, 2):
-            if not row:
-                continue
-            if len(row) != width:
-                raise DataFormatError(f"{path}:{lineno}: expected {width} fields, got {len(row)}: {row!r}")
-            yield lineno, dict(zip(header, row))
+    reader = csv.reader(_text_lines(path), delimiter=delim)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataFormatError(f"{path}:1: file is empty, expected a header row") from None
+    width = len(header)
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != width:
+            raise DataFormatError(f"{path}:{reader.line_num}: expected {width} fields, got {len(row)}: {row!r}")
+        yield reader.line_num, dict(zip(header, row))
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: not a JSON object: {e.msg}") from None
-            except RecursionError:
-                raise DataFormatError(f"{path}:{lineno}: JSON nested too deeply") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+    for lineno, line in enumerate(_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{lineno}: not a JSON object: {e.msg}") from None
+        except RecursionError:
+            raise DataFormatError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
 
 
 def _parquet_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, dict]]:
