@@ -3,6 +3,7 @@
 #   make demo DATA=../shared/data/amazon-food-kitchen real data: configs/experiment/<folder name>.yaml
 #   make demo EXP=configs/experiment/x.yaml ARGS="model.n_layers=4"
 #   make test                                         the test suite (CPU, gloo)
+#   make bench [BENCH_EVENTS=10000000]                stream throughput vs raw tar; prepare time and peak RSS
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,10 @@ EXP := configs/experiment/$(notdir $(patsubst %/,%,$(DATA))).yaml
 DATA_ARG := data.path=$(DATA)
 endif
 
-.PHONY: setup demo test clean
+BENCH_EVENTS ?= 1000000
+BENCH_DIR ?= data/bench
+
+.PHONY: setup demo test bench clean
 setup: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml Makefile
@@ -32,6 +36,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m train.bench stream --dir $(BENCH_DIR)
+	$(BIN)/python -m train.bench prepare --events $(BENCH_EVENTS) --dir $(BENCH_DIR)
 
 clean:
 	rm -rf runs data/prepared wandb .pytest_cache

@@ -59,3 +59,23 @@ def test_eval_batches_cover_every_user_of_the_domain_once(synth):
     users = np.concatenate([b["user"].numpy() for d in ("A", "B")
                             for b in eval_batches(m, folder, d, "test", batch_size=25, max_len=12)])
     assert sorted(users.tolist()) == list(range(m["n_users"]))
+
+
+def test_chunked_batches_equal_one_sample_at_a_time(synth):
+    """The batch stage computes rows a chunk at a time and carries leftovers: the same rows, in the
+    same order, as train_example on each sample of the same stream, in full batches."""
+    from train.data.stream import sample_stream, shard_sizes, shard_urls
+
+    m, folder = synth
+    dom = DomainIndex(m)
+    for only in (False, True):
+        kw = dict(dom=dom, label_domain=1, max_len=6, only_domain=only)
+        stream = sample_stream(shard_urls(m, folder, "B", "train"), shuffle=True, seed=4, epoch=2, buffer=30,
+                               n_items=dom.n_items, sizes=shard_sizes(m, "B", "train"))
+        ref = [e for e in (train_example(s, **kw) for s in stream) if e is not None]
+        batches = list(train_batches(m, folder, "B", batch_size=7, max_len=6, seed=4, epoch=2, buffer=30,
+                                     only_domain=only))
+        assert all(len(b["user"]) == 7 for b in batches[:-1]) and 0 < len(batches[-1]["user"]) <= 7
+        for key in ("items", "targets", "user"):
+            got = torch.cat([b[key] for b in batches]).numpy()
+            assert np.array_equal(got, np.stack([e[key] for e in ref])), key

@@ -228,8 +228,14 @@ def _decode(errors: _Errors, fields: dict, n_items: int):
                         bad = f"field {k!r} must be {tp.__name__}, got {v!r:.60}"
                         break
             if bad is None:
-                ids = [obj["target"], *obj["items"]] if "target" in fields else obj["items"]
-                if not all(isinstance(i, int) and 0 < i <= n_items for i in ids):
+                items = obj["items"]
+                try:  # builtins are C loops over the list: a str/None/list raises, a float makes the sum a float
+                    ok = not items or (min(items) >= 1 and max(items) <= n_items and type(sum(items)) is int)
+                    if "target" in fields:
+                        ok = ok and 1 <= obj["target"] <= n_items
+                except TypeError:
+                    ok = False
+                if not ok:
                     bad = f"item ids must be integers in 1..{n_items}"
             if bad is not None:
                 errors.sample(s, bad)
@@ -273,19 +279,67 @@ def _left_pad(seq: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-def train_example(sample: dict, *, dom: DomainIndex, label_domain: int, max_len: int,
-                  only_domain: bool) -> dict | None:
-    seq = np.asarray(sample["items"], dtype=np.int64)
-    if only_domain:
-        seq = seq[dom.of(seq) == label_domain]
-    seq = seq[-(max_len + 1):]
-    if len(seq) < 2:
-        return None
-    x, y = seq[:-1], seq[1:].copy()
-    y[dom.of(y) != label_domain] = 0
-    if not y.any():
-        return None
-    return {"items": _left_pad(x, max_len), "targets": _left_pad(y, max_len), "user": sample["user"]}
+def train_rows(samples: list[dict], *, dom: DomainIndex, label_domain: int, max_len: int,
+               only_domain: bool) -> dict[str, np.ndarray]:
+    """Training rows of ``samples`` that have at least one target in ``label_domain``, in order.
+
+    Each sequence (first reduced to the domain's items when ``only_domain``) is trimmed to its
+    last ``max_len + 1`` events and right-aligned in one matrix, then inputs, next-item targets
+    and the domain mask are computed for the whole chunk at once. Returns ``items``/``targets``
+    ``[n, max_len]`` (left padded: the last column is the latest event) and ``user`` ``[n]``.
+    """
+    lo, hi = int(dom.offsets[label_domain]), int(dom.ends[label_domain])  # the domain's ids are lo+1..hi
+    width = max_len + 1
+    mat = np.zeros((len(samples), width), np.int64)
+    for r, sample in enumerate(samples):
+        seq = np.asarray(sample["items"], dtype=np.int64)
+        if only_domain:
+            seq = seq[(seq > lo) & (seq <= hi)]
+        seq = seq[-width:]
+        if len(seq):
+            mat[r, width - len(seq):] = seq
+    x, y = mat[:, :-1], mat[:, 1:]
+    targets = np.where((x > 0) & (y > lo) & (y <= hi), y, 0)  # no target for a padded input
+    keep = targets.any(1)
+    user = np.fromiter((s["user"] for s in samples), np.int64, len(samples))
+    return {"items": x[keep], "targets": targets[keep], "user": user[keep]}
+
+
+def train_example(sample: dict, **kw) -> dict | None:
+    """One sample's training row (see :func:`train_rows`), or None when it has no target."""
+    rows = train_rows([sample], **kw)
+    return {k: v[0] for k, v in rows.items()} if len(rows["user"]) else None
+
+
+def _train_batches_stage(batch_size: int, **kw):
+    """Samples -> batches of exactly ``batch_size`` rows (the last may be short), rows computed
+    a chunk at a time (:func:`train_rows`)."""
+    def stage(src):
+        pending: list[dict] = []
+        n = 0
+        for chunk in _chunks(src, batch_size):
+            rows = train_rows(chunk, **kw)
+            if len(rows["user"]):
+                pending.append(rows)
+                n += len(rows["user"])
+            while n >= batch_size:
+                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield {k: torch.from_numpy(v[:batch_size]) for k, v in merged.items()}
+                pending, n = [{k: v[batch_size:] for k, v in merged.items()}], n - batch_size
+        if n:
+            yield {k: torch.from_numpy(np.concatenate([p[k] for p in pending])) for k in pending[0]}
+    return stage
+
+
+def _chunks(src, size: int):
+    buf = []
+    for s in src:
+        buf.append(s)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
 
 
 def eval_example(sample: dict, *, dom: DomainIndex, max_len: int, only_domain: int | None) -> dict:
@@ -309,21 +363,8 @@ def collate(examples: list[dict]) -> dict:
     return out
 
 
-def _batched(examples: Iterator[dict | None], batch_size: int) -> Iterator[dict]:
-    buf = []
-    for e in examples:
-        if e is None:
-            continue
-        buf.append(e)
-        if len(buf) == batch_size:
-            yield collate(buf)
-            buf = []
-    if buf:
-        yield collate(buf)
-
-
-def _batch_stage(make_example, batch_size: int):
-    return lambda src: _batched((make_example(s) for s in src), batch_size)
+def _eval_batches_stage(make_example, batch_size: int):
+    return lambda src: (collate([make_example(s) for s in chunk]) for chunk in _chunks(src, batch_size))
 
 
 def _loader(pipe: wds.DataPipeline, reader: ReaderOptions, epoch_batches: int | None):
@@ -346,11 +387,10 @@ def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size
     """One epoch of shuffled training batches of ``domain``'s train split (this rank's share)."""
     dom = DomainIndex(manifest)
     d = dom.index(domain)
-    make = partial(train_example, dom=dom, label_domain=d, max_len=max_len, only_domain=only_domain)
     pipe = sample_stream(shard_urls(manifest, folder, domain, "train", reader.remote), shuffle=True, seed=seed,
                          epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items,
                          sizes=shard_sizes(manifest, domain, "train"))
-    pipe.append(_batch_stage(make, batch_size))
+    pipe.append(_train_batches_stage(batch_size, dom=dom, label_domain=d, max_len=max_len, only_domain=only_domain))
     return _loader(pipe, reader, epoch_batches)
 
 
@@ -399,5 +439,5 @@ def eval_batches(manifest: dict, folder: str | Path, domain: str, split: str, *,
     pipe = sample_stream(shard_urls(manifest, folder, domain, split, reader.remote), shuffle=False, seed=0, epoch=0,
                          buffer=0, reader=reader, n_items=dom.n_items, eval_fields=True,
                          sizes=shard_sizes(manifest, domain, split))
-    pipe.append(_batch_stage(partial(eval_example, dom=dom, max_len=max_len, only_domain=d), batch_size))
+    pipe.append(_eval_batches_stage(partial(eval_example, dom=dom, max_len=max_len, only_domain=d), batch_size))
     return pipe
