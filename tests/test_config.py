@@ -33,8 +33,14 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("name: x\n", ["model.nope=3"], r"command line: unknown config key 'model.nope'"),
     ("name: x\n", ["model.dropout=high"], r"command line: key 'model.dropout' expects float"),
     ("name: x\n", ["model.dropout"], r"command line: override 'model.dropout' is not of the form"),
+    ("data:\n  format: table\n  files: {A: [a.csv], C: [c.csv]}\n", [], r"data.files.C: 'C' is not one of"),
+    ("data:\n  format: table\n  path: x.csv\n  filter: {min_rating: 4}\n", [],
+     r"data.filter.min_rating needs ratings"),
+    ("name: x\n", ["data.filter.min_events=2"], r"data.filter.min_events=2; leave-one-out needs >= 3"),
+    ("name: x\n", ["data.filter.duplicates=drop"], r"key 'data.filter.duplicates' must be one of"),
+    ("data:\n  format: amazon\n", [], r"data.format='amazon' needs data.files"),
 ], ids=["type", "bool-not-int", "literal", "preset", "cross-field", "override-key", "override-type",
-        "override-form"])
+        "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files"])
 def test_bad_values_name_key_and_origin(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text), overrides)

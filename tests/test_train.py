@@ -117,3 +117,17 @@ def test_sigusr1_checkpoints_and_exits_75_for_a_requeue(tmp_path):
     assert "on a preemption signal" in out
     ckpt = tmp_path / "tiny" / "source" / "checkpoints"
     assert (ckpt / (ckpt / "latest").read_text().strip() / "rng_rank0.pt").is_file()
+
+
+def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source]",
+           "train.num_workers=2", "train.resampled=true", "train.log_every=1"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 DataLoader workers): every reader draws shards with replacement (resampled)" in p.stdout
+    meta = json.loads((tmp_path / "tiny" / "metrics.json").read_text())["_meta"]["source"]
+    m = json.loads((tmp_path / "data" / "synthetic-tiny" / "manifest.json").read_text())
+    per_epoch = -(-m["counts"]["A"]["train"]["samples"] // 64)  # nominal steps of one pass (batch 64)
+    assert meta["steps"] == per_epoch * len(meta["epoch_losses"])
