@@ -32,3 +32,14 @@ def abxi_slice(dst: Path, dataset: str = "amazon-food-kitchen", n_lines: int = 2
 @pytest.fixture
 def fk_slice(tmp_path) -> Path:
     return abxi_slice(tmp_path / "afk")
+
+
+def prepared_synthetic(out: Path, *, n_users: int, shard_samples: int):
+    """A small synthetic dataset (2 domains, 40/50 items) prepared under ``out``: (manifest, folder)."""
+    from train.config import DataConfig, SyntheticConfig
+    from train.data.prepare import load_manifest, prepare
+
+    cfg = DataConfig(out_dir=str(out), shard_samples=shard_samples,
+                     synthetic=SyntheticConfig(n_users=n_users, items_per_domain=[40, 50], events_per_domain=[10, 5]))
+    prepare(cfg, log=lambda *_: None)
+    return load_manifest(cfg.prepared_dir()), cfg.prepared_dir()

@@ -2,7 +2,6 @@
 own DataFormatError (which names the file and line), never anything else."""
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -2,18 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from train.config import DataConfig, SyntheticConfig
-from train.data.prepare import load_manifest, prepare
+from conftest import prepared_synthetic
 from train.data.stream import DomainIndex, eval_batches, mixed_batches, train_batches, train_example
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prep")
-    cfg = DataConfig(out_dir=str(out), shard_samples=40,
-                     synthetic=SyntheticConfig(n_users=120, items_per_domain=[40, 50], events_per_domain=[10, 5]))
-    prepare(cfg, log=lambda *_: None)
-    return load_manifest(cfg.prepared_dir()), cfg.prepared_dir()
+    return prepared_synthetic(tmp_path_factory.mktemp("prep"), n_users=120, shard_samples=40)
 
 
 def test_train_example_trims_pads_and_masks_other_domain():

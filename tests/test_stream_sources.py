@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from train.config import DataConfig, SyntheticConfig
-from train.data.prepare import ManifestError, load_manifest, prepare
+from conftest import prepared_synthetic
+
+from train.data.prepare import ManifestError, load_manifest
 from train.data.stream import (ReaderOptions, ShardError, eval_batches, sample_stream, shard_sizes, shard_urls,
                                train_batches)
 
@@ -25,11 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prep")
-    cfg = DataConfig(out_dir=str(out), shard_samples=30,
-                     synthetic=SyntheticConfig(n_users=150, items_per_domain=[40, 50], events_per_domain=[10, 5]))
-    prepare(cfg, log=lambda *_: None)
-    return load_manifest(cfg.prepared_dir()), cfg.prepared_dir()
+    return prepared_synthetic(tmp_path_factory.mktemp("prep"), n_users=150, shard_samples=30)
 
 
 def _users(stream) -> list[int]:

@@ -17,7 +17,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 
