@@ -3,7 +3,8 @@
     python -m train.bench stream  [--users 20000] [--workers 0,2] [--repeat 3]
         samples/s of the training stream (tar read + JSON decode + checks + trim/pad + collate,
         shuffle buffer on) beside raw tar iteration of the same shards (Python's tarfile reading
-        every member's bytes), and their ratio (goal >= 0.5).
+        every member's bytes), and their ratio (goal >= 0.5); WebDataset's own undecoded tar
+        iteration is printed too, for reference.
     python -m train.bench prepare [--events 10000000] [--users 1000000]
         writes a CSV of that many events (2 domains) and times ``xdrec prepare`` on it in a child
         process: wall time and peak RSS.
@@ -40,6 +41,15 @@ def raw_tar_rate(paths: list[str]) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def wds_tar_rate(paths: list[str]) -> tuple[int, float]:
+    """WebDataset's own tar iteration (samples grouped by key, nothing decoded), for reference."""
+    import webdataset as wds
+
+    t0 = time.perf_counter()
+    n = sum(1 for _ in wds.DataPipeline(wds.SimpleShardList(paths), wds.tarfile_to_samples()))
+    return n, time.perf_counter() - t0
+
+
 def stream_rate(manifest: dict, folder: Path, workers: int, buffer: int) -> tuple[int, float]:
     t0 = time.perf_counter()
     n = 0
@@ -61,6 +71,8 @@ def bench_stream(args) -> dict:
     out = {"shards": len(paths), "samples": m["counts"]["A"]["train"]["samples"], "runs": {}}
     raw = max((raw_tar_rate(paths) for _ in range(args.repeat)), key=lambda r: r[0] / r[1])
     out["raw_tar_samples_per_s"] = raw[0] / raw[1]
+    wds_raw = max((wds_tar_rate(paths) for _ in range(args.repeat)), key=lambda r: r[0] / r[1])
+    out["webdataset_tar_samples_per_s"] = wds_raw[0] / wds_raw[1]
     buffer = TrainConfig().shuffle_buffer
     for w in [int(x) for x in args.workers.split(",")]:
         n, s = max((stream_rate(m, cfg.prepared_dir(), w, buffer) for _ in range(args.repeat)), key=lambda r: r[0] / r[1])
