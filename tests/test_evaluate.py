@@ -40,3 +40,22 @@ def test_negatives_exclude_user_items_are_distinct_and_deterministic():
 def test_too_few_negatives_is_an_error():
     with pytest.raises(ValueError, match="fewer than eval.num_negatives"):
         sample_negatives(n_items=10, offset=50, exclude=np.arange(51, 56), k=6, seed=0, split=0, user=1)
+
+
+def test_history_buckets_and_paired_bootstrap():
+    from train.evaluate import history_buckets, ndcg_at, paired_bootstrap
+
+    assert history_buckets([5, 10]) == [("0", 0, 0), ("1-5", 1, 5), ("6-10", 6, 10), (">10", 11, float("inf"))]
+    assert ndcg_at(np.array([1, 3, 11]), 10).round(4).tolist() == [1.0, 0.5, 0.0]
+    rng = np.random.default_rng(0)
+    b = rng.random(2000)
+    same = paired_bootstrap(b, b, resamples=200, seed=1)
+    assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0] and same["share_le_0"] == 1.0
+    shifted = paired_bootstrap(b + 0.05 + rng.normal(0, 0.2, 2000), b, resamples=500, seed=1)
+    lo, hi = shifted["ci95"]
+    assert 0 < lo < 0.05 < hi and hi - lo < 0.05 and shifted["share_le_0"] == 0.0
+    # paired: a large shared per-user spread does not widen the interval of the difference
+    spread = rng.normal(0, 5, 2000)
+    paired = paired_bootstrap(b + spread + 0.05, b + spread, resamples=500, seed=1)
+    assert paired["ci95"][1] - paired["ci95"][0] < 1e-9
+    assert paired_bootstrap(b, b + 0.01, resamples=100, seed=3) == paired_bootstrap(b, b + 0.01, resamples=100, seed=3)

@@ -35,6 +35,24 @@ def test_metrics_json_has_the_agreed_shape(tiny_run):
                     assert r["n_users"] > 0
 
 
+def test_cold_start_buckets_and_paired_bootstrap_in_metrics(tiny_run):
+    run, out = tiny_run
+    m = json.loads((run / "metrics.json").read_text())
+    for stage in ("joint", "target_only"):
+        test = m[stage]["test"]["B"]
+        buckets = test["cold_start"]
+        assert list(buckets) == ["0", "1-5", "6-10", ">10"]
+        for proto in ("full", "sampled999"):
+            assert sum(b[proto]["n_users"] for b in buckets.values()) == test[proto]["n_users"]
+    tr = m["transfer"]
+    for proto in ("full", "sampled999"):
+        t = tr[proto]
+        assert t["a"] == pytest.approx(m["joint"]["test"]["B"][proto]["ndcg@10"])
+        assert t["b"] == pytest.approx(m["target_only"]["test"]["B"][proto]["ndcg@10"])
+        assert t["ci95"][0] <= t["diff"] <= t["ci95"][1] and t["n_users"] == m["joint"]["test"]["B"][proto]["n_users"]
+    assert "transfer on B test, sampled999 NDCG@10: joint - target-only" in out
+
+
 def test_training_lowers_the_loss(tiny_run):
     run, _ = tiny_run
     meta = json.loads((run / "metrics.json").read_text())["_meta"]

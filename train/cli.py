@@ -6,6 +6,7 @@
     xdrec export  runs/<name> [--stage joint]          -> runs/<name>/export-joint/model.safetensors
     xdrec evaluate runs/<name>/export-joint [--split test]
     xdrec recommend runs/<name>/export-joint --domain B --history 3 17 42 [-k 10]
+    xdrec report  runs/<name>-seed0 runs/<name>-seed1 ... [--out report.json]
 """
 from __future__ import annotations
 
@@ -52,7 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--history", nargs="+", required=True, help="item ids, oldest first (raw ids with --raw)")
     r.add_argument("--raw", action="store_true", help="history and output use the raw ids of item_map.json")
     r.add_argument("-k", type=int, default=10)
+    rp = sub.add_parser("report", help="mean and std over runs (seeds) of the test metrics and transfer intervals")
+    rp.add_argument("run_dirs", nargs="+", help="runs/<name> folders holding metrics.json")
+    rp.add_argument("--out", default=None, help="also write the aggregate as JSON here")
     return p
+
+
+def cmd_report(args) -> int:
+    import json
+    from pathlib import Path
+
+    from train.report import aggregate, format_report
+
+    agg = aggregate(args.run_dirs)
+    print(format_report(agg))
+    if args.out:
+        Path(args.out).write_text(json.dumps(agg, indent=1))
+    return 0
 
 
 def cmd_data(args) -> int:
@@ -181,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     from train.data.prepare import ManifestError
     from train.engine import LaunchConflict
     from train.export import ExportError
+    from train.report import ReportError
 
     try:
         return {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,
                 "evaluate": cmd_evaluate,
-                "recommend": cmd_recommend}[args.cmd](args)
+                "recommend": cmd_recommend, "report": cmd_report}[args.cmd](args)
     except (ConfigError, DataFormatError, ManifestError, LaunchConflict, LaunchError, ResumeError,
-            ExportError) as e:
+            ExportError, ReportError) as e:
         print(f"xdrec: error: {e}", file=sys.stderr)
         return 2
 

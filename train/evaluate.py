@@ -81,14 +81,15 @@ class Evaluator:
 
     @torch.no_grad()
     def ranks(self, score_fn, domain: str, split: str, *, only_domain: bool, device) -> dict:
-        """Per-user ranks ``{"user", "full", SAMPLED}`` (numpy, by user id) for ``split`` users of
+        """Per-user ranks ``{"user", "full", SAMPLED, "n_train"}`` (numpy, by user id; ``n_train``: the
+        user's training events in ``domain``) for ``split`` users of
         ``domain``: each rank scores its own users, then all ranks gather every user's ranks, so
         the metrics equal a single-process evaluation (never an average of per-rank metrics).
 
         ``score_fn(items [B, L], domain index) -> [B, n_items of domain]``.
         """
         d = self.domains[domain]
-        users, full, sampled = [], [], []
+        users, full, sampled, n_train = [], [], [], []
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
                                     max_len=self.max_len, only_domain=only_domain, reader=self.reader))
         while True:
@@ -106,8 +107,9 @@ class Evaluator:
             full.append(ranks_of_targets(scores, tcol).cpu())
             sampled.append(ranks_of_targets(scores, tcol, negs.to(device)).cpu())
             users.append(b["user"])
+            n_train.append(b["n_train"])
         cat = (lambda xs: torch.cat(xs).numpy()) if users else (lambda xs: np.zeros(0, dtype=np.int64))
-        out = gather_arrays({"user": cat(users), "full": cat(full), SAMPLED: cat(sampled)})
+        out = gather_arrays({"user": cat(users), "full": cat(full), SAMPLED: cat(sampled), "n_train": cat(n_train)})
         order = np.argsort(out["user"], kind="stable")
         return {k: v[order] for k, v in out.items()}
 
@@ -115,3 +117,42 @@ class Evaluator:
         """``{"full": {...metrics}, "sampled999": {...}}`` for one domain and split."""
         r = self.ranks(score_fn, domain, split, only_domain=only_domain, device=device)
         return {p: metrics_from_ranks(r[p], self.cfg.ks) for p in ("full", SAMPLED)}
+
+    def by_history(self, r: dict) -> dict:
+        """Metrics of users bucketed by their training events in the domain (``eval.cold_start``
+        edges, e.g. [5, 10] -> "0", "1-5", "6-10", ">10")."""
+        out = {}
+        for name, lo, hi in history_buckets(self.cfg.cold_start):
+            sel = (r["n_train"] >= lo) & (r["n_train"] <= hi)
+            out[name] = {p: metrics_from_ranks(r[p][sel], self.cfg.ks) for p in ("full", SAMPLED)}
+        return out
+
+
+def history_buckets(edges: list[int]) -> list[tuple[str, int, float]]:
+    """[5, 10] -> [("0", 0, 0), ("1-5", 1, 5), ("6-10", 6, 10), (">10", 11, inf)]."""
+    out, lo = [("0", 0, 0)], 1
+    for e in edges:
+        out.append((f"{lo}-{e}" if e > lo else f"{e}", lo, e))
+        lo = e + 1
+    out.append((f">{lo - 1}", lo, float("inf")))
+    return out
+
+
+def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int, seed: int) -> dict:
+    """Paired bootstrap over users of mean(a) - mean(b) (a, b: per-user values, same users):
+    the observed difference, its 95% percentile interval and the share of resamples <= 0."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for k in range(0, resamples, 100):  # 100 resamples at a time keeps memory small
+        n = min(100, resamples - k)
+        means[k:k + n] = diff[rng.integers(0, len(diff), (n, len(diff)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"a": float(a.mean()), "b": float(b.mean()), "diff": float(diff.mean()), "ci95": [float(lo), float(hi)],
+            "share_le_0": float((means <= 0).mean()), "n_users": int(len(diff)), "resamples": resamples}

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 
 from model import build_recommender
@@ -25,7 +26,7 @@ from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
-from train.evaluate import SAMPLED, Evaluator
+from train.evaluate import SAMPLED, Evaluator, metrics_from_ranks, ndcg_at, paired_bootstrap
 from launch.signals import install as install_signal_handlers
 from train.checkpoint import load_resume
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
@@ -121,13 +122,37 @@ class Experiment:
         return res[self.cfg.eval.select_protocol][metric]
 
     def evaluate_stage(self, engine, stage: str) -> dict:
+        """Valid and test metrics per domain; on test also per history bucket (``cold_start``), and
+        each test user's ranks saved to ``<run>/<stage>/test_ranks.npz`` for the paired bootstrap."""
         spec = SPECS[stage]
         out: dict = {}
+        saved = {}
         for split in ("valid", "test"):
             for role in spec.eval_domains:
                 name = self.names[role]
-                out.setdefault(split, {})[name] = self.evaluator.evaluate(
-                    score_fn(engine), name, split, only_domain=spec.only_target, device=self.device)
+                r = self.evaluator.ranks(score_fn(engine), name, split, only_domain=spec.only_target,
+                                         device=self.device)
+                res = {p: metrics_from_ranks(r[p], self.cfg.eval.ks) for p in ("full", SAMPLED)}
+                if split == "test":
+                    res["cold_start"] = self.evaluator.by_history(r)
+                    saved.update({f"{name}/{k}": v for k, v in r.items()})
+                out.setdefault(split, {})[name] = res
+        if self.env.is_main:
+            np.savez(self.run_dir / stage / "test_ranks.npz", **saved)
+        return out
+
+    def transfer(self) -> dict:
+        """Paired bootstrap over the target's test users: source-then-joint minus target-only
+        NDCG@10, per protocol (from the two stages' saved ranks)."""
+        t = self.names["target"]
+        runs = {s: np.load(self.run_dir / s / "test_ranks.npz") for s in ("joint", "target_only")}
+        j, o = runs["joint"], runs["target_only"]
+        if not np.array_equal(j[f"{t}/user"], o[f"{t}/user"]):
+            raise RuntimeError(f"{self.run_dir}: joint and target-only were tested on different users")
+        out = {"metric": "ndcg@10", "domain": t}
+        for p in ("full", SAMPLED):
+            out[p] = paired_bootstrap(ndcg_at(j[f"{t}/{p}"], 10), ndcg_at(o[f"{t}/{p}"], 10),
+                                      resamples=self.cfg.eval.bootstrap, seed=self.cfg.eval.seed)
         return out
 
     # -- stages -----------------------------------------------------------------------------
@@ -201,6 +226,13 @@ class Experiment:
             meta[stage]["done"] = True
             self.write_metrics(results, meta)
         meta["wall_s"] = time.time() - t0
+        if self.env.is_main and {"joint", "target_only"} <= set(results):
+            results["transfer"] = self.transfer()
+            tr = results["transfer"]
+            for p in ("full", SAMPLED):
+                self.log(f"transfer on {tr['domain']} test, {p} NDCG@10: joint - target-only = {tr[p]['diff']:+.4f}, "
+                         f"95% CI [{tr[p]['ci95'][0]:+.4f}, {tr[p]['ci95'][1]:+.4f}] ({tr[p]['n_users']} users, "
+                         f"{tr[p]['resamples']} paired bootstrap resamples)")
         self.write_metrics(results, meta)
         self.tracker.summary(results)
         self.tracker.finish()

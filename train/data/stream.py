@@ -342,11 +342,15 @@ def _chunks(src, size: int):
         yield buf
 
 
-def eval_example(sample: dict, *, dom: DomainIndex, max_len: int, only_domain: int | None) -> dict:
+def eval_example(sample: dict, *, dom: DomainIndex, max_len: int, only_domain: int | None, domain: int = 0,
+                 history_tail: int = 0) -> dict:
+    """``n_train``: the user's training events in ``domain`` (the history minus its last
+    ``history_tail`` events: 1 for test samples, whose history ends with the valid event)."""
     seq = np.asarray(sample["items"], dtype=np.int64)
+    n_train = int((dom.of(seq[:len(seq) - history_tail]) == domain).sum())
     if only_domain is not None:
         seq = seq[dom.of(seq) == only_domain]
-    return {"items": _left_pad(seq[-max_len:], max_len), "user": sample["user"],
+    return {"items": _left_pad(seq[-max_len:], max_len), "user": sample["user"], "n_train": n_train,
             "target": sample["target"], "exclude": np.asarray(sample["exclude"], dtype=np.int64)}
 
 
@@ -439,5 +443,6 @@ def eval_batches(manifest: dict, folder: str | Path, domain: str, split: str, *,
     pipe = sample_stream(shard_urls(manifest, folder, domain, split, reader.remote), shuffle=False, seed=0, epoch=0,
                          buffer=0, reader=reader, n_items=dom.n_items, eval_fields=True,
                          sizes=shard_sizes(manifest, domain, split))
-    pipe.append(_eval_batches_stage(partial(eval_example, dom=dom, max_len=max_len, only_domain=d), batch_size))
+    pipe.append(_eval_batches_stage(partial(eval_example, dom=dom, max_len=max_len, only_domain=d,
+                                            domain=dom.index(domain), history_tail=int(split == "test")), batch_size))
     return pipe

@@ -1,0 +1,53 @@
+"""``xdrec report``: mean/std over seeds of each run's test metrics and transfer intervals."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.report import ReportError, aggregate, format_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, name, ndcg_joint, ndcg_only, ci):
+    m = lambda v: {p: {"hr@10": 2 * v, "ndcg@10": v, "mrr": v / 2, "n_users": 10} for p in ("full", "sampled999")}
+    data = {"joint": {"test": {"B": m(ndcg_joint), "A": m(0.3)}}, "target_only": {"test": {"B": m(ndcg_only)}},
+            "transfer": {"domain": "B", "metric": "ndcg@10",
+                         **{p: {"diff": ndcg_joint - ndcg_only, "ci95": ci} for p in ("full", "sampled999")}},
+            "_meta": {}}
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps(data))
+    return d
+
+
+def test_mean_std_and_transfer_over_seeds(tmp_path):
+    runs = [_run(tmp_path, "s0", 0.20, 0.10, [0.05, 0.15]), _run(tmp_path, "s1", 0.30, 0.10, [-0.01, 0.4]),
+            _run(tmp_path, "s2", 0.25, 0.10, [0.1, 0.2])]
+    agg = aggregate(runs)
+    j = agg["test"]["joint"]["B"]["sampled999"]["ndcg@10"]
+    assert j["mean"] == pytest.approx(0.25) and j["std"] == pytest.approx(0.05) and j["n"] == 3
+    assert agg["test"]["target_only"]["B"]["full"]["mrr"]["std"] == pytest.approx(0.0, abs=1e-12)
+    assert agg["transfer"]["sampled999"]["runs_ci_above_0"] == 2
+    assert agg["transfer"]["full"]["diff"]["mean"] == pytest.approx(0.15)
+    text = format_report(agg)
+    assert "0.2500 ± 0.0500" in text and "above 0 in 2/3" in text
+
+
+def test_report_cli_and_errors(tmp_path):
+    runs = [_run(tmp_path, "s0", 0.2, 0.1, [0.05, 0.15]), _run(tmp_path, "s1", 0.2, 0.1, [0.05, 0.15])]
+    out = tmp_path / "report.json"
+    p = subprocess.run([sys.executable, "-m", "train.cli", "report", *map(str, runs), "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(out.read_text())["test"]["joint"]["A"]["full"]["ndcg@10"]["mean"] == pytest.approx(0.3)
+    with pytest.raises(ReportError, match="nowhere/metrics.json: no metrics.json"):
+        aggregate([tmp_path / "nowhere"])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({"joint": {"test": {"C": {}}}}))
+    p = subprocess.run([sys.executable, "-m", "train.cli", "report", str(runs[0]), str(other)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "report runs of one experiment" in p.stderr

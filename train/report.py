@@ -1,0 +1,74 @@
+"""``xdrec report runs/<name>-seed0 runs/<name>-seed1 ...``: mean and std over runs (seeds) of the
+test metrics each run's ``metrics.json`` holds, and each run's paired-bootstrap transfer interval.
+
+    {"runs": [...], "test": {stage: {domain: {protocol: {metric: {"mean", "std", "n", "values"}}}}},
+     "transfer": {protocol: {"diff": {...mean/std...}, "ci95": [[lo, hi] per run], "runs_ci_above_0": k}}}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from train.evaluate import SAMPLED
+
+STAGES = ("target_only", "source", "joint")
+METRICS = ("hr@10", "ndcg@10", "mrr")
+PROTOCOLS = ("full", SAMPLED)
+
+
+class ReportError(ValueError):
+    """A run folder has no metrics.json, or the runs do not describe the same experiment."""
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+            "values": [float(x) for x in v]}
+
+
+def aggregate(run_dirs: list[str | Path]) -> dict:
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise ReportError(f"{path}: no metrics.json (has the run finished?)")
+        runs.append((str(d), json.loads(path.read_text())))
+    if not runs:
+        raise ReportError("no run folders given")
+    out: dict = {"runs": [d for d, _ in runs], "test": {}}
+    for stage in STAGES:
+        domains = sorted({dom for _, m in runs for dom in m.get(stage, {}).get("test", {})})
+        for dom in domains:
+            have = [m for _, m in runs if dom in m.get(stage, {}).get("test", {})]
+            if len(have) != len(runs):
+                missing = [d for d, m in runs if dom not in m.get(stage, {}).get("test", {})]
+                raise ReportError(f"stage {stage} domain {dom}: missing in {missing}; report runs of one experiment")
+            out["test"].setdefault(stage, {})[dom] = {
+                p: {k: _stats([m[stage]["test"][dom][p][k] for m in have]) for k in METRICS} for p in PROTOCOLS}
+    tr = [m["transfer"] for _, m in runs if "transfer" in m]
+    if tr and len(tr) == len(runs):
+        out["transfer"] = {"domain": tr[0]["domain"], "metric": tr[0]["metric"]}
+        for p in PROTOCOLS:
+            out["transfer"][p] = {"diff": _stats([t[p]["diff"] for t in tr]), "ci95": [t[p]["ci95"] for t in tr],
+                                  "runs_ci_above_0": sum(t[p]["ci95"][0] > 0 for t in tr)}
+    return out
+
+
+def format_report(agg: dict) -> str:
+    cols = [(p, k) for p in PROTOCOLS for k in METRICS]
+    head = f"{'stage':<14}{'domain':<13}" + "".join(f"{p[:4] + ' ' + k:>20}" for p, k in cols)
+    lines = [f"{len(agg['runs'])} run(s): " + ", ".join(agg["runs"]), head, "-" * len(head)]
+    for stage, doms in agg["test"].items():
+        for dom, res in doms.items():
+            lines.append(f"{stage:<14}{dom:<13}" + "".join(
+                f"{res[p][k]['mean']:>11.4f} ± {res[p][k]['std']:.4f}" for p, k in cols))
+    if "transfer" in agg:
+        t = agg["transfer"]
+        for p in PROTOCOLS:
+            d = t[p]["diff"]
+            cis = ", ".join(f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in t[p]["ci95"])
+            lines.append(f"transfer {t['domain']} {p} {t['metric']}: joint - target-only {d['mean']:+.4f} ± {d['std']:.4f}; "
+                         f"95% CI per run {cis}; above 0 in {t[p]['runs_ci_above_0']}/{d['n']}")
+    return "\n".join(lines)
