@@ -35,6 +35,35 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
     return sums, torch.stack(counts)
 
 
+def domain_sampled_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor,
+                           item_weight: torch.Tensor, ranges: list[tuple[int, int]],
+                           num_sampled: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Like :func:`domain_ce_sums`, but each domain's softmax runs over a candidate set instead of
+    every item: the batch's own targets of that domain (in-batch negatives) plus ``num_sampled``
+    items drawn uniformly from the domain, each distinct item once. Logits are corrected by
+    ``-log Q(c)``, Q(c) = expected draws of c = its count among the batch's targets + num_sampled
+    / n_d, so frequent in-batch items are not over-penalised (sampled softmax with log-Q
+    correction). Memory and time scale with the candidates, not the vocabulary. With every item
+    of a domain a target exactly once and no uniform draws the loss equals the full softmax.
+    """
+    per_domain = hidden if isinstance(hidden, (list, tuple)) else [hidden] * len(ranges)
+    flat_t = targets.reshape(-1)
+    sums, counts = [], []
+    for hid, (lo, hi) in zip(per_domain, ranges):
+        sel = (flat_t >= lo) & (flat_t < hi)
+        h = hid.reshape(-1, hid.shape[-1])[sel]  # (N_d, D)
+        t = flat_t[sel]
+        drawn = torch.randint(lo, hi, (num_sampled,), device=t.device)
+        cand, inverse = torch.unique(torch.cat([t, drawn]), return_inverse=True)  # sorted, distinct
+        in_batch = torch.bincount(inverse[:len(t)], minlength=len(cand)).float()
+        log_q = torch.log(in_batch + num_sampled / (hi - lo))
+        logits = (h @ item_weight[cand].T).float() - log_q  # (N_d, |C|)
+        sums.append(F.cross_entropy(logits, inverse[:len(t)], reduction="sum") if len(h) else
+                    0.0 * logits.sum() + 0.0 * item_weight[lo:hi].sum())
+        counts.append(sel.sum())
+    return sums, torch.stack(counts)
+
+
 def weighted_domain_mean(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float],
                          scale: float = 1.0) -> torch.Tensor:
     """``scale * sum_d w_d * sums[d] / counts[d]`` (a domain with count 0 adds 0 * sums[d])."""

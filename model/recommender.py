@@ -10,15 +10,18 @@ from torch import nn
 
 from model.embeddings import SequenceEmbedding
 from model.encoder import Encoder
-from model.losses import domain_ce_sums
+from model.losses import domain_ce_sums, domain_sampled_ce_sums
 
 
 class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
-                 heads: nn.ModuleList | None = None):
+                 heads: nn.ModuleList | None = None, num_sampled: int = 0):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
-        hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h)."""
+        hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
+        ``num_sampled`` > 0: train with sampled softmax (in-batch + that many uniform negatives per
+        domain, log-Q corrected; ``model.losses.domain_sampled_ce_sums``); scoring stays full."""
         super().__init__()
+        self.num_sampled = num_sampled
         self.embedding = embedding
         self.encoder = encoder
         self.ranges = [tuple(r) for r in ranges]
@@ -45,6 +48,8 @@ class Recommender(nn.Module):
         h = self.encoder(self.embedding(items), items)  # (B, L, D)
         table = self.embedding.item.weight
         if targets is not None:
+            if self.num_sampled:
+                return domain_sampled_ce_sums(self.queries(h), targets, table, self.ranges, self.num_sampled)
             return domain_ce_sums(self.queries(h), targets, table, self.ranges)
         if domain is not None:
             lo, hi = self.ranges[domain]
@@ -60,7 +65,7 @@ class Recommender(nn.Module):
 def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domain: torch.Tensor,
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
-                      domain_heads: bool = False) -> Recommender:
+                      domain_heads: bool = False, num_sampled: int = 0) -> Recommender:
     emb = SequenceEmbedding(n_items=n_items, n_domains=len(ranges), d_model=d_model, max_len=max_len,
                             item_domain=item_domain, domain_embeddings=domain_embeddings, dropout=emb_dropout)
     enc = Encoder(d_model=d_model, n_layers=n_layers, n_heads=n_heads, ff_mult=ff_mult, dropout=dropout,
@@ -71,4 +76,4 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
         for h in heads:  # start as the shared query: q_d = h
             nn.init.zeros_(h.weight)
             nn.init.zeros_(h.bias)
-    return Recommender(emb, enc, ranges, heads)
+    return Recommender(emb, enc, ranges, heads, num_sampled=num_sampled)

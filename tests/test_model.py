@@ -125,3 +125,41 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         loss.backward()
         grads.append((loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])))
     assert grads[0][0] == grads[1][0] and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_sampled_softmax_equals_full_when_candidates_are_the_domain():
+    from model.losses import domain_ce_sums, domain_sampled_ce_sums
+
+    torch.manual_seed(0)
+    table = torch.randn(9, 4)  # ids 1..4 domain 0, 5..8 domain 1
+    ranges = [(1, 5), (5, 9)]
+    hidden = torch.randn(1, 8, 4)
+    targets = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])  # every item exactly once: Q = 1 for all
+    full, n_full = domain_ce_sums(hidden, targets, table, ranges)
+    samp, n_samp = domain_sampled_ce_sums(hidden, targets, table, ranges, num_sampled=0)
+    assert torch.equal(n_full, n_samp)
+    for a, b in zip(full, samp):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sampled_softmax_log_q_by_hand():
+    from model.losses import domain_sampled_ce_sums
+
+    torch.manual_seed(1)
+    table = torch.randn(5, 3)  # one domain, ids 1..4
+    hidden = torch.randn(1, 3, 3)
+    targets = torch.tensor([[2, 2, 3]])  # candidates {2, 3}; 2 appears twice in the batch
+    (s,), _ = domain_sampled_ce_sums(hidden, targets, table, [(1, 5)], num_sampled=0)
+    logits = hidden[0] @ table[[2, 3]].T - torch.log(torch.tensor([2.0, 1.0]))
+    ref = -(torch.log_softmax(logits, 1)[[0, 1, 2], [0, 0, 1]]).sum()
+    assert torch.allclose(s, ref, atol=1e-5)
+    # uniform draws add K / n_d to every candidate's expected count
+    torch.manual_seed(5)
+    (s2,), _ = domain_sampled_ce_sums(hidden, targets, table, [(1, 5)], num_sampled=8)
+    torch.manual_seed(5)
+    drawn = torch.randint(1, 5, (8,))
+    cand = torch.unique(torch.cat([targets[0], drawn]))
+    count = torch.tensor([float((targets[0] == c).sum()) for c in cand]) + 8 / 4
+    logits = hidden[0] @ table[cand].T - torch.log(count)
+    cols = torch.tensor([int((cand == t).nonzero()) for t in targets[0]])
+    assert torch.allclose(s2, -(torch.log_softmax(logits, 1)[torch.arange(3), cols]).sum(), atol=1e-5)

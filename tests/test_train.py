@@ -149,3 +149,19 @@ def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
     m = json.loads((tmp_path / "data" / "synthetic-tiny" / "manifest.json").read_text())
     per_epoch = -(-m["counts"]["A"]["train"]["samples"] // 64)  # nominal steps of one pass (batch 64)
     assert meta["steps"] == per_epoch * len(meta["epoch_losses"])
+
+
+def test_sampled_softmax_and_per_domain_sequences_train_end_to_end(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source, joint]",
+           "model.loss=sampled", "model.sampled_negatives=16", "model.sequence=per_domain",
+           "train.source.epochs=4"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    losses = m["_meta"]["source"]["epoch_losses"]
+    assert losses[-1] < losses[0] - 0.05
+    assert "[joint] inputs: each row's own domain only" in p.stdout
+    assert "[source] inputs: each row's own domain only" in p.stdout
+    assert m["joint"]["test"]["B"]["sampled999"]["hr@10"] > 0

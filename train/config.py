@@ -41,6 +41,13 @@ class ModelConfig:
     causal: bool = True
     domain_embeddings: bool = True
     domain_heads: bool = True  # per-domain residual query projection before scoring
+    # training softmax: "full" over every item of the target's domain, or "sampled": in-batch
+    # targets + sampled_negatives uniform items per domain, log-Q corrected (large vocabularies)
+    loss: Literal["full", "sampled"] = "full"
+    sampled_negatives: int = 1024
+    # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
+    # (training and evaluation) see that domain's events alone, parameters still shared
+    sequence: Literal["mixed", "per_domain"] = "mixed"
 
 
 @dataclass

@@ -55,7 +55,8 @@ def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
     return build_recommender(n_items=dom.n_items, ranges=ranges, item_domain=dom.item_domain_table(),
                              d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ff_mult=m.ff_mult,
                              dropout=m.dropout, emb_dropout=m.emb_dropout, max_len=m.max_len, causal=m.causal,
-                             domain_embeddings=m.domain_embeddings, domain_heads=m.domain_heads)
+                             domain_embeddings=m.domain_embeddings, domain_heads=m.domain_heads,
+                             num_sampled=m.sampled_negatives if m.loss == "sampled" else 0)
 
 
 class Experiment:
@@ -103,9 +104,13 @@ class Experiment:
         if stage == "joint":
             return mixed_batches(self.manifest, self.folder, source=self.names["source"],
                                  target=self.names["target"], batch_size=t.micro_batch_size,
-                                 mix_ratio=t.mix_ratio, **common)
+                                 mix_ratio=t.mix_ratio, only_domain=self._own_domain_only(stage), **common)
         return train_batches(self.manifest, self.folder, self._driver(stage), batch_size=t.micro_batch_size,
-                             only_domain=SPECS[stage].only_target, **common)
+                             only_domain=self._own_domain_only(stage), **common)
+
+    def _own_domain_only(self, stage: str) -> bool:
+        """Inputs hold only the row's own domain: the target-only baseline, or model.sequence=per_domain."""
+        return SPECS[stage].only_target or self.cfg.model.sequence == "per_domain"
 
     def _steps_per_epoch(self, stage: str) -> int:
         t = self.cfg.train
@@ -118,7 +123,7 @@ class Experiment:
         spec = SPECS[stage]
         metric = self.cfg.eval.select_metric
         res = self.evaluator.evaluate(score_fn(engine), self.names[spec.select_domain], "valid",
-                                      only_domain=spec.only_target, device=self.device)
+                                      only_domain=self._own_domain_only(stage), device=self.device)
         return res[self.cfg.eval.select_protocol][metric]
 
     def evaluate_stage(self, engine, stage: str) -> dict:
@@ -130,7 +135,7 @@ class Experiment:
         for split in ("valid", "test"):
             for role in spec.eval_domains:
                 name = self.names[role]
-                r = self.evaluator.ranks(score_fn(engine), name, split, only_domain=spec.only_target,
+                r = self.evaluator.ranks(score_fn(engine), name, split, only_domain=self._own_domain_only(stage),
                                          device=self.device)
                 res = {p: metrics_from_ranks(r[p], self.cfg.eval.ks) for p in ("full", SAMPLED)}
                 if split == "test":
@@ -183,6 +188,8 @@ class Experiment:
         else:
             how = (f"every reader opens every shard, keeping every {readers}th sample; an epoch is one pass, every "
                    "rank takes the same number of steps")
+        self.log(f"[{stage}] inputs: " + ("each row's own domain only" if self._own_domain_only(stage)
+                                          else "the mixed sequence of every domain"))
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}")
         if stage == "joint" and state is None:

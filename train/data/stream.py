@@ -405,7 +405,7 @@ def joint_rows(batch_size: int, mix_ratio: float) -> tuple[int, int]:
 
 
 def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: str, batch_size: int,
-                  mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int,
+                  mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int, only_domain: bool = False,
                   reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None) -> Iterator[dict]:
     """Joint-stage batches: ``round(mix_ratio * B)`` source rows + the rest target rows.
 
@@ -420,7 +420,7 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
             n = 0
             for b in train_batches(manifest, folder, source, batch_size=n_src, max_len=max_len,
                                    seed=seed + 1, epoch=epoch * 1000 + k, buffer=buffer, reader=reader,
-                                   epoch_batches=epoch_batches):
+                                   epoch_batches=epoch_batches, only_domain=only_domain):
                 n += 1
                 yield b
             if n == 0:
@@ -429,7 +429,8 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
 
     src = source_forever()
     for tb in train_batches(manifest, folder, target, batch_size=n_tgt, max_len=max_len, seed=seed,
-                            epoch=epoch, buffer=buffer, reader=reader, epoch_batches=epoch_batches):
+                            epoch=epoch, buffer=buffer, reader=reader, epoch_batches=epoch_batches,
+                            only_domain=only_domain):
         sb = next(src)
         yield {k: torch.cat([sb[k], tb[k]]) for k in tb}
 
