@@ -15,13 +15,18 @@ from model.losses import domain_ce_sums, domain_sampled_ce_sums
 
 class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
-                 heads: nn.ModuleList | None = None, num_sampled: int = 0):
+                 heads: nn.ModuleList | None = None, num_sampled: int = 0, mask_id: int | None = None,
+                 mask_prob: float = 0.2):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``num_sampled`` > 0: train with sampled softmax (in-batch + that many uniform negatives per
-        domain, log-Q corrected; ``model.losses.domain_sampled_ce_sums``); scoring stays full."""
+        domain, log-Q corrected; ``model.losses.domain_sampled_ce_sums``); scoring stays full.
+        ``mask_id`` (cloze objective): training masks a random ``mask_prob`` share of each row's
+        labelled positions (at least one) with ``mask_id`` and predicts them; scoring appends
+        ``mask_id`` after the history and reads the prediction there."""
         super().__init__()
         self.num_sampled = num_sampled
+        self.mask_id, self.mask_prob = mask_id, mask_prob
         self.embedding = embedding
         self.encoder = encoder
         self.ranges = [tuple(r) for r in ranges]
@@ -45,6 +50,11 @@ class Recommender(nn.Module):
         - neither: hidden states ``[B, L, D]``.
         items: [B, L] int64, 0 = padding.
         """
+        if self.mask_id is not None:
+            if targets is not None:
+                items, targets = self.cloze(items, targets)
+            elif domain is not None:
+                items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], self.mask_id)], 1)
         h = self.encoder(self.embedding(items), items)  # (B, L, D)
         table = self.embedding.item.weight
         if targets is not None:
@@ -56,6 +66,17 @@ class Recommender(nn.Module):
             return self.queries(h[:, -1])[domain] @ table[lo:hi].T
         return h
 
+    def cloze(self, items: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask a random ``mask_prob`` share of the labelled positions (targets > 0; for the cloze
+        objective a row's targets are its own items of the label domain), at least the last one
+        in a row where the draw masked none; only masked positions keep their target."""
+        cand = targets > 0
+        masked = cand & (torch.rand(targets.shape, device=targets.device) < self.mask_prob)
+        none = cand.any(1) & ~masked.any(1)
+        last = cand & (cand.long().cumsum(1) == cand.sum(1, keepdim=True))
+        masked = masked | (last & none[:, None])
+        return items.masked_fill(masked, self.mask_id), targets * masked
+
     @torch.no_grad()
     def recommend(self, items: torch.Tensor, domain: int, k: int = 10) -> torch.Tensor:
         """[B, L] -> [B, k] global item ids of the best-scored items of ``domain``."""
@@ -65,8 +86,12 @@ class Recommender(nn.Module):
 def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domain: torch.Tensor,
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
-                      domain_heads: bool = False, num_sampled: int = 0) -> Recommender:
-    emb = SequenceEmbedding(n_items=n_items, n_domains=len(ranges), d_model=d_model, max_len=max_len,
+                      domain_heads: bool = False, num_sampled: int = 0, masked: bool = False,
+                      mask_prob: float = 0.2) -> Recommender:
+    """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain)."""
+    if masked:
+        item_domain = torch.cat([item_domain, item_domain.new_zeros(1)])
+    emb = SequenceEmbedding(n_items=n_items + int(masked), n_domains=len(ranges), d_model=d_model, max_len=max_len,
                             item_domain=item_domain, domain_embeddings=domain_embeddings, dropout=emb_dropout)
     enc = Encoder(d_model=d_model, n_layers=n_layers, n_heads=n_heads, ff_mult=ff_mult, dropout=dropout,
                   causal=causal)
@@ -76,4 +101,5 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
         for h in heads:  # start as the shared query: q_d = h
             nn.init.zeros_(h.weight)
             nn.init.zeros_(h.bias)
-    return Recommender(emb, enc, ranges, heads, num_sampled=num_sampled)
+    return Recommender(emb, enc, ranges, heads, num_sampled=num_sampled, mask_id=n_items + 1 if masked else None,
+                       mask_prob=mask_prob)

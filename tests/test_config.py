@@ -39,8 +39,11 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("name: x\n", ["data.filter.min_events=2"], r"data.filter.min_events=2; leave-one-out needs >= 3"),
     ("name: x\n", ["data.filter.duplicates=drop"], r"key 'data.filter.duplicates' must be one of"),
     ("data:\n  format: amazon\n", [], r"data.format='amazon' needs data.files"),
+    ("name: x\n", ["model.causal=false"], r"model.objective='next_item' needs model.causal=True"),
+    ("name: x\n", ["model.objective=masked"], r"model.objective='masked' needs model.causal=False"),
 ], ids=["type", "bool-not-int", "literal", "preset", "cross-field", "override-key", "override-type",
-        "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files"])
+        "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files", "bidirectional-next-item",
+        "causal-cloze"])
 def test_bad_values_name_key_and_origin(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text), overrides)

@@ -163,3 +163,37 @@ def test_sampled_softmax_log_q_by_hand():
     logits = hidden[0] @ table[cand].T - torch.log(count)
     cols = torch.tensor([int((cand == t).nonzero()) for t in targets[0]])
     assert torch.allclose(s2, -(torch.log_softmax(logits, 1)[torch.arange(3), cols]).sum(), atol=1e-5)
+
+
+def _masked_model(seed=0):
+    torch.manual_seed(seed)
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    return build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1,
+                             n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=False,
+                             domain_embeddings=True, masked=True, mask_prob=0.5)
+
+
+def test_cloze_masks_labelled_positions_only_and_at_least_one_per_row():
+    m = _masked_model()
+    items = torch.tensor([[0, 0, 1, 4, 2, 5], [0, 0, 0, 0, 4, 1], [0, 0, 0, 0, 0, 2]])
+    targets = torch.where((items >= 4), items, 0)  # label domain 1: ids 4..7
+    targets[2] = 0  # a row without labels stays unmasked
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x, t = m.cloze(items, targets)
+        masked = x == 8  # the [MASK] id is n_items + 1
+        assert not (masked & (targets == 0)).any() and masked[:2].any(1).all() and not masked[2].any()
+        assert torch.equal(t, targets * masked) and torch.equal(x[~masked], items[~masked])
+    # the share masked follows mask_prob over many draws
+    big = torch.randint(4, 8, (400, 6))
+    x, _ = m.cloze(big, big)
+    assert 0.4 < (x == 8).float().mean() < 0.6
+
+
+def test_cloze_scoring_appends_a_mask_after_the_history():
+    m = _masked_model().eval()
+    items = torch.tensor([[0, 0, 1, 4, 2, 5]])
+    shifted = torch.tensor([[0, 1, 4, 2, 5, 8]])
+    h = m.encoder(m.embedding(shifted), shifted)[:, -1]
+    lo, hi = m.ranges[1]
+    assert torch.allclose(m(items, domain=1), m.queries(h)[1] @ m.embedding.item.weight[lo:hi].T, atol=1e-6)

@@ -165,3 +165,16 @@ def test_sampled_softmax_and_per_domain_sequences_train_end_to_end(tmp_path):
     assert "[joint] inputs: each row's own domain only" in p.stdout
     assert "[source] inputs: each row's own domain only" in p.stdout
     assert m["joint"]["test"]["B"]["sampled999"]["hr@10"] > 0
+
+
+def test_masked_item_objective_trains_end_to_end(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source]",
+           "model.objective=masked", "model.causal=false", "model.mask_prob=0.3", "train.source.epochs=4"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    losses = m["_meta"]["source"]["epoch_losses"]
+    assert losses[-1] < losses[0] - 0.05
+    assert m["source"]["test"]["A"]["sampled999"]["hr@10"] > 0

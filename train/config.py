@@ -48,6 +48,11 @@ class ModelConfig:
     # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
     # (training and evaluation) see that domain's events alone, parameters still shared
     sequence: Literal["mixed", "per_domain"] = "mixed"
+    # "next_item" (SASRec, needs causal: true) or "masked" (BERT4Rec-style cloze: bidirectional,
+    # causal: false; a random mask_prob share of each row's label-domain items is predicted, at
+    # least one; scoring appends a [MASK] after the history)
+    objective: Literal["next_item", "masked"] = "next_item"
+    mask_prob: float = 0.2
 
 
 @dataclass
@@ -212,6 +217,12 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: train.stages has 'joint' without 'source' (joint starts from it)")
         if not 0.0 < self.train.mix_ratio < 1.0:
             raise ConfigError(f"{origin}: train.mix_ratio must be in (0, 1), got {self.train.mix_ratio}")
+        if self.model.causal != (self.model.objective == "next_item"):
+            raise ConfigError(f"{origin}: model.objective={self.model.objective!r} needs model.causal="
+                              f"{self.model.objective == 'next_item'} (a bidirectional encoder would see the next "
+                              "item it is asked for; the cloze objective needs both directions)")
+        if not 0.0 < self.model.mask_prob <= 1.0:
+            raise ConfigError(f"{origin}: model.mask_prob must be in (0, 1], got {self.model.mask_prob}")
         if self.model.d_model % self.model.n_heads:
             raise ConfigError(f"{origin}: model.d_model={self.model.d_model} is not divisible by "
                               f"model.n_heads={self.model.n_heads}")

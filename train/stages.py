@@ -56,7 +56,8 @@ def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
                              d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ff_mult=m.ff_mult,
                              dropout=m.dropout, emb_dropout=m.emb_dropout, max_len=m.max_len, causal=m.causal,
                              domain_embeddings=m.domain_embeddings, domain_heads=m.domain_heads,
-                             num_sampled=m.sampled_negatives if m.loss == "sampled" else 0)
+                             num_sampled=m.sampled_negatives if m.loss == "sampled" else 0,
+                             masked=m.objective == "masked", mask_prob=m.mask_prob)
 
 
 class Experiment:
@@ -100,6 +101,7 @@ class Experiment:
         cfg, t = self.cfg, self.cfg.train
         # resampled streams are endless: an epoch is the nominal number of steps of one pass
         common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer, reader=self.reader,
+                      cloze=cfg.model.objective == "masked",
                       epoch_batches=self._steps_per_epoch(stage) * t.grad_accum if t.resampled else None)
         if stage == "joint":
             return mixed_batches(self.manifest, self.folder, source=self.names["source"],

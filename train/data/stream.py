@@ -280,16 +280,18 @@ def _left_pad(seq: np.ndarray, length: int) -> np.ndarray:
 
 
 def train_rows(samples: list[dict], *, dom: DomainIndex, label_domain: int, max_len: int,
-               only_domain: bool) -> dict[str, np.ndarray]:
+               only_domain: bool, cloze: bool = False) -> dict[str, np.ndarray]:
     """Training rows of ``samples`` that have at least one target in ``label_domain``, in order.
 
     Each sequence (first reduced to the domain's items when ``only_domain``) is trimmed to its
     last ``max_len + 1`` events and right-aligned in one matrix, then inputs, next-item targets
     and the domain mask are computed for the whole chunk at once. Returns ``items``/``targets``
     ``[n, max_len]`` (left padded: the last column is the latest event) and ``user`` ``[n]``.
+    ``cloze`` (masked-item objective): inputs are the last ``max_len`` events and each position's
+    target is its own item where it belongs to the label domain (the model picks what to mask).
     """
     lo, hi = int(dom.offsets[label_domain]), int(dom.ends[label_domain])  # the domain's ids are lo+1..hi
-    width = max_len + 1
+    width = max_len if cloze else max_len + 1
     mat = np.zeros((len(samples), width), np.int64)
     for r, sample in enumerate(samples):
         seq = np.asarray(sample["items"], dtype=np.int64)
@@ -298,8 +300,12 @@ def train_rows(samples: list[dict], *, dom: DomainIndex, label_domain: int, max_
         seq = seq[-width:]
         if len(seq):
             mat[r, width - len(seq):] = seq
-    x, y = mat[:, :-1], mat[:, 1:]
-    targets = np.where((x > 0) & (y > lo) & (y <= hi), y, 0)  # no target for a padded input
+    if cloze:
+        x = mat
+        targets = np.where((x > lo) & (x <= hi), x, 0)
+    else:
+        x, y = mat[:, :-1], mat[:, 1:]
+        targets = np.where((x > 0) & (y > lo) & (y <= hi), y, 0)  # no target for a padded input
     keep = targets.any(1)
     user = np.fromiter((s["user"] for s in samples), np.int64, len(samples))
     return {"items": x[keep], "targets": targets[keep], "user": user[keep]}
@@ -386,7 +392,7 @@ def _loader(pipe: wds.DataPipeline, reader: ReaderOptions, epoch_batches: int | 
 
 
 def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size: int, max_len: int,
-                  seed: int, epoch: int, buffer: int, only_domain: bool = False,
+                  seed: int, epoch: int, buffer: int, only_domain: bool = False, cloze: bool = False,
                   reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None):
     """One epoch of shuffled training batches of ``domain``'s train split (this rank's share)."""
     dom = DomainIndex(manifest)
@@ -394,7 +400,8 @@ def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size
     pipe = sample_stream(shard_urls(manifest, folder, domain, "train", reader.remote), shuffle=True, seed=seed,
                          epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items,
                          sizes=shard_sizes(manifest, domain, "train"))
-    pipe.append(_train_batches_stage(batch_size, dom=dom, label_domain=d, max_len=max_len, only_domain=only_domain))
+    pipe.append(_train_batches_stage(batch_size, dom=dom, label_domain=d, max_len=max_len, only_domain=only_domain,
+                                     cloze=cloze))
     return _loader(pipe, reader, epoch_batches)
 
 
@@ -406,6 +413,7 @@ def joint_rows(batch_size: int, mix_ratio: float) -> tuple[int, int]:
 
 def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: str, batch_size: int,
                   mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int, only_domain: bool = False,
+                  cloze: bool = False,
                   reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None) -> Iterator[dict]:
     """Joint-stage batches: ``round(mix_ratio * B)`` source rows + the rest target rows.
 
@@ -420,7 +428,7 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
             n = 0
             for b in train_batches(manifest, folder, source, batch_size=n_src, max_len=max_len,
                                    seed=seed + 1, epoch=epoch * 1000 + k, buffer=buffer, reader=reader,
-                                   epoch_batches=epoch_batches, only_domain=only_domain):
+                                   epoch_batches=epoch_batches, only_domain=only_domain, cloze=cloze):
                 n += 1
                 yield b
             if n == 0:
@@ -430,7 +438,7 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
     src = source_forever()
     for tb in train_batches(manifest, folder, target, batch_size=n_tgt, max_len=max_len, seed=seed,
                             epoch=epoch, buffer=buffer, reader=reader, epoch_batches=epoch_batches,
-                            only_domain=only_domain):
+                            only_domain=only_domain, cloze=cloze):
         sb = next(src)
         yield {k: torch.cat([sb[k], tb[k]]) for k in tb}
 
