@@ -3,6 +3,7 @@
 #   make demo DATA=../shared/data/amazon-food-kitchen real data: configs/experiment/<folder name>.yaml
 #   make demo EXP=configs/experiment/x.yaml ARGS="model.n_layers=4"
 #   make test                                         the test suite (CPU, gloo)
+#   make seeds EXP=configs/experiment/x.yaml [SEEDS="0 1 2"] [ARGS=...]   one run per seed, then xdrec report
 #   make bench [BENCH_EVENTS=10000000]                stream throughput vs raw tar; prepare time and peak RSS
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,10 @@ endif
 BENCH_EVENTS ?= 1000000
 BENCH_DIR ?= data/bench
 
-.PHONY: setup demo test bench clean
+SEEDS ?= 0 1 2
+NAME ?= $(basename $(notdir $(EXP)))
+
+.PHONY: setup demo seeds test bench clean
 setup: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml Makefile
@@ -33,6 +37,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/xdrec train $(EXP) $(DATA_ARG) $(ARGS)
+
+seeds: setup
+	for s in $(SEEDS); do $(BIN)/xdrec train $(EXP) $(DATA_ARG) seed=$$s name=$(NAME)-seed$$s $(ARGS) || exit 1; done
+	$(BIN)/xdrec report $(foreach s,$(SEEDS),runs/$(NAME)-seed$(s)) --out runs/$(NAME)-report.json
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

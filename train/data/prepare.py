@@ -37,7 +37,7 @@ from train.data.synthetic import generate
 
 SCHEMA_VERSION = 2
 SPLITS = ("train", "valid", "test")
-_READ_ONLY_KEYS = ("remote", "on_error")
+_READ_ONLY_KEYS = ("remote", "on_error", "source", "target")  # no effect on the prepared shards
 
 
 def sha256_file(path: Path) -> str:
@@ -210,7 +210,8 @@ def prepare(cfg: DataConfig, log=print) -> Path:
 
 def data_fingerprint(cfg: DataConfig) -> str:
     """Hash of the data config and the input files' contents: a changed input re-prepares.
-    Keys that only change how shards are read (``remote``, ``on_error``) are left out."""
+    Keys that do not change the shards (``remote``, ``on_error``, which domain is the source) are
+    left out: both transfer directions of a pair share one prepared folder."""
     keys = {k: v for k, v in to_dict(cfg).items() if k not in _READ_ONLY_KEYS}
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for p in _input_files(cfg):
