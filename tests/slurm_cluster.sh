@@ -73,8 +73,11 @@ EOF
     fi
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
-    if ! pgrep -x munged >/dev/null; then
+    # a munged without its socket (e.g. left over from a removed package) cannot serve: replace it
+    if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+        pkill -x munged 2>/dev/null && sleep 1 || true
         if id munge >/dev/null 2>&1; then runuser -u munge -- munged; else munged --force; fi
+        for _ in $(seq 1 20); do munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
     fi
     stop
     slurmctld -f "$dir/slurm.conf"

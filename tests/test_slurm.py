@@ -41,8 +41,14 @@ def slurm(tmp_path_factory):
             pytest.fail(f"XDREC_REQUIRE_SLURM=1 but {why}")
         pytest.skip(why)
     state = tmp_path_factory.mktemp("slurm")
-    up = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=120)
-    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        up = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        up = subprocess.CompletedProcess(e.cmd, 124, e.stdout or "", e.stderr or "")
+    if up.returncode != 0:  # leave no half-started daemons behind
+        subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True, timeout=60)
+        logs = "".join(p.read_text()[-1500:] for p in (state / "log").glob("*.log"))
+        pytest.fail(f"the test cluster did not start:\n{up.stdout}{up.stderr}\n{logs}")
     env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "XDREC_DEVICE": "cpu", "WANDB_MODE": "offline",
            "XDREC_VENV": str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")))}
     yield env
