@@ -23,14 +23,21 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
     int64 tensor. A domain without targets gives an exact 0 that still touches its item rows and
     head, so every parameter takes part in every step.
     """
+    def full_ce(h, t, lo, hi):
+        logits = (h @ item_weight[lo:hi].T).float()  # (N_d, n_d)
+        return F.cross_entropy(logits, t - lo, reduction="sum") if len(h) else 0.0 * logits.sum()
+
+    return _per_domain(hidden, targets, ranges, full_ce)
+
+
+def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce_sum):
+    """``ce_sum(h (N_d, D), t (N_d,), lo, hi)`` for each domain's target rows; (sums, counts)."""
     per_domain = hidden if isinstance(hidden, (list, tuple)) else [hidden] * len(ranges)
     flat_t = targets.reshape(-1)
     sums, counts = [], []
     for hid, (lo, hi) in zip(per_domain, ranges):
         sel = (flat_t >= lo) & (flat_t < hi)
-        h = hid.reshape(-1, hid.shape[-1])[sel]  # (N_d, D)
-        logits = (h @ item_weight[lo:hi].T).float()  # (N_d, n_d)
-        sums.append(F.cross_entropy(logits, flat_t[sel] - lo, reduction="sum") if len(h) else 0.0 * logits.sum())
+        sums.append(ce_sum(hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi))
         counts.append(sel.sum())
     return sums, torch.stack(counts)
 
@@ -46,22 +53,17 @@ def domain_sampled_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: t
     correction). Memory and time scale with the candidates, not the vocabulary. With every item
     of a domain a target exactly once and no uniform draws the loss equals the full softmax.
     """
-    per_domain = hidden if isinstance(hidden, (list, tuple)) else [hidden] * len(ranges)
-    flat_t = targets.reshape(-1)
-    sums, counts = [], []
-    for hid, (lo, hi) in zip(per_domain, ranges):
-        sel = (flat_t >= lo) & (flat_t < hi)
-        h = hid.reshape(-1, hid.shape[-1])[sel]  # (N_d, D)
-        t = flat_t[sel]
+    def sampled_ce(h, t, lo, hi):
         drawn = torch.randint(lo, hi, (num_sampled,), device=t.device)
         cand, inverse = torch.unique(torch.cat([t, drawn]), return_inverse=True)  # sorted, distinct
         in_batch = torch.bincount(inverse[:len(t)], minlength=len(cand)).float()
         log_q = torch.log(in_batch + num_sampled / (hi - lo))
         logits = (h @ item_weight[cand].T).float() - log_q  # (N_d, |C|)
-        sums.append(F.cross_entropy(logits, inverse[:len(t)], reduction="sum") if len(h) else
-                    0.0 * logits.sum() + 0.0 * item_weight[lo:hi].sum())
-        counts.append(sel.sum())
-    return sums, torch.stack(counts)
+        if len(h):
+            return F.cross_entropy(logits, inverse[:len(t)], reduction="sum")
+        return 0.0 * logits.sum() + 0.0 * item_weight[lo:hi].sum()
+
+    return _per_domain(hidden, targets, ranges, sampled_ce)
 
 
 def weighted_domain_mean(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float],
