@@ -114,8 +114,6 @@ def test_amazon_review_files_from_a_real_slice_match_the_abxi_release(fk_slice, 
     prepare(amazon, **QUIET)
     abxi = DataConfig(name="abxi", format="abxi", path=str(fk_slice), domains=["food", "kitchen"], source="food",
                       target="kitchen", out_dir=str(tmp_path / "out"))
-    import shutil
-    shutil.copy(SHARED_DATA / "amazon-food-kitchen" / "map_item_50.txt", fk_slice)  # already there; explicit
     (fk_slice / "afk_50_preprocessed.txt").write_text("\n".join(raw["lines"]) + "\n")
     prepare(abxi, **QUIET)
     ma, mb = load_manifest(amazon.prepared_dir()), load_manifest(abxi.prepared_dir())
