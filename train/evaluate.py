@@ -20,15 +20,20 @@ from train.engine import any_rank, gather_arrays
 SAMPLED = "sampled999"
 
 
+def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@k of 1-based ranks: 1/log2(rank + 1) within the top k, else 0."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: list[int]) -> dict:
     ranks = np.asarray(ranks, dtype=np.float64)
     out: dict = {"n_users": int(len(ranks))}
     if not len(ranks):
         return out
     for k in ks:
-        hit = ranks <= k
-        out[f"hr@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
+        out[f"hr@{k}"] = float((ranks <= k).mean())
+        out[f"ndcg@{k}"] = float(ndcg_at(ranks, k).mean())
     out["mrr"] = float((1.0 / ranks).mean())
     return out
 
@@ -115,7 +120,10 @@ class Evaluator:
 
     def evaluate(self, score_fn, domain: str, split: str, *, only_domain: bool, device) -> dict:
         """``{"full": {...metrics}, "sampled999": {...}}`` for one domain and split."""
-        r = self.ranks(score_fn, domain, split, only_domain=only_domain, device=device)
+        return self.metrics(self.ranks(score_fn, domain, split, only_domain=only_domain, device=device))
+
+    def metrics(self, r: dict) -> dict:
+        """``{"full": {...}, "sampled999": {...}}`` of per-user ranks from :meth:`ranks`."""
         return {p: metrics_from_ranks(r[p], self.cfg.ks) for p in ("full", SAMPLED)}
 
     def by_history(self, r: dict) -> dict:
@@ -124,7 +132,7 @@ class Evaluator:
         out = {}
         for name, lo, hi in history_buckets(self.cfg.cold_start):
             sel = (r["n_train"] >= lo) & (r["n_train"] <= hi)
-            out[name] = {p: metrics_from_ranks(r[p][sel], self.cfg.ks) for p in ("full", SAMPLED)}
+            out[name] = self.metrics({p: r[p][sel] for p in ("full", SAMPLED)})
         return out
 
 
@@ -136,11 +144,6 @@ def history_buckets(edges: list[int]) -> list[tuple[str, int, float]]:
         lo = e + 1
     out.append((f">{lo - 1}", lo, float("inf")))
     return out
-
-
-def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
-    ranks = np.asarray(ranks, dtype=np.float64)
-    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int, seed: int) -> dict:

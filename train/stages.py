@@ -26,7 +26,7 @@ from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
-from train.evaluate import SAMPLED, Evaluator, metrics_from_ranks, ndcg_at, paired_bootstrap
+from train.evaluate import SAMPLED, Evaluator, ndcg_at, paired_bootstrap
 from launch.signals import install as install_signal_handlers
 from train.checkpoint import load_resume
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
@@ -139,7 +139,7 @@ class Experiment:
                 name = self.names[role]
                 r = self.evaluator.ranks(score_fn(engine), name, split, only_domain=self._own_domain_only(stage),
                                          device=self.device)
-                res = {p: metrics_from_ranks(r[p], self.cfg.eval.ks) for p in ("full", SAMPLED)}
+                res = self.evaluator.metrics(r)
                 if split == "test":
                     res["cold_start"] = self.evaluator.by_history(r)
                     saved.update({f"{name}/{k}": v for k, v in r.items()})

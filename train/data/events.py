@@ -97,11 +97,10 @@ def _first_or_last(t: EventTable, keep: np.ndarray, order: np.ndarray, which: st
     pos[order] = np.arange(len(t))  # chronological rank of each event
     o = idx[np.lexsort((pos[idx], t.item[idx], t.user[idx]))]
     pair = t.user[o].astype(np.int64) * len(t.items) + t.item[o]
+    lead = np.ones(len(o), bool)  # the first (or last) event of each run of one pair
     if which == "first":
-        lead = np.ones(len(o), bool)
         lead[1:] = pair[1:] != pair[:-1]
     else:
-        lead = np.ones(len(o), bool)
         lead[:-1] = pair[:-1] != pair[1:]
     out = np.zeros(len(t), bool)
     out[o[lead]] = True
