@@ -66,6 +66,30 @@ def domain_sampled_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: t
     return _per_domain(hidden, targets, ranges, sampled_ce)
 
 
+def domain_uniform_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor,
+                           item_weight: torch.Tensor, ranges: list[tuple[int, int]],
+                           num_sampled: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Like :func:`domain_ce_sums`, but each target's softmax runs over itself and ``num_sampled``
+    items drawn uniformly (with replacement) from its domain, one draw shared by the batch's
+    targets of that domain; a drawn item equal to a row's own target is left out of that row.
+
+    No in-batch negatives and no correction (a uniform proposal shifts every logit equally), so the
+    optimum ranks a user's next item above uniformly drawn items of its domain: the quantity the
+    sampled evaluation protocol (999 uniform same-domain negatives) measures, not full-catalogue
+    ranking, which puts more weight on popular items. Cost scales with ``num_sampled``.
+    """
+    def uniform_ce(h, t, lo, hi):
+        drawn = torch.randint(lo, hi, (num_sampled,), device=t.device)
+        pos = (h * item_weight[t]).sum(-1, keepdim=True)  # (N_d, 1)
+        neg = (h @ item_weight[drawn].T).masked_fill(drawn[None, :] == t[:, None], float("-inf"))
+        logits = torch.cat([pos, neg], 1).float()
+        if len(h):
+            return F.cross_entropy(logits, torch.zeros_like(t), reduction="sum")
+        return 0.0 * logits.sum() + 0.0 * item_weight[lo:hi].sum()
+
+    return _per_domain(hidden, targets, ranges, uniform_ce)
+
+
 def weighted_domain_mean(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float],
                          scale: float = 1.0) -> torch.Tensor:
     """``scale * sum_d w_d * sums[d] / counts[d]`` (a domain with count 0 adds 0 * sums[d])."""

@@ -10,13 +10,13 @@ from torch import nn
 
 from model.embeddings import SequenceEmbedding
 from model.encoder import Encoder
-from model.losses import domain_ce_sums, domain_sampled_ce_sums
+from model.losses import domain_ce_sums, domain_sampled_ce_sums, domain_uniform_ce_sums
 
 
 class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
                  heads: nn.ModuleList | None = None, num_sampled: int = 0, mask_id: int | None = None,
-                 mask_prob: float = 0.2):
+                 mask_prob: float = 0.2, uniform_negatives: bool = False):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``num_sampled`` > 0: train with sampled softmax (in-batch + that many uniform negatives per
@@ -26,6 +26,7 @@ class Recommender(nn.Module):
         ``mask_id`` after the history and reads the prediction there."""
         super().__init__()
         self.num_sampled = num_sampled
+        self.uniform_negatives = uniform_negatives
         self.mask_id, self.mask_prob = mask_id, mask_prob
         self.embedding = embedding
         self.encoder = encoder
@@ -58,6 +59,8 @@ class Recommender(nn.Module):
         h = self.encoder(self.embedding(items), items)  # (B, L, D)
         table = self.embedding.item.weight
         if targets is not None:
+            if self.num_sampled and self.uniform_negatives:
+                return domain_uniform_ce_sums(self.queries(h), targets, table, self.ranges, self.num_sampled)
             if self.num_sampled:
                 return domain_sampled_ce_sums(self.queries(h), targets, table, self.ranges, self.num_sampled)
             return domain_ce_sums(self.queries(h), targets, table, self.ranges)
@@ -87,8 +90,9 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
                       domain_heads: bool = False, num_sampled: int = 0, masked: bool = False,
-                      mask_prob: float = 0.2) -> Recommender:
-    """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain)."""
+                      mask_prob: float = 0.2, uniform_negatives: bool = False) -> Recommender:
+    """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
+    ``num_sampled`` > 0: sampled training softmax (``uniform_negatives``: uniform draws only)."""
     if masked:
         item_domain = torch.cat([item_domain, item_domain.new_zeros(1)])
     emb = SequenceEmbedding(n_items=n_items + int(masked), n_domains=len(ranges), d_model=d_model, max_len=max_len,
@@ -102,4 +106,4 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
             nn.init.zeros_(h.weight)
             nn.init.zeros_(h.bias)
     return Recommender(emb, enc, ranges, heads, num_sampled=num_sampled, mask_id=n_items + 1 if masked else None,
-                       mask_prob=mask_prob)
+                       mask_prob=mask_prob, uniform_negatives=uniform_negatives)

@@ -41,9 +41,11 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("data:\n  format: amazon\n", [], r"data.format='amazon' needs data.files"),
     ("name: x\n", ["model.causal=false"], r"model.objective='next_item' needs model.causal=True"),
     ("name: x\n", ["model.objective=masked"], r"model.objective='masked' needs model.causal=False"),
+    ("name: x\n", ["model.loss=uniform", "model.sampled_negatives=0"],
+     r"model.loss=uniform needs model.sampled_negatives >= 1"),
 ], ids=["type", "bool-not-int", "literal", "preset", "cross-field", "override-key", "override-type",
         "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files", "bidirectional-next-item",
-        "causal-cloze"])
+        "causal-cloze", "no-negatives"])
 def test_bad_values_name_key_and_origin(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text), overrides)

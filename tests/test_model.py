@@ -165,6 +165,38 @@ def test_sampled_softmax_log_q_by_hand():
     assert torch.allclose(s2, -(torch.log_softmax(logits, 1)[torch.arange(3), cols]).sum(), atol=1e-5)
 
 
+def test_uniform_negatives_loss_by_hand():
+    from model.losses import domain_uniform_ce_sums
+
+    torch.manual_seed(2)
+    table = torch.randn(9, 3)  # ids 1..4 domain 0, 5..8 domain 1
+    ranges = [(1, 5), (5, 9)]
+    hidden = torch.randn(1, 4, 3)
+    targets = torch.tensor([[2, 0, 6, 3]])
+    torch.manual_seed(7)
+    sums, counts = domain_uniform_ce_sums(hidden, targets, table, ranges, num_sampled=6)
+    torch.manual_seed(7)
+    drawn = [torch.randint(lo, hi, (6,)) for lo, hi in ranges]  # one shared draw per domain, in order
+    assert counts.tolist() == [2, 1]
+    for d, positions in ((0, [0, 3]), (1, [2])):
+        ref = 0.0
+        for p in positions:
+            t = int(targets[0, p])
+            negs = [int(i) for i in drawn[d] if int(i) != t]  # a draw equal to the target is left out
+            logits = hidden[0, p] @ table[[t] + negs].T
+            ref = ref - torch.log_softmax(logits, 0)[0]
+        assert torch.allclose(sums[d], ref, atol=1e-5)
+    # a draw equal to the target must really have occurred for the exclusion to be checked
+    assert any(int(targets[0, p]) in drawn[d].tolist() for d, ps in ((0, [0, 3]), (1, [2])) for p in ps)
+    # gradients reach the drawn rows and the targets only
+    table.requires_grad_(True)
+    torch.manual_seed(7)
+    s, _ = domain_uniform_ce_sums(hidden, targets, table, ranges, num_sampled=6)
+    (s[0] + s[1]).backward()
+    touched = set(table.grad.abs().sum(1).nonzero().flatten().tolist())
+    assert touched <= {2, 3, 6} | set(torch.cat(drawn).tolist()) and {2, 3, 6} <= touched
+
+
 def _masked_model(seed=0):
     torch.manual_seed(seed)
     item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])

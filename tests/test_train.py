@@ -151,11 +151,12 @@ def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
     assert meta["steps"] == per_epoch * len(meta["epoch_losses"])
 
 
-def test_sampled_softmax_and_per_domain_sequences_train_end_to_end(tmp_path):
+@pytest.mark.parametrize("loss", ["sampled", "uniform"])
+def test_sampled_softmax_and_per_domain_sequences_train_end_to_end(tmp_path, loss):
     env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
            f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source, joint]",
-           "model.loss=sampled", "model.sampled_negatives=16", "model.sequence=per_domain",
+           f"model.loss={loss}", "model.sampled_negatives=16", "model.sequence=per_domain",
            "train.source.epochs=4"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

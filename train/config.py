@@ -41,9 +41,11 @@ class ModelConfig:
     causal: bool = True
     domain_embeddings: bool = True
     domain_heads: bool = True  # per-domain residual query projection before scoring
-    # training softmax: "full" over every item of the target's domain, or "sampled": in-batch
-    # targets + sampled_negatives uniform items per domain, log-Q corrected (large vocabularies)
-    loss: Literal["full", "sampled"] = "full"
+    # training softmax: "full" over every item of the target's domain; "sampled": in-batch
+    # targets + sampled_negatives uniform items per domain, log-Q corrected (approximates full,
+    # large vocabularies); "uniform": the target against sampled_negatives uniform items of its
+    # domain only (what the sampled evaluation protocol measures; cheaper than full)
+    loss: Literal["full", "sampled", "uniform"] = "full"
     sampled_negatives: int = 1024
     # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
     # (training and evaluation) see that domain's events alone, parameters still shared
@@ -221,6 +223,9 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: model.objective={self.model.objective!r} needs model.causal="
                               f"{self.model.objective == 'next_item'} (a bidirectional encoder would see the next "
                               "item it is asked for; the cloze objective needs both directions)")
+        if self.model.loss != "full" and self.model.sampled_negatives < 1:
+            raise ConfigError(f"{origin}: model.loss={self.model.loss} needs model.sampled_negatives >= 1, "
+                              f"got {self.model.sampled_negatives}")
         if not 0.0 < self.model.mask_prob <= 1.0:
             raise ConfigError(f"{origin}: model.mask_prob must be in (0, 1], got {self.model.mask_prob}")
         if self.model.d_model % self.model.n_heads:
