@@ -16,29 +16,49 @@ from model.losses import domain_ce_sums, domain_sampled_ce_sums, domain_uniform_
 class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
                  heads: nn.ModuleList | None = None, num_sampled: int = 0, mask_id: int | None = None,
-                 mask_prob: float = 0.2, uniform_negatives: bool = False):
+                 mask_prob: float = 0.2, uniform_negatives: bool = False, domain_views: bool = False):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``num_sampled`` > 0: train with sampled softmax (in-batch + that many uniform negatives per
         domain, log-Q corrected; ``model.losses.domain_sampled_ce_sums``); scoring stays full.
         ``mask_id`` (cloze objective): training masks a random ``mask_prob`` share of each row's
         labelled positions (at least one) with ``mask_id`` and predicts them; scoring appends
-        ``mask_id`` after the history and reads the prediction there."""
+        ``mask_id`` after the history and reads the prediction there.
+        ``domain_views``: domain d's query also adds the shared encoder's state over the row's
+        domain-d events alone, up to the same position (``domain_view``): the mixed sequence
+        carries cross-domain context, the own-domain view the domain's recent history undiluted."""
         super().__init__()
         self.num_sampled = num_sampled
         self.uniform_negatives = uniform_negatives
+        self.domain_views = domain_views
         self.mask_id, self.mask_prob = mask_id, mask_prob
         self.embedding = embedding
         self.encoder = encoder
         self.ranges = [tuple(r) for r in ranges]
         self.heads = heads
 
-    def queries(self, h: torch.Tensor) -> list[torch.Tensor]:
-        """Per-domain query states [..., D]. Every head runs on every call (ZeRO-3 needs each
-        module in every forward, whatever the batch holds)."""
-        if self.heads is None:
-            return [h] * len(self.ranges)
-        return [h + head(h) for head in self.heads]
+    def queries(self, h: torch.Tensor, views: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per-domain query states [..., D]; ``views[d]`` (same shape) is added to domain d's.
+        Every head runs on every call (ZeRO-3 needs each module in every forward, whatever the
+        batch holds)."""
+        qs = [h] * len(self.ranges) if self.heads is None else [h + head(h) for head in self.heads]
+        return qs if views is None else [q + v for q, v in zip(qs, views)]
+
+    def domain_view(self, items: torch.Tensor, domain: int, last_only: bool = False) -> torch.Tensor:
+        """[B, L, D]: at each position p, the encoder's state at the row's latest ``domain`` event
+        at or before p, encoded with the other domains' events removed (0 before the first one).
+        Events keep their positions in the row, so a state depends on nothing after it (causal).
+        ``last_only``: [B, D] at the last position only (scoring)."""
+        lo, hi = self.ranges[domain]
+        own = (items >= lo) & (items < hi)
+        sub = torch.where(own, items, 0)
+        hd = self.encoder(self.embedding(sub), sub)  # (B, L, D); other positions are padding
+        pos = torch.arange(items.shape[1], device=items.device)
+        latest = torch.where(own, pos, -1).cummax(1).values  # latest own position <= p, -1: none yet
+        if last_only:
+            latest = latest[:, -1:]
+        view = hd.gather(1, latest.clamp(min=0)[..., None].expand(-1, -1, hd.shape[-1])) * (latest >= 0)[..., None]
+        return view[:, 0] if last_only else view
 
     def forward(self, items: torch.Tensor, targets: torch.Tensor | None = None, domain: int | None = None):
         """One entry point, so a wrapping engine (DeepSpeed ZeRO-3 gathers parameters around
@@ -59,14 +79,19 @@ class Recommender(nn.Module):
         h = self.encoder(self.embedding(items), items)  # (B, L, D)
         table = self.embedding.item.weight
         if targets is not None:
+            views = [self.domain_view(items, d) for d in range(len(self.ranges))] if self.domain_views else None
+            q = self.queries(h, views)
             if self.num_sampled and self.uniform_negatives:
-                return domain_uniform_ce_sums(self.queries(h), targets, table, self.ranges, self.num_sampled)
+                return domain_uniform_ce_sums(q, targets, table, self.ranges, self.num_sampled)
             if self.num_sampled:
-                return domain_sampled_ce_sums(self.queries(h), targets, table, self.ranges, self.num_sampled)
-            return domain_ce_sums(self.queries(h), targets, table, self.ranges)
+                return domain_sampled_ce_sums(q, targets, table, self.ranges, self.num_sampled)
+            return domain_ce_sums(q, targets, table, self.ranges)
         if domain is not None:
             lo, hi = self.ranges[domain]
-            return self.queries(h[:, -1])[domain] @ table[lo:hi].T
+            q = self.queries(h[:, -1])[domain]
+            if self.domain_views:
+                q = q + self.domain_view(items, domain, last_only=True)
+            return q @ table[lo:hi].T
         return h
 
     def cloze(self, items: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +115,8 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
                       domain_heads: bool = False, num_sampled: int = 0, masked: bool = False,
-                      mask_prob: float = 0.2, uniform_negatives: bool = False) -> Recommender:
+                      mask_prob: float = 0.2, uniform_negatives: bool = False,
+                      domain_views: bool = False) -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
     ``num_sampled`` > 0: sampled training softmax (``uniform_negatives``: uniform draws only)."""
     if masked:
@@ -106,4 +132,4 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
             nn.init.zeros_(h.weight)
             nn.init.zeros_(h.bias)
     return Recommender(emb, enc, ranges, heads, num_sampled=num_sampled, mask_id=n_items + 1 if masked else None,
-                       mask_prob=mask_prob, uniform_negatives=uniform_negatives)
+                       mask_prob=mask_prob, uniform_negatives=uniform_negatives, domain_views=domain_views)

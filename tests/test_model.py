@@ -229,3 +229,61 @@ def test_cloze_scoring_appends_a_mask_after_the_history():
     h = m.encoder(m.embedding(shifted), shifted)[:, -1]
     lo, hi = m.ranges[1]
     assert torch.allclose(m(items, domain=1), m.queries(h)[1] @ m.embedding.item.weight[lo:hi].T, atol=1e-6)
+
+
+def _dual_model(seed=0):
+    torch.manual_seed(seed)
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    return build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=2,
+                             n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=7, causal=True,
+                             domain_embeddings=True, domain_heads=True, domain_views=True).eval()
+
+
+def test_domain_view_is_the_own_domain_encoding_at_the_latest_own_event():
+    m = _dual_model()
+    items = torch.tensor([[0, 1, 4, 5, 2, 6, 7], [0, 0, 4, 4, 5, 6, 3]])
+    for d, (lo, hi) in enumerate(m.ranges):
+        view = m.domain_view(items, d)
+        own = (items >= lo) & (items < hi)
+        for b in range(items.shape[0]):
+            for p in range(items.shape[1]):
+                prev = [q for q in range(p + 1) if own[b, q]]
+                if not prev:
+                    assert torch.equal(view[b, p], torch.zeros(8))
+                    continue
+                alone = torch.where(own[b:b + 1], items[b:b + 1], 0)  # the other domain's events removed
+                ref = m.encoder(m.embedding(alone), alone)[0, prev[-1]]
+                assert torch.allclose(view[b, p], ref, atol=1e-5), (d, b, p)
+        assert torch.allclose(m.domain_view(items, d, last_only=True), view[:, -1], atol=1e-6)
+
+
+def test_domain_view_sees_nothing_after_its_position():
+    m = _dual_model()
+    items = torch.tensor([[1, 4, 2, 5, 3, 6, 7]])
+    later = items.clone()
+    later[0, 4:] = torch.tensor([2, 4, 1])  # change every event after position 3, both domains
+    for d in range(2):
+        a, b = m.domain_view(items, d), m.domain_view(later, d)
+        assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
+        assert not torch.allclose(a[:, 4:], b[:, 4:], atol=1e-3)  # the change is visible afterwards
+
+
+def test_dual_scores_add_the_domain_view_to_the_query():
+    m = _dual_model()
+    items = torch.tensor([[0, 1, 4, 5, 2, 6, 7]])
+    h = m.encoder(m.embedding(items), items)[:, -1]
+    for d, (lo, hi) in enumerate(m.ranges):
+        q = m.queries(h)[d] + m.domain_view(items, d)[:, -1]
+        assert torch.allclose(m(items, domain=d), q @ m.embedding.item.weight[lo:hi].T, atol=1e-5)
+    # training uses the same per-position queries: the loss equals the CE of those scores
+    targets = torch.tensor([[1, 4, 5, 2, 6, 7, 3]])
+    sums, counts = m(items, targets=targets)
+    hs = m.encoder(m.embedding(items), items)
+    ref = []
+    for d, (lo, hi) in enumerate(m.ranges):
+        q = m.queries(hs)[d] + m.domain_view(items, d)
+        sel = (targets >= lo) & (targets < hi)
+        ref.append(torch.nn.functional.cross_entropy(q[sel] @ m.embedding.item.weight[lo:hi].T, targets[sel] - lo,
+                                                     reduction="sum"))
+    assert counts.tolist() == [3, 4]
+    assert torch.allclose(torch.stack(sums), torch.stack(ref), atol=1e-4)

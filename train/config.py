@@ -49,7 +49,9 @@ class ModelConfig:
     sampled_negatives: int = 1024
     # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
     # (training and evaluation) see that domain's events alone, parameters still shared
-    sequence: Literal["mixed", "per_domain"] = "mixed"
+    # "dual": mixed inputs, and each domain's query adds the encoder's state over the row's
+    # events of that domain alone (costs one more encoder pass per domain)
+    sequence: Literal["mixed", "per_domain", "dual"] = "mixed"
     # "next_item" (SASRec, needs causal: true) or "masked" (BERT4Rec-style cloze: bidirectional,
     # causal: false; a random mask_prob share of each row's label-domain items is predicted, at
     # least one; scoring appends a [MASK] after the history)
@@ -223,6 +225,8 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: model.objective={self.model.objective!r} needs model.causal="
                               f"{self.model.objective == 'next_item'} (a bidirectional encoder would see the next "
                               "item it is asked for; the cloze objective needs both directions)")
+        if self.model.sequence == "dual" and self.model.objective != "next_item":
+            raise ConfigError(f"{origin}: model.sequence=dual needs model.objective=next_item")
         if self.model.loss != "full" and self.model.sampled_negatives < 1:
             raise ConfigError(f"{origin}: model.loss={self.model.loss} needs model.sampled_negatives >= 1, "
                               f"got {self.model.sampled_negatives}")
