@@ -151,20 +151,22 @@ def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
     assert meta["steps"] == per_epoch * len(meta["epoch_losses"])
 
 
-@pytest.mark.parametrize("loss", ["sampled", "uniform"])
-def test_sampled_softmax_and_per_domain_sequences_train_end_to_end(tmp_path, loss):
+@pytest.mark.parametrize("loss, sequence, zero", [("sampled", "per_domain", 0), ("uniform", "dual", 3)])
+def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, zero):
+    """dual runs its encoder once per domain view in a forward: under ZeRO-3 too."""
     env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
            f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source, joint]",
-           f"model.loss={loss}", "model.sampled_negatives=16", "model.sequence=per_domain",
-           "train.source.epochs=4"]
+           f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
+           f"train.zero_stage={zero}", "train.source.epochs=4"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     losses = m["_meta"]["source"]["epoch_losses"]
     assert losses[-1] < losses[0] - 0.05
-    assert "[joint] inputs: each row's own domain only" in p.stdout
-    assert "[source] inputs: each row's own domain only" in p.stdout
+    inputs = "each row's own domain only" if sequence == "per_domain" else "the mixed sequence of every domain"
+    assert f"[joint] inputs: {inputs}" in p.stdout and f"[source] inputs: {inputs}" in p.stdout
+    assert f"ZeRO stage {zero}" in p.stdout
     assert m["joint"]["test"]["B"]["sampled999"]["hr@10"] > 0
 
 
