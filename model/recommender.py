@@ -12,15 +12,20 @@ from model.embeddings import SequenceEmbedding
 from model.encoder import Encoder
 from model.losses import domain_ce_sums, domain_sampled_ce_sums, domain_uniform_ce_sums
 
+# sampled training losses by name (``Recommender.loss``; "full" is domain_ce_sums)
+_SAMPLED_LOSSES = {"sampled": domain_sampled_ce_sums, "uniform": domain_uniform_ce_sums}
+
 
 class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
-                 heads: nn.ModuleList | None = None, num_sampled: int = 0, mask_id: int | None = None,
-                 mask_prob: float = 0.2, uniform_negatives: bool = False, domain_views: bool = False):
+                 heads: nn.ModuleList | None = None, loss: str = "full", num_sampled: int = 0,
+                 mask_id: int | None = None, mask_prob: float = 0.2, domain_views: bool = False):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
-        ``num_sampled`` > 0: train with sampled softmax (in-batch + that many uniform negatives per
-        domain, log-Q corrected; ``model.losses.domain_sampled_ce_sums``); scoring stays full.
+        ``loss`` (training only; scoring stays full): "full" softmax over the target's domain,
+        "sampled" (in-batch + ``num_sampled`` uniform negatives per domain, log-Q corrected;
+        ``model.losses.domain_sampled_ce_sums``) or "uniform" (the target against ``num_sampled``
+        uniform draws alone; ``model.losses.domain_uniform_ce_sums``).
         ``mask_id`` (cloze objective): training masks a random ``mask_prob`` share of each row's
         labelled positions (at least one) with ``mask_id`` and predicts them; scoring appends
         ``mask_id`` after the history and reads the prediction there.
@@ -28,8 +33,9 @@ class Recommender(nn.Module):
         domain-d events alone, up to the same position (``domain_view``): the mixed sequence
         carries cross-domain context, the own-domain view the domain's recent history undiluted."""
         super().__init__()
-        self.num_sampled = num_sampled
-        self.uniform_negatives = uniform_negatives
+        if loss != "full" and loss not in _SAMPLED_LOSSES:
+            raise ValueError(f"loss must be 'full' or one of {sorted(_SAMPLED_LOSSES)}, got {loss!r}")
+        self.loss, self.num_sampled = loss, num_sampled
         self.domain_views = domain_views
         self.mask_id, self.mask_prob = mask_id, mask_prob
         self.embedding = embedding
@@ -81,11 +87,9 @@ class Recommender(nn.Module):
         if targets is not None:
             views = [self.domain_view(items, d) for d in range(len(self.ranges))] if self.domain_views else None
             q = self.queries(h, views)
-            if self.num_sampled and self.uniform_negatives:
-                return domain_uniform_ce_sums(q, targets, table, self.ranges, self.num_sampled)
-            if self.num_sampled:
-                return domain_sampled_ce_sums(q, targets, table, self.ranges, self.num_sampled)
-            return domain_ce_sums(q, targets, table, self.ranges)
+            if self.loss == "full":
+                return domain_ce_sums(q, targets, table, self.ranges)
+            return _SAMPLED_LOSSES[self.loss](q, targets, table, self.ranges, self.num_sampled)
         if domain is not None:
             lo, hi = self.ranges[domain]
             q = self.queries(h[:, -1])[domain]
@@ -114,11 +118,10 @@ class Recommender(nn.Module):
 def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domain: torch.Tensor,
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
-                      domain_heads: bool = False, num_sampled: int = 0, masked: bool = False,
-                      mask_prob: float = 0.2, uniform_negatives: bool = False,
-                      domain_views: bool = False) -> Recommender:
+                      domain_heads: bool = False, loss: str = "full", num_sampled: int = 0,
+                      masked: bool = False, mask_prob: float = 0.2, domain_views: bool = False) -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
-    ``num_sampled`` > 0: sampled training softmax (``uniform_negatives``: uniform draws only)."""
+    ``loss``/``num_sampled``: the training softmax, see :class:`Recommender`."""
     if masked:
         item_domain = torch.cat([item_domain, item_domain.new_zeros(1)])
     emb = SequenceEmbedding(n_items=n_items + int(masked), n_domains=len(ranges), d_model=d_model, max_len=max_len,
@@ -131,5 +134,5 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
         for h in heads:  # start as the shared query: q_d = h
             nn.init.zeros_(h.weight)
             nn.init.zeros_(h.bias)
-    return Recommender(emb, enc, ranges, heads, num_sampled=num_sampled, mask_id=n_items + 1 if masked else None,
-                       mask_prob=mask_prob, uniform_negatives=uniform_negatives, domain_views=domain_views)
+    return Recommender(emb, enc, ranges, heads, loss=loss, num_sampled=num_sampled,
+                       mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, domain_views=domain_views)

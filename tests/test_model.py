@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from model import build_recommender, domain_cross_entropy, weighted_domain_mean
@@ -195,6 +196,29 @@ def test_uniform_negatives_loss_by_hand():
     (s[0] + s[1]).backward()
     touched = set(table.grad.abs().sum(1).nonzero().flatten().tolist())
     assert touched <= {2, 3, 6} | set(torch.cat(drawn).tolist()) and {2, 3, 6} <= touched
+
+
+@pytest.mark.parametrize("loss", ["sampled", "uniform"])
+def test_model_trains_with_the_named_sampled_loss(loss):
+    from model.losses import domain_sampled_ce_sums, domain_uniform_ce_sums
+
+    torch.manual_seed(0)
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    m = build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1,
+                          n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True,
+                          domain_embeddings=True, domain_heads=True, loss=loss, num_sampled=5).eval()
+    items = torch.tensor([[0, 1, 4, 2, 5, 6]])
+    targets = torch.tensor([[1, 4, 2, 5, 6, 3]])
+    torch.manual_seed(3)
+    sums, _ = m(items, targets=targets)
+    fn = domain_sampled_ce_sums if loss == "sampled" else domain_uniform_ce_sums
+    torch.manual_seed(3)
+    ref, _ = fn(m.queries(m(items)), targets, m.embedding.item.weight, m.ranges, 5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sums, ref))
+    with pytest.raises(ValueError, match="loss must be 'full' or one of"):
+        build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1,
+                          n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True,
+                          domain_embeddings=True, loss="sampeld")
 
 
 def _masked_model(seed=0):

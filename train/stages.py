@@ -56,8 +56,7 @@ def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
                              d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ff_mult=m.ff_mult,
                              dropout=m.dropout, emb_dropout=m.emb_dropout, max_len=m.max_len, causal=m.causal,
                              domain_embeddings=m.domain_embeddings, domain_heads=m.domain_heads,
-                             num_sampled=m.sampled_negatives if m.loss != "full" else 0,
-                             uniform_negatives=m.loss == "uniform", domain_views=m.sequence == "dual",
+                             loss=m.loss, num_sampled=m.sampled_negatives, domain_views=m.sequence == "dual",
                              masked=m.objective == "masked", mask_prob=m.mask_prob)
 
 
