@@ -181,3 +181,21 @@ def test_masked_item_objective_trains_end_to_end(tmp_path):
     losses = m["_meta"]["source"]["epoch_losses"]
     assert losses[-1] < losses[0] - 0.05
     assert m["source"]["test"]["A"]["sampled999"]["hr@10"] > 0
+
+
+def test_joint_stage_can_select_on_the_mean_of_both_domains(tmp_path):
+    """eval.select_domains=all: the joint stage's selection value is the mean of the source's and the
+    target's valid NDCG@10 (one joint epoch, so the reported valid metrics are of the same weights)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source, joint]",
+           "train.source.epochs=2", "train.joint.epochs=1", "eval.select_domains=all"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "tiny"
+    valid = json.loads((run / "metrics.json").read_text())["joint"]["valid"]
+    a, b = (valid[d]["sampled999"]["ndcg@10"] for d in ("A", "B"))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    selected = [r["joint/valid_select"] for r in logged if "joint/valid_select" in r]
+    assert len(selected) == 1 and abs(a - b) > 1e-4
+    assert selected[0] == pytest.approx((a + b) / 2, abs=1e-6)

@@ -177,6 +177,10 @@ class EvalConfig:
     batch_size: int = 512
     select_metric: str = "ndcg@10"  # on valid, sampled999 protocol, the stage's selection domain
     select_protocol: Literal["full", "sampled999"] = "sampled999"
+    # which valid domains pick a stage's best epoch: "stage" = its selection domain (joint and
+    # target-only: the target; source: the source); "all" = the mean over every domain the stage
+    # is evaluated on (joint: source and target, as ABXI selects on the sum of both domains)
+    select_domains: Literal["stage", "all"] = "stage"
     seed: int = 2025  # negatives are a function of (seed, split, user): same for every model
     cold_start: list[int] = field(default_factory=lambda: [5, 10])  # buckets of target training events: 0, 1-5, 6-10, >10
     bootstrap: int = 1000  # paired bootstrap resamples over test users (source-then-joint vs target-only)

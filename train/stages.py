@@ -122,11 +122,16 @@ class Experiment:
 
     # -- evaluation ---------------------------------------------------------------------------
     def _select(self, engine, stage: str) -> float:
-        spec = SPECS[stage]
-        metric = self.cfg.eval.select_metric
-        res = self.evaluator.evaluate(score_fn(engine), self.names[spec.select_domain], "valid",
-                                      only_domain=self._own_domain_only(stage), device=self.device)
-        return res[self.cfg.eval.select_protocol][metric]
+        """The valid number a stage keeps its best epoch by: ``eval.select_metric`` under
+        ``eval.select_protocol`` on the stage's selection domain, or with ``eval.select_domains=all``
+        the unweighted mean of it over the stage's evaluation domains."""
+        spec, ev = SPECS[stage], self.cfg.eval
+        roles = spec.eval_domains if ev.select_domains == "all" else (spec.select_domain,)
+        values = [self.evaluator.evaluate(score_fn(engine), self.names[r], "valid",
+                                          only_domain=self._own_domain_only(stage),
+                                          device=self.device)[ev.select_protocol][ev.select_metric]
+                  for r in roles]
+        return sum(values) / len(values)
 
     def evaluate_stage(self, engine, stage: str) -> dict:
         """Valid and test metrics per domain; on test also per history bucket (``cold_start``), and
