@@ -10,6 +10,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def train_tiny(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    """``xdrec train`` on the tiny experiment in a subprocess (W&B off), outputs under ``tmp_path``;
+    asserts it exits 0."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", *overrides]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
@@ -138,12 +149,8 @@ def test_sigusr1_checkpoints_and_exits_75_for_a_requeue(tmp_path):
 
 
 def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
-           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source]",
-           "train.num_workers=2", "train.resampled=true", "train.log_every=1"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = train_tiny(tmp_path, "train.stages=[source]",
+                   "train.num_workers=2", "train.resampled=true", "train.log_every=1")
     assert "2 DataLoader workers): every reader draws shards with replacement (resampled)" in p.stdout
     meta = json.loads((tmp_path / "tiny" / "metrics.json").read_text())["_meta"]["source"]
     m = json.loads((tmp_path / "data" / "synthetic-tiny" / "manifest.json").read_text())
@@ -154,13 +161,9 @@ def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
 @pytest.mark.parametrize("loss, sequence, zero", [("sampled", "per_domain", 0), ("uniform", "dual", 3)])
 def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, zero):
     """dual runs its encoder once per domain view in a forward: under ZeRO-3 too."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
-           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source, joint]",
-           f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
-           f"train.zero_stage={zero}", "train.source.epochs=4"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = train_tiny(tmp_path, "train.stages=[source, joint]",
+                   f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
+                   f"train.zero_stage={zero}", "train.source.epochs=4")
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     losses = m["_meta"]["source"]["epoch_losses"]
     assert losses[-1] < losses[0] - 0.05
@@ -171,12 +174,8 @@ def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, se
 
 
 def test_masked_item_objective_trains_end_to_end(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
-           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source]",
-           "model.objective=masked", "model.causal=false", "model.mask_prob=0.3", "train.source.epochs=4"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    train_tiny(tmp_path, "train.stages=[source]",
+               "model.objective=masked", "model.causal=false", "model.mask_prob=0.3", "train.source.epochs=4")
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     losses = m["_meta"]["source"]["epoch_losses"]
     assert losses[-1] < losses[0] - 0.05
@@ -186,12 +185,8 @@ def test_masked_item_objective_trains_end_to_end(tmp_path):
 def test_joint_stage_can_select_on_the_mean_of_both_domains(tmp_path):
     """eval.select_domains=all: the joint stage's selection value is the mean of the source's and the
     target's valid NDCG@10 (one joint epoch, so the reported valid metrics are of the same weights)."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
-           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source, joint]",
-           "train.source.epochs=2", "train.joint.epochs=1", "eval.select_domains=all"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    train_tiny(tmp_path, "train.stages=[source, joint]",
+               "train.source.epochs=2", "train.joint.epochs=1", "eval.select_domains=all")
     run = tmp_path / "tiny"
     valid = json.loads((run / "metrics.json").read_text())["joint"]["valid"]
     a, b = (valid[d]["sampled999"]["ndcg@10"] for d in ("A", "B"))
