@@ -175,7 +175,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     num_negatives: int = 999  # ABXI protocol: same-domain negatives, user's items excluded
     batch_size: int = 512
-    select_metric: str = "ndcg@10"  # on valid, sampled999 protocol, the stage's selection domain
+    select_metric: str = "ndcg@10"  # on valid, under select_protocol, on the domains select_domains names
     select_protocol: Literal["full", "sampled999"] = "sampled999"
     # which valid domains pick a stage's best epoch: "stage" = its selection domain (joint and
     # target-only: the target; source: the source); "all" = the mean over every domain the stage
