@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from train.engine import warmup_cosine
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -194,3 +196,35 @@ def test_joint_stage_can_select_on_the_mean_of_both_domains(tmp_path):
     selected = [r["joint/valid_select"] for r in logged if "joint/valid_select" in r]
     assert len(selected) == 1 and abs(a - b) > 1e-4
     assert selected[0] == pytest.approx((a + b) / 2, abs=1e-6)
+
+
+def test_lr_decays_after_each_evaluation_without_gain_and_the_decay_survives_a_resume(tmp_path):
+    """train.<stage>.plateau_decay: HR@100 with 50 negatives is 1.0 at every epoch, so only the first
+    evaluation is a gain; every later one multiplies the LR by 0.5 from the next step on. A run
+    stopped inside epoch 3 and resumed applies the same LRs at every step."""
+    args = ["train.stages=[source]", "train.source.epochs=4", "train.source.patience=9",
+            "train.source.plateau_decay=0.5", "train.log_every=1", "eval.ks=[5, 10, 100]",
+            "eval.select_metric=hr@100"]
+
+    def step_lrs(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["source/stage_step"]: (r["source/epoch"], r["source/lr"]) for r in rows if "source/lr" in r}
+
+    train_tiny(tmp_path / "full", *args)
+    lrs = step_lrs(tmp_path / "full" / "tiny")
+    per_epoch = sum(1 for e, _ in lrs.values() if e == 0)
+    assert sorted(lrs) == list(range(1, 4 * per_epoch + 1))
+    for step, (epoch, lr) in lrs.items():
+        # epoch e trains after e evaluations, the first of which was a gain
+        expect = 0.005 * warmup_cosine(step, warmup=5, total=4 * per_epoch) * 0.5 ** max(0, epoch - 1)
+        assert lr == pytest.approx(expect, rel=1e-6), (step, epoch)
+    scales = [json.loads(line)["source/lr_scale"] for line in (tmp_path / "full" / "tiny" / "metrics.jsonl")
+              .read_text().splitlines() if "source/lr_scale" in line]
+    assert scales == [1.0, 1.0, 0.5, 0.25]
+
+    train_tiny(tmp_path / "cut", *args, f"train.stop_after_steps={2 * per_epoch + 1}")
+    resumed = train_tiny(tmp_path / "cut", *args, "--resume", "auto")
+    assert f"resuming at epoch 3, batch 1, step {2 * per_epoch + 1}" in resumed.stdout
+    again = step_lrs(tmp_path / "cut" / "tiny")
+    assert sorted(again) == sorted(lrs)
+    assert all(again[s][1] == pytest.approx(lrs[s][1], rel=1e-6) for s in lrs)

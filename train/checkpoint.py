@@ -2,7 +2,8 @@
 
 A resume checkpoint of a stage lives in ``runs/<name>/<stage>/checkpoints/step<N>/`` and holds
 the module, optimizer and LR-schedule state (DeepSpeed ``save_checkpoint``), the loop state
-(epoch, batches already trained in that epoch, step, best valid metric, patience, losses) as
+(epoch, batches already trained in that epoch, step, best valid metric, patience, LR plateau
+scale, losses) as
 client state, each rank's RNG states (``rng_rank<r>.pt``) and the resolved config. The stream
 is deterministic per (seed, epoch), so skipping the batches already trained in the epoch puts
 every rank at the next unseen sample. DeepSpeed's ``latest`` file names the newest one; the
@@ -31,6 +32,7 @@ class LoopState:
     best: float = float("-inf")
     best_epoch: int = -1
     bad: int = 0  # evaluations since the last improvement
+    lr_scale: float = 1.0  # plateau decay applied so far (StageConfig.plateau_decay ** evaluations without gain)
     losses: list = field(default_factory=list)  # mean loss of each finished epoch
     ep_loss: float = 0.0
     ep_n: int = 0

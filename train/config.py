@@ -137,6 +137,9 @@ class StageConfig:
     source_weight: float = 1.0  # w_s in L = w_s * mean CE(source) + w_t * mean CE(target)
     target_weight: float = 1.0  # w_t
     patience: int = 3  # stop after this many evaluations without a better valid metric
+    # after each evaluation without a better valid metric, multiply the LR by this (on top of the
+    # warmup + cosine schedule) until the stage stops; 1.0: off
+    plateau_decay: float = 1.0
 
 
 @dataclass
@@ -221,6 +224,10 @@ class ExperimentConfig:
         for s in self.train.stages:
             if s not in STAGES:
                 raise ConfigError(f"{origin}: train.stages has {s!r}; known stages: {list(STAGES)}")
+        for s in STAGES:
+            if not 0.0 < self.train.stage(s).plateau_decay <= 1.0:
+                raise ConfigError(f"{origin}: train.{s}.plateau_decay must be in (0, 1], got "
+                                  f"{self.train.stage(s).plateau_decay}")
         if "joint" in self.train.stages and "source" not in self.train.stages:
             raise ConfigError(f"{origin}: train.stages has 'joint' without 'source' (joint starts from it)")
         if not 0.0 < self.train.mix_ratio < 1.0:

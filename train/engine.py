@@ -4,7 +4,8 @@
 process is rank 0 of 1 on gloo/NCCL too, so the same code path runs everywhere) and
 ``build_engine(model, *, ...)`` wraps a pure-torch model in a DeepSpeed engine whose config is
 generated from the typed config: ZeRO stage, precision, micro batch, accumulation, clipping.
-The optimizer is torch's AdamW passed in (no op compile) with a warmup + cosine schedule.
+The optimizer is torch's AdamW passed in (no op compile) with a warmup + cosine schedule
+(times a plateau decay the loop may lower).
 """
 from __future__ import annotations
 
@@ -164,14 +165,34 @@ def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class Schedule:
+    """The LR multiplier of step ``s``: ``warmup_cosine(s) * scale``. ``scale`` is the plateau
+    decay so far (``set_lr_scale``); an object, not a lambda, so LambdaLR's state dict (and so a
+    DeepSpeed checkpoint) carries it."""
+
+    def __init__(self, *, warmup: int, total: int, scale: float = 1.0):
+        self.warmup, self.total, self.scale = warmup, total, scale
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, warmup=self.warmup, total=self.total) * self.scale
+
+
+def set_lr_scale(scheduler, scale: float) -> None:
+    """Set the plateau scale of a LambdaLR built on :class:`Schedule` and apply it at once: the
+    optimizer's LR becomes ``base * warmup_cosine(current step) * scale``."""
+    for f in scheduler.lr_lambdas:
+        f.scale = scale
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * f(scheduler.last_epoch)
+
+
 def build_engine(model: torch.nn.Module, *, train: TrainConfig, stage: StageConfig, total_steps: int,
                  world_size: int):
     """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and schedule inside)."""
     import deepspeed
 
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup=train.warmup_steps, total=total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule(warmup=train.warmup_steps, total=total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(train, world_size=world_size,
                                                                    n_params=sum(p.numel() for p in model.parameters())))

@@ -10,7 +10,7 @@ import torch
 
 from launch.signals import stop_requested
 from train.checkpoint import LoopState, save_resume
-from train.engine import all_ranks, global_domain_loss, max_over_ranks, sum_over_ranks
+from train.engine import all_ranks, global_domain_loss, max_over_ranks, set_lr_scale, sum_over_ranks
 from train.tracking import Tracker
 
 
@@ -29,6 +29,7 @@ class StagePlan:
     checkpoint_every: int = 0  # steps between resume checkpoints (0: epoch ends only)
     grad_accum: int = 1  # stop and checkpoint only where accumulated gradients have been applied
     domain_names: list[str] = field(default_factory=list)
+    plateau_decay: float = 1.0  # LR factor after each evaluation without gain (1.0: off)
 
 
 def train_step(engine, batch: dict, weights: list[float], device) -> tuple[float, list[float]]:
@@ -47,6 +48,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
               log=print) -> dict:
     """Train ``plan.epochs`` epochs (or until ``plan.patience`` evaluations bring no gain), saving
     the best-by-valid weights to ``plan.ckpt_dir`` tag ``best`` and loading them back at the end.
+    Each evaluation without gain multiplies the LR by ``plan.plateau_decay`` from then on.
 
     ``resume`` continues from a loaded checkpoint's loop state: the epoch's first
     ``batch_in_epoch`` batches are skipped, so training restarts at the next unseen sample.
@@ -58,6 +60,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
     st = resume or LoopState()
     if resume:
         log(f"[{plan.name}] resuming at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step}")
+        set_lr_scale(engine.lr_scheduler, st.lr_scale)
     while not st.done and st.epoch < plan.epochs:
         engine.train()
         batches = iter(plan.batches(st.epoch))
@@ -100,12 +103,17 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
                                    client_state={"epoch": st.epoch, "step": st.step})
         else:
             st.bad += 1
-        tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch}})
+        tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch,
+                                 "lr_scale": st.lr_scale}})
         log(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}  loss {st.losses[-1]:.4f}  valid {score:.4f}"
             f"{'  *' if improved else ''}  ({time.time() - t0:.0f}s)")
         if st.bad >= plan.patience:
             log(f"[{plan.name}] no better valid metric for {plan.patience} evaluations; stopping")
             st.done = True
+        elif not improved and plan.plateau_decay < 1.0:
+            st.lr_scale *= plan.plateau_decay
+            set_lr_scale(engine.lr_scheduler, st.lr_scale)
+            log(f"[{plan.name}] no gain: LR scaled by {st.lr_scale:.4g} from now on")
         st.epoch, st.batch_in_epoch, st.ep_loss, st.ep_n = st.epoch + 1, 0, 0.0, 0
         save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
     engine.load_checkpoint(str(plan.ckpt_dir), tag="best", load_module_only=True,

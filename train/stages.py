@@ -208,7 +208,7 @@ class Experiment:
                          patience=sc.patience, select=partial(self._select, engine, stage),
                          ckpt_dir=ckpt_dir, log_every=cfg.train.log_every,
                          checkpoint_every=cfg.train.checkpoint_every, grad_accum=cfg.train.grad_accum,
-                         domain_names=self.dom.names)
+                         domain_names=self.dom.names, plateau_decay=sc.plateau_decay)
         if self.env.is_main:
             save_config(cfg, plan.ckpt_dir / "config.yaml")
         summary = run_stage(engine, plan, device=self.device, tracker=self.tracker, stopper=self.stopper,
