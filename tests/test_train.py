@@ -228,3 +228,32 @@ def test_lr_decays_after_each_evaluation_without_gain_and_the_decay_survives_a_r
     again = step_lrs(tmp_path / "cut" / "tiny")
     assert sorted(again) == sorted(lrs)
     assert all(again[s][1] == pytest.approx(lrs[s][1], rel=1e-6) for s in lrs)
+
+
+def test_joint_stage_can_start_from_another_runs_source_stage(tmp_path):
+    """train.init_from: a [joint] run started from run a's finished source stage takes the same
+    steps as a's own joint stage (same seed, weights and stream) and carries a's source metrics;
+    a run whose model differs from a's is refused before training, naming the key and the file."""
+    common = ["train.log_every=1", "train.joint.epochs=1"]
+    train_tiny(tmp_path, "name=a", "train.stages=[source, joint]", *common)
+    train_tiny(tmp_path, "name=b", "train.stages=[joint]", f"train.init_from={tmp_path / 'a'}", *common)
+
+    def joint_losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["joint/stage_step"]: r["joint/loss"] for r in rows if "joint/loss" in r}
+
+    a, b = joint_losses("a"), joint_losses("b")
+    assert len(a) >= 3 and sorted(a) == sorted(b)
+    assert all(b[s] == pytest.approx(a[s], abs=1e-6) for s in a)
+    ma, mb = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("a", "b"))
+    assert mb["source"] == ma["source"] and mb["_meta"]["source"]["init_from"] == str(tmp_path / "a")
+    assert mb["joint"]["test"]["B"] == ma["joint"]["test"]["B"]
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    bad = subprocess.run([sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+                          f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "name=c",
+                          "train.stages=[joint]", f"train.init_from={tmp_path / 'a'}", "model.n_layers=2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2
+    assert f"{tmp_path / 'a' / 'config.yaml'} has model.n_layers=1, this run 2" in bad.stderr
+    assert not (tmp_path / "c" / "joint").exists()  # refused before the stage began

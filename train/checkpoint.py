@@ -11,6 +11,7 @@ every rank at the next unseen sample. DeepSpeed's ``latest`` file names the newe
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from train.config import flatten, to_dict
 from train.engine import barrier, rank, world_size
 
 KEEP = 2  # resume checkpoints kept per stage
@@ -87,3 +90,28 @@ def load_resume(engine, ckpt_dir: Path, *, stage: str) -> LoopState | None:
         raise ResumeError(f"{ckpt_dir / tag}: not a resume checkpoint of stage {stage!r}")
     _set_rng_state(torch.load(rng, weights_only=False))
     return LoopState(**client["loop"])
+
+
+# The parts of a config the source weights depend on: a joint stage started from another run's
+# source stage needs them equal (``train.init_from``).
+_WEIGHTS_KEYS = ("model", "data.name", "data.domains", "data.source")
+
+
+def source_of(run: Path, cfg) -> tuple[Path, dict]:
+    """The best-weights folder of ``run``'s finished source stage, for ``cfg``'s joint stage, and
+    that run's source metrics; ResumeError naming the file when it is missing, unfinished or built
+    with another model or data config (checked before any training)."""
+    ckpt = run / "source" / "checkpoints"
+    metrics, conf = run / "metrics.json", run / "config.yaml"
+    for path in (ckpt / "best", metrics, conf):
+        if not path.exists():
+            raise ResumeError(f"train.init_from: {path} does not exist (not a run folder with a source stage?)")
+    prev = json.loads(metrics.read_text())
+    if not prev.get("_meta", {}).get("source", {}).get("done"):
+        raise ResumeError(f"train.init_from: {metrics} has no finished source stage")
+    theirs, ours = flatten(yaml.safe_load(conf.read_text()), sep="."), flatten(to_dict(cfg), sep=".")
+    for key in sorted(ours):
+        if key.startswith(_WEIGHTS_KEYS) and theirs.get(key) != ours[key]:
+            raise ResumeError(f"train.init_from: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "
+                              "the source weights need the same model and data")
+    return ckpt, {"source": prev["source"], "_meta": prev["_meta"]["source"]}

@@ -156,6 +156,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 50
     mix_ratio: float = 0.5  # joint stage: fraction of each batch drawn from the source domain
+    # a run folder (runs/<name>) whose finished source stage the joint stage starts from, instead
+    # of a source stage of this run ("source" then stays out of train.stages); its model and data
+    # config must match this one's
+    init_from: str = ""
     shuffle_buffer: int = 2000
     num_workers: int = 0  # DataLoader worker processes decoding shards per rank (0: in the training process)
     resampled: bool = False  # infinite stream: shards drawn with replacement, an epoch = the nominal sample count
@@ -228,8 +232,13 @@ class ExperimentConfig:
             if not 0.0 < self.train.stage(s).plateau_decay <= 1.0:
                 raise ConfigError(f"{origin}: train.{s}.plateau_decay must be in (0, 1], got "
                                   f"{self.train.stage(s).plateau_decay}")
-        if "joint" in self.train.stages and "source" not in self.train.stages:
-            raise ConfigError(f"{origin}: train.stages has 'joint' without 'source' (joint starts from it)")
+        stages, init = self.train.stages, self.train.init_from
+        if "joint" in stages and "source" not in stages and not init:
+            raise ConfigError(f"{origin}: train.stages has 'joint' without 'source' (joint starts from it; "
+                              "train.init_from names another run's source stage instead)")
+        if init and ("source" in stages or "joint" not in stages):
+            raise ConfigError(f"{origin}: train.init_from={init!r} starts the joint stage from that run's source "
+                              f"stage, so train.stages must hold 'joint' and not 'source', got {stages}")
         if not 0.0 < self.train.mix_ratio < 1.0:
             raise ConfigError(f"{origin}: train.mix_ratio must be in (0, 1), got {self.train.mix_ratio}")
         if self.model.causal != (self.model.objective == "next_item"):

@@ -1,7 +1,8 @@
 """Source-then-joint training and the target-only baseline, as configuration, not branches.
 
 - ``source``: next-item CE on source-domain targets of the mixed sequences.
-- ``joint``: starts from the best ``source`` weights; batches mix source and target rows at
+- ``joint``: starts from the best ``source`` weights (of this run, or of the run named by
+  ``train.init_from``); batches mix source and target rows at
   ``train.mix_ratio``; L = w_s * mean CE(source) + w_t * mean CE(target).
 - ``target_only``: the same model, built from the same seed and trained the same way, on
   target-domain events alone (source items removed from its inputs and evaluation histories).
@@ -17,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batc
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import SAMPLED, Evaluator, ndcg_at, paired_bootstrap
 from launch.signals import install as install_signal_handlers
-from train.checkpoint import load_resume
+from train.checkpoint import load_resume, source_of
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
 from train.tracking import Tracker
 
@@ -90,6 +92,8 @@ class Experiment:
         self.dom = DomainIndex(self.manifest)
         self.reader = ReaderOptions.of(cfg)
         self.evaluator = Evaluator(self.manifest, self.folder, cfg.eval, max_len=cfg.model.max_len, reader=self.reader)
+        # train.init_from: (the other run's source checkpoints, its source metrics), checked now
+        self.init = source_of(Path(cfg.train.init_from), cfg) if cfg.train.init_from else None
         self.tracker = Tracker(cfg, self.run_dir, is_main=self.env.is_main, resume=resume)
 
     # -- data -------------------------------------------------------------------------------
@@ -200,7 +204,7 @@ class Experiment:
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}")
         if stage == "joint" and state is None:
-            src = self.run_dir / "source" / "checkpoints"
+            src = self.init[0] if self.init else self.run_dir / "source" / "checkpoints"
             engine.load_checkpoint(str(src), tag="best", load_module_only=True,
                                    load_optimizer_states=False, load_lr_scheduler_states=False)
             self.log(f"[joint] starting from the best source weights in {src}")
@@ -224,6 +228,9 @@ class Experiment:
         # The joint stage needs the source checkpoint: run source first whatever the order given.
         order = sorted(self.cfg.train.stages, key=lambda s: ("source", "joint").index(s) if s != "target_only" else -1)
         prev = self._previous_metrics() if self.resume else {}
+        if self.init:  # the source stage of another run: its metrics stand in for this run's
+            results["source"] = self.init[1]["source"]
+            meta["source"] = {**self.init[1]["_meta"], "init_from": self.cfg.train.init_from}
         for stage in order:
             if prev.get("_meta", {}).get(stage, {}).get("done"):
                 self.log(f"== stage {stage}: finished in the run being resumed; keeping its metrics ==")
