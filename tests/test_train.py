@@ -12,13 +12,17 @@ from train.engine import warmup_cosine
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_tiny(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    """``xdrec train`` on the tiny experiment in a subprocess (W&B off), outputs under ``tmp_path``;
-    asserts it exits 0."""
+def run_tiny(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    """``xdrec train`` on the tiny experiment in a subprocess (W&B off), outputs under ``tmp_path``."""
     env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
            f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", *overrides]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def train_tiny(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    """:func:`run_tiny`, asserting it exits 0."""
+    p = run_tiny(tmp_path, *overrides)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -249,11 +253,7 @@ def test_joint_stage_can_start_from_another_runs_source_stage(tmp_path):
     assert mb["source"] == ma["source"] and mb["_meta"]["source"]["init_from"] == str(tmp_path / "a")
     assert mb["joint"]["test"]["B"] == ma["joint"]["test"]["B"]
 
-    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    bad = subprocess.run([sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
-                          f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "name=c",
-                          "train.stages=[joint]", f"train.init_from={tmp_path / 'a'}", "model.n_layers=2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    bad = run_tiny(tmp_path, "name=c", "train.stages=[joint]", f"train.init_from={tmp_path / 'a'}", "model.n_layers=2")
     assert bad.returncode == 2
     assert f"{tmp_path / 'a' / 'config.yaml'} has model.n_layers=1, this run 2" in bad.stderr
     assert not (tmp_path / "c" / "joint").exists()  # refused before the stage began
