@@ -19,7 +19,7 @@ _SAMPLED_LOSSES = {"sampled": domain_sampled_ce_sums, "uniform": domain_uniform_
 class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
                  heads: nn.ModuleList | None = None, loss: str = "full", num_sampled: int = 0,
-                 mask_id: int | None = None, mask_prob: float = 0.2, domain_views: bool = False):
+                 mask_id: int | None = None, mask_prob: float = 0.2, view_domains: list[int] | None = None):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``loss`` (training only; scoring stays full): "full" softmax over the target's domain,
@@ -29,26 +29,32 @@ class Recommender(nn.Module):
         ``mask_id`` (cloze objective): training masks a random ``mask_prob`` share of each row's
         labelled positions (at least one) with ``mask_id`` and predicts them; scoring appends
         ``mask_id`` after the history and reads the prediction there.
-        ``domain_views``: domain d's query also adds the shared encoder's state over the row's
-        domain-d events alone, up to the same position (``domain_view``): the mixed sequence
-        carries cross-domain context, the own-domain view the domain's recent history undiluted."""
+        ``view_domains``: for each domain d listed, d's query also adds the shared encoder's state
+        over the row's domain-d events alone, up to the same position (``domain_view``): the mixed
+        sequence carries cross-domain context, the own-domain view the domain's recent history
+        undiluted. A domain not listed scores from the mixed sequence alone (one encoder pass
+        fewer); None or [] = no views."""
         super().__init__()
         if loss != "full" and loss not in _SAMPLED_LOSSES:
             raise ValueError(f"loss must be 'full' or one of {sorted(_SAMPLED_LOSSES)}, got {loss!r}")
         self.loss, self.num_sampled = loss, num_sampled
-        self.domain_views = domain_views
+        self.view_domains = sorted(set(view_domains or []))
+        if any(not 0 <= d < len(ranges) for d in self.view_domains):
+            raise ValueError(f"view_domains {view_domains} must index the {len(ranges)} domains")
         self.mask_id, self.mask_prob = mask_id, mask_prob
         self.embedding = embedding
         self.encoder = encoder
         self.ranges = [tuple(r) for r in ranges]
         self.heads = heads
 
-    def queries(self, h: torch.Tensor, views: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Per-domain query states [..., D]; ``views[d]`` (same shape) is added to domain d's.
+    def queries(self, h: torch.Tensor, views: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per-domain query states [..., D]; ``views[d]`` (same shape), where given, is added to
+        domain d's.
         Every head runs on every call (ZeRO-3 needs each module in every forward, whatever the
         batch holds)."""
         qs = [h] * len(self.ranges) if self.heads is None else [h + head(h) for head in self.heads]
-        return qs if views is None else [q + v for q, v in zip(qs, views)]
+        views = views or {}
+        return [q + views[d] if d in views else q for d, q in enumerate(qs)]
 
     def domain_view(self, items: torch.Tensor, domain: int, last_only: bool = False) -> torch.Tensor:
         """[B, L, D]: at each position p, the encoder's state at the row's latest ``domain`` event
@@ -85,15 +91,14 @@ class Recommender(nn.Module):
         h = self.encoder(self.embedding(items), items)  # (B, L, D)
         table = self.embedding.item.weight
         if targets is not None:
-            views = [self.domain_view(items, d) for d in range(len(self.ranges))] if self.domain_views else None
-            q = self.queries(h, views)
+            q = self.queries(h, {d: self.domain_view(items, d) for d in self.view_domains})
             if self.loss == "full":
                 return domain_ce_sums(q, targets, table, self.ranges)
             return _SAMPLED_LOSSES[self.loss](q, targets, table, self.ranges, self.num_sampled)
         if domain is not None:
             lo, hi = self.ranges[domain]
             q = self.queries(h[:, -1])[domain]
-            if self.domain_views:
+            if domain in self.view_domains:
                 q = q + self.domain_view(items, domain, last_only=True)
             return q @ table[lo:hi].T
         return h
@@ -119,7 +124,7 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
                       domain_heads: bool = False, loss: str = "full", num_sampled: int = 0,
-                      masked: bool = False, mask_prob: float = 0.2, domain_views: bool = False) -> Recommender:
+                      masked: bool = False, mask_prob: float = 0.2, view_domains: list[int] | None = None) -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
     ``loss``/``num_sampled``: the training softmax, see :class:`Recommender`."""
     if masked:
@@ -135,4 +140,4 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
             nn.init.zeros_(h.weight)
             nn.init.zeros_(h.bias)
     return Recommender(emb, enc, ranges, heads, loss=loss, num_sampled=num_sampled,
-                       mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, domain_views=domain_views)
+                       mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains)

@@ -255,12 +255,12 @@ def test_cloze_scoring_appends_a_mask_after_the_history():
     assert torch.allclose(m(items, domain=1), m.queries(h)[1] @ m.embedding.item.weight[lo:hi].T, atol=1e-6)
 
 
-def _dual_model(seed=0):
+def _dual_model(seed=0, view_domains=(0, 1)):
     torch.manual_seed(seed)
     item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
     return build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=2,
                              n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=7, causal=True,
-                             domain_embeddings=True, domain_heads=True, domain_views=True).eval()
+                             domain_embeddings=True, domain_heads=True, view_domains=list(view_domains)).eval()
 
 
 def test_domain_view_is_the_own_domain_encoding_at_the_latest_own_event():
@@ -311,3 +311,28 @@ def test_dual_scores_add_the_domain_view_to_the_query():
                                                      reduction="sum"))
     assert counts.tolist() == [3, 4]
     assert torch.allclose(torch.stack(sums), torch.stack(ref), atol=1e-4)
+
+
+def test_a_view_on_one_domain_leaves_the_other_scoring_from_the_mixed_sequence():
+    m = _dual_model(view_domains=[1])
+    items = torch.tensor([[0, 1, 4, 5, 2, 6, 7]])
+    targets = torch.tensor([[1, 4, 5, 2, 6, 7, 3]])
+    hs = m.encoder(m.embedding(items), items)
+    plain = m.queries(hs)
+    table = m.embedding.item.weight
+    # domain 0 has no view: its scores and loss are those of the mixed sequence alone
+    lo, hi = m.ranges[0]
+    assert torch.allclose(m(items, domain=0), plain[0][:, -1] @ table[lo:hi].T, atol=1e-5)
+    sums, _ = m(items, targets=targets)
+    sel = (targets >= lo) & (targets < hi)
+    ref0 = torch.nn.functional.cross_entropy(plain[0][sel] @ table[lo:hi].T, targets[sel] - lo, reduction="sum")
+    assert torch.allclose(sums[0], ref0, atol=1e-4)
+    # domain 1 adds its own-domain view, which changes its scores
+    lo, hi = m.ranges[1]
+    view = m.domain_view(items, 1)
+    assert view.abs().sum() > 0
+    assert torch.allclose(m(items, domain=1), (plain[1] + view)[:, -1] @ table[lo:hi].T, atol=1e-5)
+    sel = (targets >= lo) & (targets < hi)
+    ref1 = torch.nn.functional.cross_entropy((plain[1] + view)[sel] @ table[lo:hi].T, targets[sel] - lo,
+                                             reduction="sum")
+    assert torch.allclose(sums[1], ref1, atol=1e-4)

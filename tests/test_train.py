@@ -164,16 +164,18 @@ def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
     assert meta["steps"] == per_epoch * len(meta["epoch_losses"])
 
 
-@pytest.mark.parametrize("loss, sequence, zero", [("sampled", "per_domain", 0), ("uniform", "dual", 3)])
-def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, zero):
-    """dual runs its encoder once per domain view in a forward: under ZeRO-3 too."""
+@pytest.mark.parametrize("loss, sequence, views, zero", [("sampled", "per_domain", "[]", 0),
+                                                         ("uniform", "dual", "[B]", 3)])
+def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, views, zero):
+    """dual runs its encoder once more per domain view in a forward: under ZeRO-3 too."""
     p = train_tiny(tmp_path, "train.stages=[source, joint]",
                    f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
-                   f"train.zero_stage={zero}", "train.source.epochs=4")
+                   f"model.view_domains={views}", f"train.zero_stage={zero}", "train.source.epochs=4")
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     losses = m["_meta"]["source"]["epoch_losses"]
     assert losses[-1] < losses[0] - 0.05
-    inputs = "each row's own domain only" if sequence == "per_domain" else "the mixed sequence of every domain"
+    inputs = ("each row's own domain only" if sequence == "per_domain"
+              else "the mixed sequence of every domain, plus the own-domain view for B")
     assert f"[joint] inputs: {inputs}" in p.stdout and f"[source] inputs: {inputs}" in p.stdout
     assert f"ZeRO stage {zero}" in p.stdout
     assert m["joint"]["test"]["B"]["sampled999"]["hr@10"] > 0

@@ -52,6 +52,9 @@ class ModelConfig:
     # "dual": mixed inputs, and each domain's query adds the encoder's state over the row's
     # events of that domain alone (costs one more encoder pass per domain)
     sequence: Literal["mixed", "per_domain", "dual"] = "mixed"
+    # dual only: the domains whose query adds the own-domain view (the others score from the
+    # mixed sequence alone, one encoder pass fewer each); [] = every domain
+    view_domains: list[str] = field(default_factory=list)
     # "next_item" (SASRec, needs causal: true) or "masked" (BERT4Rec-style cloze: bidirectional,
     # causal: false; a random mask_prob share of each row's label-domain items is predicted, at
     # least one; scoring appends a [MASK] after the history)
@@ -247,6 +250,12 @@ class ExperimentConfig:
                               "item it is asked for; the cloze objective needs both directions)")
         if self.model.sequence == "dual" and self.model.objective != "next_item":
             raise ConfigError(f"{origin}: model.sequence=dual needs model.objective=next_item")
+        if self.model.view_domains and self.model.sequence != "dual":
+            raise ConfigError(f"{origin}: model.view_domains={self.model.view_domains} needs model.sequence=dual, "
+                              f"got {self.model.sequence!r}")
+        for dom in self.model.view_domains:
+            if dom not in d.domains:
+                raise ConfigError(f"{origin}: model.view_domains: {dom!r} is not one of data.domains {d.domains}")
         if self.model.loss != "full" and self.model.sampled_negatives < 1:
             raise ConfigError(f"{origin}: model.loss={self.model.loss} needs model.sampled_negatives >= 1, "
                               f"got {self.model.sampled_negatives}")

@@ -49,6 +49,13 @@ SPECS = {
 }
 
 
+def view_domains(m, dom: DomainIndex) -> list[int]:
+    """Indices of the domains whose query adds the own-domain view (``model.sequence=dual``)."""
+    if m.sequence != "dual":
+        return []
+    return [dom.index(n) for n in m.view_domains] if m.view_domains else list(range(len(dom.names)))
+
+
 def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
     dom = DomainIndex(manifest)
     torch.manual_seed(cfg.seed)
@@ -58,7 +65,7 @@ def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
                              d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ff_mult=m.ff_mult,
                              dropout=m.dropout, emb_dropout=m.emb_dropout, max_len=m.max_len, causal=m.causal,
                              domain_embeddings=m.domain_embeddings, domain_heads=m.domain_heads,
-                             loss=m.loss, num_sampled=m.sampled_negatives, domain_views=m.sequence == "dual",
+                             loss=m.loss, num_sampled=m.sampled_negatives, view_domains=view_domains(m, dom),
                              masked=m.objective == "masked", mask_prob=m.mask_prob)
 
 
@@ -199,8 +206,10 @@ class Experiment:
         else:
             how = (f"every reader opens every shard, keeping every {readers}th sample; an epoch is one pass, every "
                    "rank takes the same number of steps")
-        self.log(f"[{stage}] inputs: " + ("each row's own domain only" if self._own_domain_only(stage)
-                                          else "the mixed sequence of every domain"))
+        inputs = "each row's own domain only" if self._own_domain_only(stage) else "the mixed sequence of every domain"
+        if model.view_domains:
+            inputs += ", plus the own-domain view for " + ", ".join(self.dom.names[d] for d in model.view_domains)
+        self.log(f"[{stage}] inputs: {inputs}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}")
         if stage == "joint" and state is None:
