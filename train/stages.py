@@ -207,8 +207,9 @@ class Experiment:
             how = (f"every reader opens every shard, keeping every {readers}th sample; an epoch is one pass, every "
                    "rank takes the same number of steps")
         inputs = "each row's own domain only" if self._own_domain_only(stage) else "the mixed sequence of every domain"
-        if model.view_domains:
-            inputs += ", plus the own-domain view for " + ", ".join(self.dom.names[d] for d in model.view_domains)
+        viewed = [self.names[r] for r in SPECS[stage].eval_domains if self.dom.index(self.names[r]) in model.view_domains]
+        if viewed:  # the stage's domains whose query adds the own-domain view
+            inputs += ", plus the own-domain view for " + ", ".join(viewed)
         self.log(f"[{stage}] inputs: {inputs}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}")
