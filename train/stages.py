@@ -186,6 +186,9 @@ class Experiment:
         weights[self.dom.index(self.names["source"])] = sc.source_weight
         weights[self.dom.index(self.names["target"])] = sc.target_weight
         model = build_model(cfg, self.manifest)
+        # a stage trains and scores its own domains only: no encoder pass for another's view
+        stage_domains = {self.dom.index(self.names[r]) for r in SPECS[stage].eval_domains}
+        model.view_domains = [d for d in model.view_domains if d in stage_domains]
         total = sc.epochs * self._steps_per_epoch(stage)
         engine = build_engine(model, train=cfg.train, stage=sc, total_steps=total,
                               world_size=self.env.world_size)
@@ -207,9 +210,8 @@ class Experiment:
             how = (f"every reader opens every shard, keeping every {readers}th sample; an epoch is one pass, every "
                    "rank takes the same number of steps")
         inputs = "each row's own domain only" if self._own_domain_only(stage) else "the mixed sequence of every domain"
-        viewed = [self.names[r] for r in SPECS[stage].eval_domains if self.dom.index(self.names[r]) in model.view_domains]
-        if viewed:  # the stage's domains whose query adds the own-domain view
-            inputs += ", plus the own-domain view for " + ", ".join(viewed)
+        if model.view_domains:
+            inputs += ", plus the own-domain view for " + ", ".join(self.dom.names[d] for d in model.view_domains)
         self.log(f"[{stage}] inputs: {inputs}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}")
