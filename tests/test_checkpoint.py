@@ -1,5 +1,6 @@
 """Resume equivalence: N steps, stop, resume, N more equal 2N uninterrupted steps (data position,
-optimizer, LR schedule and RNG included), single process and 2 ranks under ZeRO-2 and ZeRO-3."""
+optimizer, LR schedule and RNG included), single process and 2 ranks under ZeRO-2 and ZeRO-3;
+and the checks on another run's source stage (train.init_from)."""
 import json
 import os
 import subprocess
@@ -64,3 +65,34 @@ def test_resume_with_another_world_size_is_a_clear_error(tmp_path):
     again = launch(1, [f"runs_dir={tmp_path / 'r'}", "train.zero_stage=2", "--resume", "auto"], tmp_path)
     assert again.returncode == 2
     assert "written by 2 rank(s), this run has 1" in again.stderr
+
+
+def _source_run(folder: Path, cfg, drop: str | None = None) -> Path:
+    """A run folder with a finished source stage whose config.yaml lacks the key ``drop`` (as a
+    run made before that key was added to the config tree)."""
+    import yaml
+    from train.config import to_dict
+    (folder / "source" / "checkpoints" / "best").mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"source": {"test": {}}, "_meta": {"source": {"done": True}}}))
+    raw = to_dict(cfg)
+    if drop:
+        section, key = drop.split(".")
+        del raw[section][key]
+    (folder / "config.yaml").write_text(yaml.safe_dump(raw))
+    return folder
+
+
+def test_init_from_reads_a_key_missing_from_an_older_runs_config_as_its_default(tmp_path):
+    from train.checkpoint import ResumeError, source_of
+    from train.config import load_config
+    cfg = load_config(REPO / "configs/experiment/tiny.yaml")
+    old = _source_run(tmp_path / "old", cfg, drop="model.view_domains")
+    ckpt, metrics = source_of(old, cfg)  # the default ([]) is what that run had
+    assert ckpt == old / "source" / "checkpoints" and metrics["_meta"]["done"]
+    views = load_config(REPO / "configs/experiment/tiny.yaml", ["model.sequence=dual", "model.view_domains=[B]"])
+    dual = _source_run(tmp_path / "dual", views)
+    with pytest.raises(ResumeError, match=r"old/config.yaml has model.sequence='mixed', this run 'dual'"):
+        source_of(old, views)
+    cfg_b = load_config(REPO / "configs/experiment/tiny.yaml", ["model.sequence=dual"])
+    with pytest.raises(ResumeError, match=r"dual/config.yaml has model.view_domains=\['B'\], this run \[\]"):
+        source_of(dual, cfg_b)

@@ -110,6 +110,8 @@ def source_of(run: Path, cfg) -> tuple[Path, dict]:
     if not prev.get("_meta", {}).get("source", {}).get("done"):
         raise ResumeError(f"train.init_from: {metrics} has no finished source stage")
     theirs, ours = flatten(yaml.safe_load(conf.read_text()), sep="."), flatten(to_dict(cfg), sep=".")
+    # a key added to the config tree after that run was made: it ran with the key's default
+    theirs = {**flatten(to_dict(type(cfg)()), sep="."), **theirs}
     for key in sorted(ours):
         if key.startswith(_WEIGHTS_KEYS) and theirs.get(key) != ours[key]:
             raise ResumeError(f"train.init_from: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "
