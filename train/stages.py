@@ -49,14 +49,17 @@ SPECS = {
 }
 
 
-def view_domains(m, dom: DomainIndex) -> list[int]:
-    """Indices of the domains whose query adds the own-domain view (``model.sequence=dual``)."""
+def view_domains(m, dom: DomainIndex, within: list[str]) -> list[int]:
+    """Indices of the domains among ``within`` whose query adds the own-domain view
+    (``model.sequence=dual``)."""
     if m.sequence != "dual":
         return []
-    return [dom.index(n) for n in m.view_domains] if m.view_domains else list(range(len(dom.names)))
+    return [dom.index(n) for n in (m.view_domains or dom.names) if n in within]
 
 
-def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
+def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None = None) -> torch.nn.Module:
+    """``domains``: the names of the domains the model will train and score (a stage's); the
+    own-domain views of the others are left out (no encoder pass for them). None: every domain."""
     dom = DomainIndex(manifest)
     torch.manual_seed(cfg.seed)
     m = cfg.model
@@ -65,7 +68,8 @@ def build_model(cfg: ExperimentConfig, manifest: dict) -> torch.nn.Module:
                              d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ff_mult=m.ff_mult,
                              dropout=m.dropout, emb_dropout=m.emb_dropout, max_len=m.max_len, causal=m.causal,
                              domain_embeddings=m.domain_embeddings, domain_heads=m.domain_heads,
-                             loss=m.loss, num_sampled=m.sampled_negatives, view_domains=view_domains(m, dom),
+                             loss=m.loss, num_sampled=m.sampled_negatives,
+                             view_domains=view_domains(m, dom, domains or dom.names),
                              masked=m.objective == "masked", mask_prob=m.mask_prob)
 
 
@@ -185,10 +189,7 @@ class Experiment:
         weights = [0.0] * len(self.dom.names)
         weights[self.dom.index(self.names["source"])] = sc.source_weight
         weights[self.dom.index(self.names["target"])] = sc.target_weight
-        model = build_model(cfg, self.manifest)
-        # a stage trains and scores its own domains only: no encoder pass for another's view
-        stage_domains = {self.dom.index(self.names[r]) for r in SPECS[stage].eval_domains}
-        model.view_domains = [d for d in model.view_domains if d in stage_domains]
+        model = build_model(cfg, self.manifest, domains=[self.names[r] for r in SPECS[stage].eval_domains])
         total = sc.epochs * self._steps_per_epoch(stage)
         engine = build_engine(model, train=cfg.train, stage=sc, total_steps=total,
                               world_size=self.env.world_size)
