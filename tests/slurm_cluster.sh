@@ -12,7 +12,7 @@ set -euo pipefail
 action=${1:?start|stop}
 dir=$(realpath -m "${2:?state directory}")
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS; the node has them all
 
 stop() {
     for d in slurmd slurmctld; do
