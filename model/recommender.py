@@ -19,7 +19,8 @@ _SAMPLED_LOSSES = {"sampled": domain_sampled_ce_sums, "uniform": domain_uniform_
 class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
                  heads: nn.ModuleList | None = None, loss: str = "full", num_sampled: int = 0,
-                 mask_id: int | None = None, mask_prob: float = 0.2, view_domains: list[int] | None = None):
+                 mask_id: int | None = None, mask_prob: float = 0.2, view_domains: list[int] | None = None,
+                 view_encoders: nn.ModuleDict | None = None):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``loss`` (training only; scoring stays full): "full" softmax over the target's domain,
@@ -33,7 +34,11 @@ class Recommender(nn.Module):
         over the row's domain-d events alone, up to the same position (``domain_view``): the mixed
         sequence carries cross-domain context, the own-domain view the domain's recent history
         undiluted. A domain not listed scores from the mixed sequence alone (one encoder pass
-        fewer); None or [] = no views."""
+        fewer); None or [] = no views.
+        ``view_encoders`` (optional): ``view_encoders[str(d)]`` encodes domain d's view in place of
+        the shared encoder, which then sees mixed sequences alone. It may hold encoders for more
+        domains than ``view_domains`` (a stage that does not score them leaves them idle), so
+        every stage of a run has the same parameters."""
         super().__init__()
         if loss != "full" and loss not in _SAMPLED_LOSSES:
             raise ValueError(f"loss must be 'full' or one of {sorted(_SAMPLED_LOSSES)}, got {loss!r}")
@@ -41,11 +46,15 @@ class Recommender(nn.Module):
         self.view_domains = sorted(set(view_domains or []))
         if any(not 0 <= d < len(ranges) for d in self.view_domains):
             raise ValueError(f"view_domains {view_domains} must index the {len(ranges)} domains")
+        if view_encoders is not None and any(str(d) not in view_encoders for d in self.view_domains):
+            raise ValueError(f"view_encoders has domains {sorted(view_encoders)}, view_domains {self.view_domains} "
+                             "needs one for each")
         self.mask_id, self.mask_prob = mask_id, mask_prob
         self.embedding = embedding
         self.encoder = encoder
         self.ranges = [tuple(r) for r in ranges]
         self.heads = heads
+        self.view_encoders = view_encoders
 
     def queries(self, h: torch.Tensor, views: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per-domain query states [..., D]; ``views[d]`` (same shape), where given, is added to
@@ -57,14 +66,16 @@ class Recommender(nn.Module):
         return [q + views[d] if d in views else q for d, q in enumerate(qs)]
 
     def domain_view(self, items: torch.Tensor, domain: int, last_only: bool = False) -> torch.Tensor:
-        """[B, L, D]: at each position p, the encoder's state at the row's latest ``domain`` event
+        """[B, L, D]: at each position p, the view encoder's state (the shared one where the model
+        has no ``view_encoders``) at the row's latest ``domain`` event
         at or before p, encoded with the other domains' events removed (0 before the first one).
         Events keep their positions in the row, so a state depends on nothing after it (causal).
         ``last_only``: [B, D] at the last position only (scoring)."""
         lo, hi = self.ranges[domain]
         own = (items >= lo) & (items < hi)
         sub = torch.where(own, items, 0)
-        hd = self.encoder(self.embedding(sub), sub)  # (B, L, D); other positions are padding
+        encoder = self.encoder if self.view_encoders is None else self.view_encoders[str(domain)]
+        hd = encoder(self.embedding(sub), sub)  # (B, L, D); other positions are padding
         pos = torch.arange(items.shape[1], device=items.device)
         latest = torch.where(own, pos, -1).cummax(1).values  # latest own position <= p, -1: none yet
         if last_only:
@@ -124,9 +135,13 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
                       domain_heads: bool = False, loss: str = "full", num_sampled: int = 0,
-                      masked: bool = False, mask_prob: float = 0.2, view_domains: list[int] | None = None) -> Recommender:
+                      masked: bool = False, mask_prob: float = 0.2, view_domains: list[int] | None = None,
+                      view_layers: int = 0, view_encoder_domains: list[int] | None = None) -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
-    ``loss``/``num_sampled``: the training softmax, see :class:`Recommender`."""
+    ``loss``/``num_sampled``: the training softmax, see :class:`Recommender`.
+    ``view_layers`` > 0: each domain of ``view_encoder_domains`` (default ``view_domains``) gets
+    its own encoder of that many blocks (same width and heads) for its own-domain view; 0: the
+    views run through the shared encoder."""
     if masked:
         item_domain = torch.cat([item_domain, item_domain.new_zeros(1)])
     emb = SequenceEmbedding(n_items=n_items + int(masked), n_domains=len(ranges), d_model=d_model, max_len=max_len,
@@ -139,5 +154,12 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
         for h in heads:  # start as the shared query: q_d = h
             nn.init.zeros_(h.weight)
             nn.init.zeros_(h.bias)
+    views = None
+    if view_layers > 0:
+        views = nn.ModuleDict({str(d): Encoder(d_model=d_model, n_layers=view_layers, n_heads=n_heads, ff_mult=ff_mult,
+                                               dropout=dropout, causal=causal)
+                               for d in sorted(set((view_domains or []) if view_encoder_domains is None
+                                                   else view_encoder_domains))})
     return Recommender(emb, enc, ranges, heads, loss=loss, num_sampled=num_sampled,
-                       mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains)
+                       mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains,
+                       view_encoders=views)

@@ -255,12 +255,12 @@ def test_cloze_scoring_appends_a_mask_after_the_history():
     assert torch.allclose(m(items, domain=1), m.queries(h)[1] @ m.embedding.item.weight[lo:hi].T, atol=1e-6)
 
 
-def _dual_model(seed=0, view_domains=(0, 1)):
+def _dual_model(seed=0, view_domains=(0, 1), **kw):
     torch.manual_seed(seed)
     item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
     return build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=2,
                              n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=7, causal=True,
-                             domain_embeddings=True, domain_heads=True, view_domains=list(view_domains)).eval()
+                             domain_embeddings=True, domain_heads=True, view_domains=list(view_domains), **kw).eval()
 
 
 def test_domain_view_is_the_own_domain_encoding_at_the_latest_own_event():
@@ -336,3 +336,30 @@ def test_a_view_on_one_domain_leaves_the_other_scoring_from_the_mixed_sequence()
     ref1 = torch.nn.functional.cross_entropy((plain[1] + view)[sel] @ table[lo:hi].T, targets[sel] - lo,
                                              reduction="sum")
     assert torch.allclose(sums[1], ref1, atol=1e-4)
+
+
+def test_a_view_with_an_encoder_of_its_own_leaves_the_shared_encoder_to_the_mixed_sequence():
+    """view_layers: domain 1's view runs through its own 1-block encoder; domain 0's encoder
+    exists (another stage views domain 0) but this model does not view 0, so it stays idle."""
+    m = _dual_model(view_domains=[1], view_layers=1, view_encoder_domains=[0, 1])
+    assert sorted(m.view_encoders) == ["0", "1"] and len(m.view_encoders["1"].blocks) == 1
+    items = torch.tensor([[0, 1, 4, 5, 2, 6, 7], [0, 0, 4, 4, 5, 6, 3]])
+    targets = torch.tensor([[1, 4, 5, 2, 6, 7, 3], [0, 4, 4, 5, 6, 3, 5]])
+    lo, hi = m.ranges[1]
+    alone = torch.where((items >= lo) & (items < hi), items, 0)
+    latest = torch.tensor([6, 5])  # each row's last domain-1 event
+    ref = m.view_encoders["1"](m.embedding(alone), alone)[torch.arange(2), latest]
+    view = m.domain_view(items, 1, last_only=True)
+    assert torch.allclose(view, ref, atol=1e-5)
+    assert not torch.allclose(view, m.encoder(m.embedding(alone), alone)[torch.arange(2), latest], atol=1e-3)
+    h = m.encoder(m.embedding(items), items)[:, -1]
+    table = m.embedding.item.weight
+    assert torch.allclose(m(items, domain=1), (m.queries(h)[1] + ref) @ table[lo:hi].T, atol=1e-5)
+    lo0, hi0 = m.ranges[0]
+    assert torch.allclose(m(items, domain=0), m.queries(h)[0] @ table[lo0:hi0].T, atol=1e-5)
+    sums, _ = m(items, targets=targets)
+    sum(sums).backward()
+    assert all(p.grad is None for p in m.view_encoders["0"].parameters())
+    assert all(p.grad is not None for p in m.view_encoders["1"].parameters())
+    with pytest.raises(ValueError, match="needs one for each"):
+        _dual_model(view_domains=[0, 1], view_layers=1, view_encoder_domains=[1])

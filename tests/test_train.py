@@ -164,20 +164,28 @@ def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
     assert meta["steps"] == per_epoch * len(meta["epoch_losses"])
 
 
-@pytest.mark.parametrize("loss, sequence, views, zero", [("sampled", "per_domain", "[]", 0),
-                                                         ("uniform", "dual", "[B]", 3)])
-def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, views, zero):
-    """dual runs its encoder once more per domain view in a forward: under ZeRO-3 too."""
+@pytest.mark.parametrize("loss, sequence, views, view_layers, zero", [("sampled", "per_domain", "[]", 0, 0),
+                                                                      ("uniform", "dual", "[B]", 0, 3),
+                                                                      ("full", "dual", "[]", 1, 3)])
+def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, views, view_layers, zero):
+    """dual runs an encoder once more per domain view in a forward: under ZeRO-3 too. With
+    view_layers the views have encoders of their own; the source stage leaves B's idle (its
+    parameters are still in the checkpoint the joint stage loads)."""
     p = train_tiny(tmp_path, "train.stages=[source, joint]",
                    f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
-                   f"model.view_domains={views}", f"train.zero_stage={zero}", "train.source.epochs=4")
+                   f"model.view_domains={views}", f"model.view_layers={view_layers}", f"train.zero_stage={zero}",
+                   "train.source.epochs=4")
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     losses = m["_meta"]["source"]["epoch_losses"]
     assert losses[-1] < losses[0] - 0.05
-    # the view is B's alone: the source stage (domain A) scores from the mixed sequence
+    # a stage computes its own domains' views: the source stage (domain A) views A where every
+    # domain has a view, none where the view is B's alone
     inputs = "each row's own domain only" if sequence == "per_domain" else "the mixed sequence of every domain"
-    joint = inputs + (", plus the own-domain view for B" if sequence == "dual" else "")
-    assert f"[joint] inputs: {joint}\n" in p.stdout and f"[source] inputs: {inputs}\n" in p.stdout
+    own = f" (each through its own {view_layers}-block encoder)" if view_layers else ""
+    joint = inputs + ({"[B]": ", plus the own-domain view for B", "[]": ", plus the own-domain view for A, B"}[views] + own
+                      if sequence == "dual" else "")
+    source = inputs + (", plus the own-domain view for A" + own if views == "[]" and sequence == "dual" else "")
+    assert f"[joint] inputs: {joint}\n" in p.stdout and f"[source] inputs: {source}\n" in p.stdout
     assert f"ZeRO stage {zero}" in p.stdout
     assert m["joint"]["test"]["B"]["sampled999"]["hr@10"] > 0
 

@@ -55,6 +55,9 @@ class ModelConfig:
     # dual only: the domains whose query adds the own-domain view (the others score from the
     # mixed sequence alone, one encoder pass fewer each); [] = every domain
     view_domains: list[str] = field(default_factory=list)
+    # dual only: 0 = the views run through the shared encoder; N > 0 = each viewed domain has its
+    # own encoder of N blocks for its view, so the shared encoder sees mixed sequences alone
+    view_layers: int = 0
     # "next_item" (SASRec, needs causal: true) or "masked" (BERT4Rec-style cloze: bidirectional,
     # causal: false; a random mask_prob share of each row's label-domain items is predicted, at
     # least one; scoring appends a [MASK] after the history)
@@ -252,6 +255,11 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: model.sequence=dual needs model.objective=next_item")
         if self.model.view_domains and self.model.sequence != "dual":
             raise ConfigError(f"{origin}: model.view_domains={self.model.view_domains} needs model.sequence=dual, "
+                              f"got {self.model.sequence!r}")
+        if self.model.view_layers < 0:
+            raise ConfigError(f"{origin}: model.view_layers must be >= 0, got {self.model.view_layers}")
+        if self.model.view_layers and self.model.sequence != "dual":
+            raise ConfigError(f"{origin}: model.view_layers={self.model.view_layers} needs model.sequence=dual, "
                               f"got {self.model.sequence!r}")
         for dom in self.model.view_domains:
             if dom not in d.domains:

@@ -197,7 +197,8 @@ def build_engine(model: torch.nn.Module, *, train: TrainConfig, stage: StageConf
                                            config=deepspeed_config(train, world_size=world_size,
                                                                    n_params=sum(p.numel() for p in model.parameters())))
     if train.activation_checkpointing and hasattr(model, "encoder"):
-        model.encoder.checkpoint_blocks = True
+        for enc in [model.encoder, *(getattr(model, "view_encoders", None) or {}).values()]:
+            enc.checkpoint_blocks = True
     if train.zero_stage == 3 and hasattr(model, "embedding"):
         # The tied item table is used outside its own module's forward (output scores).
         deepspeed.zero.register_external_parameter(model, model.embedding.item.weight)

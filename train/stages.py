@@ -70,6 +70,7 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
                              domain_embeddings=m.domain_embeddings, domain_heads=m.domain_heads,
                              loss=m.loss, num_sampled=m.sampled_negatives,
                              view_domains=view_domains(m, dom, domains or dom.names),
+                             view_layers=m.view_layers, view_encoder_domains=view_domains(m, dom, dom.names),
                              masked=m.objective == "masked", mask_prob=m.mask_prob)
 
 
@@ -213,6 +214,8 @@ class Experiment:
         inputs = "each row's own domain only" if self._own_domain_only(stage) else "the mixed sequence of every domain"
         if model.view_domains:
             inputs += ", plus the own-domain view for " + ", ".join(self.dom.names[d] for d in model.view_domains)
+            if cfg.model.view_layers:
+                inputs += f" (each through its own {cfg.model.view_layers}-block encoder)"
         self.log(f"[{stage}] inputs: {inputs}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}")
