@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from launch.env import DistEnv, detect, export
+from model.encoder import Encoder
 from model.losses import weighted_domain_mean
 from train.config import StageConfig, TrainConfig
 
@@ -196,9 +197,10 @@ def build_engine(model: torch.nn.Module, *, train: TrainConfig, stage: StageConf
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(train, world_size=world_size,
                                                                    n_params=sum(p.numel() for p in model.parameters())))
-    if train.activation_checkpointing and hasattr(model, "encoder"):
-        for enc in [model.encoder, *(getattr(model, "view_encoders", None) or {}).values()]:
-            enc.checkpoint_blocks = True
+    if train.activation_checkpointing:  # every encoder of the model: the shared one and any view encoders
+        for enc in model.modules():
+            if isinstance(enc, Encoder):
+                enc.checkpoint_blocks = True
     if train.zero_stage == 3 and hasattr(model, "embedding"):
         # The tied item table is used outside its own module's forward (output scores).
         deepspeed.zero.register_external_parameter(model, model.embedding.item.weight)
