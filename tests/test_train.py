@@ -67,7 +67,9 @@ def test_cold_start_buckets_and_paired_bootstrap_in_metrics(tiny_run):
         assert t["a"] == pytest.approx(m["joint"]["test"]["B"][proto]["ndcg@10"])
         assert t["b"] == pytest.approx(m["target_only"]["test"]["B"][proto]["ndcg@10"])
         assert t["ci95"][0] <= t["diff"] <= t["ci95"][1] and t["n_users"] == m["joint"]["test"]["B"][proto]["n_users"]
-    assert "transfer on B test, sampled999 NDCG@10: joint - target-only" in out
+    # the tiny experiment ranks against 50 negatives: the log names that, not the metrics.json key
+    assert "transfer on B test, sampled (50 negatives) NDCG@10: joint - target-only" in out
+    assert "B NDCG@10, sampled (50 negatives): source-then-joint" in out and "sampled999" not in out
 
 
 def test_training_lowers_the_loss(tiny_run):

@@ -144,6 +144,7 @@ def cmd_train(args) -> int:
     from train.config import load_config
     from train.engine import teardown_distributed
     from train.loop import StageInterrupted
+    from train.evaluate import SAMPLED, protocol_label
     from train.stages import Experiment, format_table
 
     cfg = load_config(args.config, args.overrides)
@@ -165,9 +166,10 @@ def cmd_train(args) -> int:
         tj = results.get("joint", {}).get("test", {}).get(cfg.data.target)
         tt = results.get("target_only", {}).get("test", {}).get(cfg.data.target)
         if tj and tt:
-            for proto in ("full", "sampled999"):
+            for proto in ("full", SAMPLED):
                 a, b = tj[proto]["ndcg@10"], tt[proto]["ndcg@10"]
-                print(f"{cfg.data.target} NDCG@10 ({proto}): source-then-joint {a:.4f} vs target-only {b:.4f}"
+                label = protocol_label(proto, cfg.eval.num_negatives)
+                print(f"{cfg.data.target} NDCG@10, {label}: source-then-joint {a:.4f} vs target-only {b:.4f}"
                       f" ({'+' if a >= b else ''}{(a - b) / max(b, 1e-12) * 100:.1f}%)")
         print(f"metrics: {exp.run_dir / 'metrics.json'}")
     return 0

@@ -17,7 +17,13 @@ from train.config import EvalConfig
 from train.data.stream import ReaderOptions, eval_batches
 from train.engine import any_rank, gather_arrays
 
-SAMPLED = "sampled999"
+SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives`` is
+
+
+def protocol_label(protocol: str, num_negatives: int) -> str:
+    """How logs name a protocol: ``full``, or ``sampled (N negatives)`` with the configured N (the
+    metrics.json key ``sampled999`` keeps its name for every N)."""
+    return f"sampled ({num_negatives} negatives)" if protocol == SAMPLED else protocol
 
 
 def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
-from train.evaluate import SAMPLED, Evaluator, ndcg_at, paired_bootstrap
+from train.evaluate import SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label
 from launch.signals import install as install_signal_handlers
 from train.checkpoint import load_resume, source_of
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
@@ -267,7 +267,8 @@ class Experiment:
             results["transfer"] = self.transfer()
             tr = results["transfer"]
             for p in ("full", SAMPLED):
-                self.log(f"transfer on {tr['domain']} test, {p} NDCG@10: joint - target-only = {tr[p]['diff']:+.4f}, "
+                label = protocol_label(p, self.cfg.eval.num_negatives)
+                self.log(f"transfer on {tr['domain']} test, {label} NDCG@10: joint - target-only = {tr[p]['diff']:+.4f}, "
                          f"95% CI [{tr[p]['ci95'][0]:+.4f}, {tr[p]['ci95'][1]:+.4f}] ({tr[p]['n_users']} users, "
                          f"{tr[p]['resamples']} paired bootstrap resamples)")
         self.write_metrics(results, meta)
