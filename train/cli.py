@@ -144,7 +144,7 @@ def cmd_train(args) -> int:
     from train.config import load_config
     from train.engine import teardown_distributed
     from train.loop import StageInterrupted
-    from train.evaluate import SAMPLED, protocol_label
+    from train.evaluate import PROTOCOLS, protocol_label
     from train.stages import Experiment, format_table
 
     cfg = load_config(args.config, args.overrides)
@@ -166,7 +166,7 @@ def cmd_train(args) -> int:
         tj = results.get("joint", {}).get("test", {}).get(cfg.data.target)
         tt = results.get("target_only", {}).get("test", {}).get(cfg.data.target)
         if tj and tt:
-            for proto in ("full", SAMPLED):
+            for proto in PROTOCOLS:
                 a, b = tj[proto]["ndcg@10"], tt[proto]["ndcg@10"]
                 label = protocol_label(proto, cfg.eval.num_negatives)
                 print(f"{cfg.data.target} NDCG@10, {label}: source-then-joint {a:.4f} vs target-only {b:.4f}"

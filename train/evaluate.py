@@ -18,6 +18,7 @@ from train.data.stream import ReaderOptions, eval_batches
 from train.engine import any_rank, gather_arrays
 
 SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives`` is
+PROTOCOLS = ("full", SAMPLED)  # every result holds both, in this order
 
 
 def protocol_label(protocol: str, num_negatives: int) -> str:
@@ -130,7 +131,7 @@ class Evaluator:
 
     def metrics(self, r: dict) -> dict:
         """``{"full": {...}, "sampled999": {...}}`` of per-user ranks from :meth:`ranks`."""
-        return {p: metrics_from_ranks(r[p], self.cfg.ks) for p in ("full", SAMPLED)}
+        return {p: metrics_from_ranks(r[p], self.cfg.ks) for p in PROTOCOLS}
 
     def by_history(self, r: dict) -> dict:
         """Metrics of users bucketed by their training events in the domain (``eval.cold_start``
@@ -138,7 +139,7 @@ class Evaluator:
         out = {}
         for name, lo, hi in history_buckets(self.cfg.cold_start):
             sel = (r["n_train"] >= lo) & (r["n_train"] <= hi)
-            out[name] = self.metrics({p: r[p][sel] for p in ("full", SAMPLED)})
+            out[name] = self.metrics({p: r[p][sel] for p in PROTOCOLS})
         return out
 
 

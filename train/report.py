@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from train.evaluate import SAMPLED
+from train.evaluate import PROTOCOLS
 
 STAGES = ("target_only", "source", "joint")
 METRICS = ("hr@10", "ndcg@10", "mrr")
-PROTOCOLS = ("full", SAMPLED)
 
 
 class ReportError(ValueError):

@@ -28,7 +28,7 @@ from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
-from train.evaluate import SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label
+from train.evaluate import PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label
 from launch.signals import install as install_signal_handlers
 from train.checkpoint import load_resume, source_of
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
@@ -178,7 +178,7 @@ class Experiment:
         if not np.array_equal(j[f"{t}/user"], o[f"{t}/user"]):
             raise RuntimeError(f"{self.run_dir}: joint and target-only were tested on different users")
         out = {"metric": "ndcg@10", "domain": t}
-        for p in ("full", SAMPLED):
+        for p in PROTOCOLS:
             out[p] = paired_bootstrap(ndcg_at(j[f"{t}/{p}"], 10), ndcg_at(o[f"{t}/{p}"], 10),
                                       resamples=self.cfg.eval.bootstrap, seed=self.cfg.eval.seed)
         return out
@@ -266,7 +266,7 @@ class Experiment:
         if self.env.is_main and {"joint", "target_only"} <= set(results):
             results["transfer"] = self.transfer()
             tr = results["transfer"]
-            for p in ("full", SAMPLED):
+            for p in PROTOCOLS:
                 label = protocol_label(p, self.cfg.eval.num_negatives)
                 self.log(f"transfer on {tr['domain']} test, {label} NDCG@10: joint - target-only = {tr[p]['diff']:+.4f}, "
                          f"95% CI [{tr[p]['ci95'][0]:+.4f}, {tr[p]['ci95'][1]:+.4f}] ({tr[p]['n_users']} users, "
