@@ -96,3 +96,17 @@ def test_init_from_reads_a_key_missing_from_an_older_runs_config_as_its_default(
     cfg_b = load_config(REPO / "configs/experiment/tiny.yaml", ["model.sequence=dual"])
     with pytest.raises(ResumeError, match=r"dual/config.yaml has model.view_domains=\['B'\], this run \[\]"):
         source_of(dual, cfg_b)
+
+
+def test_init_from_refuses_a_source_stage_measured_under_another_sampled_protocol(tmp_path):
+    from train.checkpoint import ResumeError, source_of
+    from train.config import load_config
+    cfg = load_config(REPO / "configs/experiment/tiny.yaml")
+    run = _source_run(tmp_path / "n50", cfg)
+    other = load_config(REPO / "configs/experiment/tiny.yaml", ["eval.num_negatives=99"])
+    with pytest.raises(ResumeError, match=r"n50/config.yaml has eval.num_negatives=50, this run 99; its source "
+                                          r"metrics were measured under another evaluation protocol"):
+        source_of(run, other)
+    with pytest.raises(ResumeError, match=r"has eval.seed=2025, this run 1;"):
+        source_of(run, load_config(REPO / "configs/experiment/tiny.yaml", ["eval.seed=1"]))
+    source_of(run, load_config(REPO / "configs/experiment/tiny.yaml", ["eval.batch_size=64"]))  # not protocol

@@ -11,12 +11,12 @@ from train.report import ReportError, aggregate, format_report
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path, name, ndcg_joint, ndcg_only, ci):
+def _run(tmp_path, name, ndcg_joint, ndcg_only, ci, protocol=None):
     m = lambda v: {p: {"hr@10": 2 * v, "ndcg@10": v, "mrr": v / 2, "n_users": 10} for p in ("full", "sampled999")}
     data = {"joint": {"test": {"B": m(ndcg_joint), "A": m(0.3)}}, "target_only": {"test": {"B": m(ndcg_only)}},
             "transfer": {"domain": "B", "metric": "ndcg@10",
                          **{p: {"diff": ndcg_joint - ndcg_only, "ci95": ci} for p in ("full", "sampled999")}},
-            "_meta": {}}
+            "_meta": {} if protocol is None else {"eval": protocol}}
     d = tmp_path / name
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps(data))
@@ -51,3 +51,22 @@ def test_report_cli_and_errors(tmp_path):
     p = subprocess.run([sys.executable, "-m", "train.cli", "report", str(runs[0]), str(other)], cwd=REPO,
                        capture_output=True, text=True)
     assert p.returncode == 2 and "report runs of one experiment" in p.stderr
+
+
+def test_runs_of_different_sampled_protocols_are_refused_and_one_protocol_is_named(tmp_path):
+    p999, p99 = {"num_negatives": 999, "seed": 2025}, {"num_negatives": 99, "seed": 2025}
+    a = _run(tmp_path, "a", 0.2, 0.1, [0.05, 0.15], p999)
+    b = _run(tmp_path, "b", 0.2, 0.1, [0.05, 0.15], p99)
+    c = _run(tmp_path, "c", 0.2, 0.1, [0.05, 0.15], {"num_negatives": 999, "seed": 7})
+    with pytest.raises(ReportError, match=r"num_negatives=999, seed=2025 in \[.*/a'\]; num_negatives=99, seed=2025 in "
+                                          r"\[.*/b'\]\); report runs of one protocol"):
+        aggregate([a, b])
+    with pytest.raises(ReportError, match="different protocols"):
+        aggregate([a, c])  # same N, other negatives
+    d = _run(tmp_path, "d", 0.3, 0.1, [0.05, 0.15], p999)
+    agg = aggregate([a, d])
+    assert agg["num_negatives"] == 999
+    assert "transfer B sampled (999 negatives) ndcg@10" in format_report(agg)
+    # metrics.json from before the protocol was recorded: not checked, named by its key
+    old = aggregate([_run(tmp_path, "e", 0.2, 0.1, [0.05, 0.15]), _run(tmp_path, "f", 0.2, 0.1, [0.05, 0.15])])
+    assert old["num_negatives"] is None and "transfer B sampled999 ndcg@10" in format_report(old)

@@ -50,6 +50,15 @@ def test_metrics_json_has_the_agreed_shape(tiny_run):
                     r = m[stage][split][d][proto]
                     assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and 0.0 < r["mrr"] <= 1.0
                     assert r["n_users"] > 0
+    assert m["_meta"]["eval"] == {"num_negatives": 50, "seed": 2025}  # the tiny experiment's sampled protocol
+
+
+def test_report_names_the_recorded_sampled_protocol(tiny_run):
+    from train.report import aggregate, format_report
+    run, _ = tiny_run
+    agg = aggregate([run])
+    assert agg["num_negatives"] == 50
+    assert "transfer B sampled (50 negatives) ndcg@10: joint - target-only" in format_report(agg)
 
 
 def test_cold_start_buckets_and_paired_bootstrap_in_metrics(tiny_run):

@@ -95,6 +95,9 @@ def load_resume(engine, ckpt_dir: Path, *, stage: str) -> LoopState | None:
 # The parts of a config the source weights depend on: a joint stage started from another run's
 # source stage needs them equal (``train.init_from``).
 _WEIGHTS_KEYS = ("model", "data.name", "data.domains", "data.source")
+# The evaluation protocol the carried-over source metrics were measured under: equal too, so one
+# metrics.json never mixes two protocols under the same keys.
+_PROTOCOL_KEYS = ("eval.num_negatives", "eval.seed")
 
 
 def source_of(run: Path, cfg) -> tuple[Path, dict]:
@@ -116,4 +119,7 @@ def source_of(run: Path, cfg) -> tuple[Path, dict]:
         if key.startswith(_WEIGHTS_KEYS) and theirs.get(key) != ours[key]:
             raise ResumeError(f"train.init_from: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "
                               "the source weights need the same model and data")
+        if key in _PROTOCOL_KEYS and theirs.get(key) != ours[key]:
+            raise ResumeError(f"train.init_from: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "
+                              "its source metrics were measured under another evaluation protocol")
     return ckpt, {"source": prev["source"], "_meta": prev["_meta"]["source"]}

@@ -1,8 +1,13 @@
 """``xdrec report runs/<name>-seed0 runs/<name>-seed1 ...``: mean and std over runs (seeds) of the
 test metrics each run's ``metrics.json`` holds, and each run's paired-bootstrap transfer interval.
 
-    {"runs": [...], "test": {stage: {domain: {protocol: {metric: {"mean", "std", "n", "values"}}}}},
+    {"runs": [...], "num_negatives": N or None, "test": {stage: {domain: {protocol: {metric: {...}}}}},
      "transfer": {protocol: {"diff": {...mean/std...}, "ci95": [[lo, hi] per run], "runs_ci_above_0": k}}}
+
+Runs whose metrics.json record different sampled protocols (``_meta.eval``: the number of
+negatives and their seed) are refused: their sampled numbers are not comparable. A metrics.json
+written before the protocol was recorded is not checked; ``num_negatives`` is None when no run
+records it, and the transfer line then names the sampled protocol by its key ``sampled999``.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.evaluate import PROTOCOLS
+from train.evaluate import PROTOCOLS, protocol_label
 
 STAGES = ("target_only", "source", "joint")
 METRICS = ("hr@10", "ndcg@10", "mrr")
@@ -27,6 +32,21 @@ def _stats(values: list[float]) -> dict:
             "values": [float(x) for x in v]}
 
 
+def _protocol(runs: list[tuple[str, dict]]) -> dict:
+    """The evaluation protocol the runs share (``{}`` when none records one); ReportError naming
+    the runs when they differ."""
+    seen: dict[str, list[str]] = {}
+    for d, m in runs:
+        ev = m.get("_meta", {}).get("eval")
+        if ev is not None:
+            seen.setdefault(json.dumps(ev, sort_keys=True), []).append(d)
+    if len(seen) > 1:
+        groups = "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(ev).items()) + f" in {ds}"
+                           for ev, ds in seen.items())
+        raise ReportError(f"the runs were evaluated under different protocols ({groups}); report runs of one protocol")
+    return json.loads(next(iter(seen))) if seen else {}
+
+
 def aggregate(run_dirs: list[str | Path]) -> dict:
     runs = []
     for d in run_dirs:
@@ -36,7 +56,7 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
         runs.append((str(d), json.loads(path.read_text())))
     if not runs:
         raise ReportError("no run folders given")
-    out: dict = {"runs": [d for d, _ in runs], "test": {}}
+    out: dict = {"runs": [d for d, _ in runs], "num_negatives": _protocol(runs).get("num_negatives"), "test": {}}
     for stage in STAGES:
         domains = sorted({dom for _, m in runs for dom in m.get(stage, {}).get("test", {})})
         for dom in domains:
@@ -68,6 +88,7 @@ def format_report(agg: dict) -> str:
         for p in PROTOCOLS:
             d = t[p]["diff"]
             cis = ", ".join(f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in t[p]["ci95"])
-            lines.append(f"transfer {t['domain']} {p} {t['metric']}: joint - target-only {d['mean']:+.4f} ± {d['std']:.4f}; "
+            label = protocol_label(p, agg["num_negatives"]) if agg.get("num_negatives") else p
+            lines.append(f"transfer {t['domain']} {label} {t['metric']}: joint - target-only {d['mean']:+.4f} ± {d['std']:.4f}; "
                          f"95% CI per run {cis}; above 0 in {t[p]['runs_ci_above_0']}/{d['n']}")
     return "\n".join(lines)

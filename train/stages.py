@@ -240,7 +240,10 @@ class Experiment:
     def run(self) -> dict:
         t0 = time.time()
         results: dict = {}
-        meta: dict = {"world_size": self.env.world_size, "launcher": self.env.launcher}
+        ev = self.cfg.eval
+        # the sampled protocol's N and negative seed: `xdrec report` names N and refuses to mix protocols
+        meta: dict = {"world_size": self.env.world_size, "launcher": self.env.launcher,
+                      "eval": {"num_negatives": ev.num_negatives, "seed": ev.seed}}
         # The joint stage needs the source checkpoint: run source first whatever the order given.
         order = sorted(self.cfg.train.stages, key=lambda s: ("source", "joint").index(s) if s != "target_only" else -1)
         prev = self._previous_metrics() if self.resume else {}
