@@ -143,6 +143,23 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     assert len(first) == 3 and steps == sorted(steps) and steps[3] > steps[2] > 0
 
 
+def test_resume_under_another_sampled_protocol_is_refused_before_work(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    base = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+            f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", "train.stages=[source]", "train.source.epochs=1"]
+    first = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    config = (tmp_path / "tiny" / "config.yaml").read_text()
+    again = subprocess.run([*base, "eval.num_negatives=20", "--resume", "auto"], cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 2
+    assert (f"{tmp_path / 'tiny' / 'metrics.json'}: its stages were evaluated with {{'num_negatives': 50, "
+            "'seed': 2025}, this run with {'num_negatives': 20, 'seed': 2025}") in again.stderr
+    assert (tmp_path / "tiny" / "config.yaml").read_text() == config  # refused before the run was touched
+    same = subprocess.run([*base, "--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert same.returncode == 0 and "finished in the run being resumed" in same.stdout, same.stderr[-2000:]
+
+
 def test_sigusr1_checkpoints_and_exits_75_for_a_requeue(tmp_path):
     import signal
     import time

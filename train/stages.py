@@ -30,7 +30,7 @@ from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batc
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label
 from launch.signals import install as install_signal_handlers
-from train.checkpoint import load_resume, source_of
+from train.checkpoint import ResumeError, load_resume, source_of
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
 from train.tracking import Tracker
 
@@ -85,6 +85,12 @@ class Experiment:
         self.env, self.device = setup_distributed()
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = cfg.run_dir()
+        if resume:  # finished stages keep their metrics: they must be of this run's sampled protocol
+            recorded = self._previous_metrics().get("_meta", {}).get("eval")
+            if recorded is not None and recorded != self._protocol():
+                raise ResumeError(f"{self.run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, "
+                                  f"this run with {self._protocol()}; resume with the same eval.num_negatives "
+                                  "and eval.seed, or start the run afresh")
         manifest = None
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,10 +246,7 @@ class Experiment:
     def run(self) -> dict:
         t0 = time.time()
         results: dict = {}
-        ev = self.cfg.eval
-        # the sampled protocol's N and negative seed: `xdrec report` names N and refuses to mix protocols
-        meta: dict = {"world_size": self.env.world_size, "launcher": self.env.launcher,
-                      "eval": {"num_negatives": ev.num_negatives, "seed": ev.seed}}
+        meta: dict = {"world_size": self.env.world_size, "launcher": self.env.launcher, "eval": self._protocol()}
         # The joint stage needs the source checkpoint: run source first whatever the order given.
         order = sorted(self.cfg.train.stages, key=lambda s: ("source", "joint").index(s) if s != "target_only" else -1)
         prev = self._previous_metrics() if self.resume else {}
@@ -278,6 +281,11 @@ class Experiment:
         self.tracker.summary(results)
         self.tracker.finish()
         return results
+
+    def _protocol(self) -> dict:
+        """The sampled protocol, recorded as ``_meta.eval``: `xdrec report` names its N and refuses to
+        mix protocols, and a resumed run must match it."""
+        return {"num_negatives": self.cfg.eval.num_negatives, "seed": self.cfg.eval.seed}
 
     def _previous_metrics(self) -> dict:
         path = self.run_dir / "metrics.json"
