@@ -23,6 +23,7 @@ import yaml
 
 from train.config import flatten, to_dict
 from train.engine import barrier, rank, world_size
+from train.evaluate import PROTOCOL_FIELDS
 
 KEEP = 2  # resume checkpoints kept per stage
 
@@ -97,7 +98,7 @@ def load_resume(engine, ckpt_dir: Path, *, stage: str) -> LoopState | None:
 _WEIGHTS_KEYS = ("model", "data.name", "data.domains", "data.source")
 # The evaluation protocol the carried-over source metrics were measured under: equal too, so one
 # metrics.json never mixes two protocols under the same keys.
-_PROTOCOL_KEYS = ("eval.num_negatives", "eval.seed")
+_PROTOCOL_KEYS = tuple(f"eval.{k}" for k in PROTOCOL_FIELDS)
 
 
 def source_of(run: Path, cfg) -> tuple[Path, dict]:

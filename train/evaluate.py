@@ -19,6 +19,14 @@ from train.engine import any_rank, gather_arrays
 
 SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives`` is
 PROTOCOLS = ("full", SAMPLED)  # every result holds both, in this order
+# The eval.* fields the sampled numbers depend on, recorded in metrics.json as ``_meta.eval``: runs,
+# resumed stages and a carried-over source stage compare only when these agree.
+PROTOCOL_FIELDS = ("num_negatives", "seed")
+
+
+def sampled_protocol(ev: EvalConfig) -> dict:
+    """``{"num_negatives": N, "seed": S}``: the sampled protocol of an eval config."""
+    return {k: getattr(ev, k) for k in PROTOCOL_FIELDS}
 
 
 def protocol_label(protocol: str, num_negatives: int) -> str:

@@ -35,16 +35,15 @@ def _stats(values: list[float]) -> dict:
 def _protocol(runs: list[tuple[str, dict]]) -> dict:
     """The evaluation protocol the runs share (``{}`` when none records one); ReportError naming
     the runs when they differ."""
-    seen: dict[str, list[str]] = {}
+    seen: dict[tuple, list[str]] = {}
     for d, m in runs:
         ev = m.get("_meta", {}).get("eval")
         if ev is not None:
-            seen.setdefault(json.dumps(ev, sort_keys=True), []).append(d)
+            seen.setdefault(tuple(sorted(ev.items())), []).append(d)
     if len(seen) > 1:
-        groups = "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(ev).items()) + f" in {ds}"
-                           for ev, ds in seen.items())
+        groups = "; ".join(", ".join(f"{k}={v}" for k, v in ev) + f" in {ds}" for ev, ds in seen.items())
         raise ReportError(f"the runs were evaluated under different protocols ({groups}); report runs of one protocol")
-    return json.loads(next(iter(seen))) if seen else {}
+    return dict(next(iter(seen))) if seen else {}
 
 
 def aggregate(run_dirs: list[str | Path]) -> dict:

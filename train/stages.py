@@ -28,7 +28,7 @@ from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
-from train.evaluate import PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label
+from train.evaluate import PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label, sampled_protocol
 from launch.signals import install as install_signal_handlers
 from train.checkpoint import ResumeError, load_resume, source_of
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
@@ -85,12 +85,13 @@ class Experiment:
         self.env, self.device = setup_distributed()
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = cfg.run_dir()
-        if resume:  # finished stages keep their metrics: they must be of this run's sampled protocol
-            recorded = self._previous_metrics().get("_meta", {}).get("eval")
-            if recorded is not None and recorded != self._protocol():
-                raise ResumeError(f"{self.run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, "
-                                  f"this run with {self._protocol()}; resume with the same eval.num_negatives "
-                                  "and eval.seed, or start the run afresh")
+        # --resume auto keeps finished stages' metrics: they must be of this run's sampled protocol
+        self.prev = self._previous_metrics() if resume else {}
+        recorded, ours = self.prev.get("_meta", {}).get("eval"), sampled_protocol(cfg.eval)
+        if recorded is not None and recorded != ours:
+            raise ResumeError(f"{self.run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, "
+                              f"this run with {ours}; resume with the same eval.num_negatives "
+                              "and eval.seed, or start the run afresh")
         manifest = None
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -246,17 +247,17 @@ class Experiment:
     def run(self) -> dict:
         t0 = time.time()
         results: dict = {}
-        meta: dict = {"world_size": self.env.world_size, "launcher": self.env.launcher, "eval": self._protocol()}
+        meta: dict = {"world_size": self.env.world_size, "launcher": self.env.launcher,
+                      "eval": sampled_protocol(self.cfg.eval)}
         # The joint stage needs the source checkpoint: run source first whatever the order given.
         order = sorted(self.cfg.train.stages, key=lambda s: ("source", "joint").index(s) if s != "target_only" else -1)
-        prev = self._previous_metrics() if self.resume else {}
         if self.init:  # the source stage of another run: its metrics stand in for this run's
             results["source"] = self.init[1]["source"]
             meta["source"] = {**self.init[1]["_meta"], "init_from": self.cfg.train.init_from}
         for stage in order:
-            if prev.get("_meta", {}).get(stage, {}).get("done"):
+            if self.prev.get("_meta", {}).get(stage, {}).get("done"):
                 self.log(f"== stage {stage}: finished in the run being resumed; keeping its metrics ==")
-                results[stage], meta[stage] = prev[stage], prev["_meta"][stage]
+                results[stage], meta[stage] = self.prev[stage], self.prev["_meta"][stage]
                 continue
             self.log(f"== stage {stage} ==")
             try:
@@ -281,11 +282,6 @@ class Experiment:
         self.tracker.summary(results)
         self.tracker.finish()
         return results
-
-    def _protocol(self) -> dict:
-        """The sampled protocol, recorded as ``_meta.eval``: `xdrec report` names its N and refuses to
-        mix protocols, and a resumed run must match it."""
-        return {"num_negatives": self.cfg.eval.num_negatives, "seed": self.cfg.eval.seed}
 
     def _previous_metrics(self) -> dict:
         path = self.run_dir / "metrics.json"
