@@ -11,33 +11,45 @@ import torch.nn.functional as F
 
 
 def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor, item_weight: torch.Tensor,
-                   ranges: list[tuple[int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+                   ranges: list[tuple[int, int]], exclude: torch.Tensor | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Summed CE and target count per domain.
 
     hidden: (B, L, D) encoder outputs, or one such tensor per domain (domain d's targets are
     scored from hidden[d]: per-domain query heads); targets: (B, L) global item id per position,
     0 = no loss; item_weight: (n_items + 1, D) tied item table; ranges[d] = (first_id, last_id + 1).
     Each target's softmax runs over the items of its own domain only.
+    exclude: optional (B, K) global item ids per row, 0 = none: each of the row's targets is scored
+    against its domain's items without these (the target itself always stays in), e.g. the row's
+    own items, which the sampled evaluation protocol never draws as negatives.
 
     Returns ``(sums, counts)``: ``sums[d]`` a scalar with gradient, ``counts`` a (n_domains,)
     int64 tensor. A domain without targets gives an exact 0 that still touches its item rows and
     head, so every parameter takes part in every step.
     """
-    def full_ce(h, t, lo, hi):
+    def full_ce(h, t, lo, hi, rows):
         logits = (h @ item_weight[lo:hi].T).float()  # (N_d, n_d)
+        if exclude is not None and len(h):
+            ex = exclude[rows]  # (N_d, K): each target's row's excluded ids
+            drop = (ex >= lo) & (ex < hi) & (ex != t[:, None])
+            at = drop.nonzero(as_tuple=True)
+            logits = logits.index_put((at[0], ex[at] - lo), logits.new_tensor(float("-inf")))
         return F.cross_entropy(logits, t - lo, reduction="sum") if len(h) else 0.0 * logits.sum()
 
-    return _per_domain(hidden, targets, ranges, full_ce)
+    return _per_domain(hidden, targets, ranges, full_ce, with_rows=True)
 
 
-def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce_sum):
-    """``ce_sum(h (N_d, D), t (N_d,), lo, hi)`` for each domain's target rows; (sums, counts)."""
+def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce_sum, with_rows: bool = False):
+    """``ce_sum(h (N_d, D), t (N_d,), lo, hi)`` for each domain's target rows; (sums, counts).
+    ``with_rows``: ``ce_sum`` also takes each target's batch row (N_d,)."""
     per_domain = hidden if isinstance(hidden, (list, tuple)) else [hidden] * len(ranges)
     flat_t = targets.reshape(-1)
+    row_of = torch.arange(targets.shape[0], device=targets.device).repeat_interleave(targets[0].numel())
     sums, counts = [], []
     for hid, (lo, hi) in zip(per_domain, ranges):
         sel = (flat_t >= lo) & (flat_t < hi)
-        sums.append(ce_sum(hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi))
+        args = (hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi) + ((row_of[sel],) if with_rows else ())
+        sums.append(ce_sum(*args))
         counts.append(sel.sum())
     return sums, torch.stack(counts)
 

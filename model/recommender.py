@@ -20,7 +20,7 @@ class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
                  heads: nn.ModuleList | None = None, loss: str = "full", num_sampled: int = 0,
                  mask_id: int | None = None, mask_prob: float = 0.2, view_domains: list[int] | None = None,
-                 view_encoders: nn.ModuleDict | None = None):
+                 view_encoders: nn.ModuleDict | None = None, exclude_own_items: bool = False):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``loss`` (training only; scoring stays full): "full" softmax over the target's domain,
@@ -38,11 +38,16 @@ class Recommender(nn.Module):
         ``view_encoders`` (optional): ``view_encoders[str(d)]`` encodes domain d's view in place of
         the shared encoder, which then sees mixed sequences alone. It may hold encoders for more
         domains than ``view_domains`` (a stage that does not score them leaves them idle), so
-        every stage of a run has the same parameters."""
+        every stage of a run has the same parameters.
+        ``exclude_own_items`` (full loss only): a target's softmax leaves out the other items of
+        its row (inputs and targets), as the sampled evaluation never draws a user's own items as
+        negatives: later items of the same user are not pushed down as wrong answers."""
         super().__init__()
         if loss != "full" and loss not in _SAMPLED_LOSSES:
             raise ValueError(f"loss must be 'full' or one of {sorted(_SAMPLED_LOSSES)}, got {loss!r}")
-        self.loss, self.num_sampled = loss, num_sampled
+        if exclude_own_items and loss != "full":
+            raise ValueError(f"exclude_own_items needs loss 'full', got {loss!r}")
+        self.loss, self.num_sampled, self.exclude_own_items = loss, num_sampled, exclude_own_items
         self.view_domains = sorted(set(view_domains or []))
         if any(not 0 <= d < len(ranges) for d in self.view_domains):
             raise ValueError(f"view_domains {view_domains} must index the {len(ranges)} domains")
@@ -94,6 +99,7 @@ class Recommender(nn.Module):
         - neither: hidden states ``[B, L, D]``.
         items: [B, L] int64, 0 = padding.
         """
+        own = torch.cat([items, targets], 1) if targets is not None and self.exclude_own_items else None
         if self.mask_id is not None:
             if targets is not None:
                 items, targets = self.cloze(items, targets)
@@ -104,7 +110,7 @@ class Recommender(nn.Module):
         if targets is not None:
             q = self.queries(h, {d: self.domain_view(items, d) for d in self.view_domains})
             if self.loss == "full":
-                return domain_ce_sums(q, targets, table, self.ranges)
+                return domain_ce_sums(q, targets, table, self.ranges, exclude=own)
             return _SAMPLED_LOSSES[self.loss](q, targets, table, self.ranges, self.num_sampled)
         if domain is not None:
             lo, hi = self.ranges[domain]
@@ -136,7 +142,8 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
                       domain_heads: bool = False, loss: str = "full", num_sampled: int = 0,
                       masked: bool = False, mask_prob: float = 0.2, view_domains: list[int] | None = None,
-                      view_layers: int = 0, view_encoder_domains: list[int] | None = None) -> Recommender:
+                      view_layers: int = 0, view_encoder_domains: list[int] | None = None,
+                      exclude_own_items: bool = False) -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
     ``loss``/``num_sampled``: the training softmax, see :class:`Recommender`.
     ``view_layers`` > 0: each domain of ``view_encoder_domains`` (default ``view_domains``) gets
@@ -162,4 +169,4 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                                                    else view_encoder_domains))})
     return Recommender(emb, enc, ranges, heads, loss=loss, num_sampled=num_sampled,
                        mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains,
-                       view_encoders=views)
+                       view_encoders=views, exclude_own_items=exclude_own_items)

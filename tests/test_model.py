@@ -198,6 +198,47 @@ def test_uniform_negatives_loss_by_hand():
     assert touched <= {2, 3, 6} | set(torch.cat(drawn).tolist()) and {2, 3, 6} <= touched
 
 
+def test_excluding_own_items_leaves_the_rows_other_items_out_of_each_softmax():
+    from model.losses import domain_ce_sums
+
+    torch.manual_seed(4)
+    table = torch.randn(9, 3)  # ids 1..4 domain 0, 5..8 domain 1
+    ranges = [(1, 5), (5, 9)]
+    hidden = torch.randn(2, 3, 3)
+    targets = torch.tensor([[2, 3, 6], [4, 0, 4]])
+    exclude = torch.tensor([[1, 2, 3, 6, 0], [0, 4, 7, 0, 0]])
+    sums, counts = domain_ce_sums(hidden, targets, table, ranges, exclude=exclude)
+    # row 0 pos 0 (target 2): 1 and 3 leave domain 0's softmax; row 1 excludes only its target (4) and
+    # a domain-1 id (7), so its domain-0 softmaxes stay whole; by hand, the items each softmax keeps:
+    kept = {(0, 0): [2, 4], (0, 1): [3, 4], (0, 2): [5, 6, 7, 8], (1, 0): [1, 2, 3, 4], (1, 2): [1, 2, 3, 4]}
+    ref = [torch.zeros(()), torch.zeros(())]
+    for (b, p), cols in kept.items():
+        t = int(targets[b, p])
+        logits = hidden[b, p] @ table[cols].T
+        ref[int(t >= 5)] = ref[int(t >= 5)] - torch.log_softmax(logits, 0)[cols.index(t)]
+    assert counts.tolist() == [4, 1]
+    assert all(torch.allclose(a, r, atol=1e-5) for a, r in zip(sums, ref))
+    full, _ = domain_ce_sums(hidden, targets, table, ranges)
+    assert full[0] > sums[0]  # fewer competitors: a smaller loss
+    assert torch.allclose(full[1], sums[1])  # its one excluded id is its target, which stays
+
+    # the model excludes its row's inputs and targets (earlier and later items alike)
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
+              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True)
+    torch.manual_seed(0)
+    m = build_recommender(**kw, exclude_own_items=True).eval()
+    items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
+    got, _ = m(items, targets=tgts)
+    want, _ = domain_ce_sums(m.queries(m(items)), tgts, m.embedding.item.weight, m.ranges,
+                             exclude=torch.cat([items, tgts], 1))
+    plain, _ = domain_ce_sums(m.queries(m(items)), tgts, m.embedding.item.weight, m.ranges)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    assert not torch.allclose(got[0], plain[0])
+    with pytest.raises(ValueError, match="exclude_own_items needs loss 'full'"):
+        build_recommender(**kw, loss="uniform", num_sampled=4, exclude_own_items=True)
+
+
 @pytest.mark.parametrize("loss", ["sampled", "uniform"])
 def test_model_trains_with_the_named_sampled_loss(loss):
     from model.losses import domain_sampled_ce_sums, domain_uniform_ce_sums

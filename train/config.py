@@ -47,6 +47,9 @@ class ModelConfig:
     # domain only (what the sampled evaluation protocol measures; cheaper than full)
     loss: Literal["full", "sampled", "uniform"] = "full"
     sampled_negatives: int = 1024
+    # full loss only: each target's softmax leaves out the other items of its training row (the
+    # user's earlier and later items), which the sampled protocol never draws as negatives
+    exclude_own_items: bool = False
     # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
     # (training and evaluation) see that domain's events alone, parameters still shared
     # "dual": mixed inputs, and each domain's query adds the encoder's state over the row's
@@ -253,6 +256,8 @@ class ExperimentConfig:
                               "item it is asked for; the cloze objective needs both directions)")
         if self.model.sequence == "dual" and self.model.objective != "next_item":
             raise ConfigError(f"{origin}: model.sequence=dual needs model.objective=next_item")
+        if self.model.exclude_own_items and self.model.loss != "full":
+            raise ConfigError(f"{origin}: model.exclude_own_items needs model.loss=full, got {self.model.loss!r}")
         if self.model.view_domains and self.model.sequence != "dual":
             raise ConfigError(f"{origin}: model.view_domains={self.model.view_domains} needs model.sequence=dual, "
                               f"got {self.model.sequence!r}")

@@ -71,7 +71,8 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
                              loss=m.loss, num_sampled=m.sampled_negatives,
                              view_domains=view_domains(m, dom, domains or dom.names),
                              view_layers=m.view_layers, view_encoder_domains=view_domains(m, dom, dom.names),
-                             masked=m.objective == "masked", mask_prob=m.mask_prob)
+                             masked=m.objective == "masked", mask_prob=m.mask_prob,
+                             exclude_own_items=m.exclude_own_items)
 
 
 class Experiment:
