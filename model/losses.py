@@ -27,7 +27,7 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
     int64 tensor. A domain without targets gives an exact 0 that still touches its item rows and
     head, so every parameter takes part in every step.
     """
-    def full_ce(h, t, lo, hi, rows):
+    def full_ce(h, t, lo, hi, rows=None):
         logits = (h @ item_weight[lo:hi].T).float()  # (N_d, n_d)
         if exclude is not None and len(h):
             ex = exclude[rows]  # (N_d, K): each target's row's excluded ids
@@ -36,7 +36,7 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
             logits = logits.index_put((at[0], ex[at] - lo), logits.new_tensor(float("-inf")))
         return F.cross_entropy(logits, t - lo, reduction="sum") if len(h) else 0.0 * logits.sum()
 
-    return _per_domain(hidden, targets, ranges, full_ce, with_rows=True)
+    return _per_domain(hidden, targets, ranges, full_ce, with_rows=exclude is not None)
 
 
 def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce_sum, with_rows: bool = False):
@@ -44,11 +44,12 @@ def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce
     ``with_rows``: ``ce_sum`` also takes each target's batch row (N_d,)."""
     per_domain = hidden if isinstance(hidden, (list, tuple)) else [hidden] * len(ranges)
     flat_t = targets.reshape(-1)
-    row_of = torch.arange(targets.shape[0], device=targets.device).repeat_interleave(targets[0].numel())
+    rows = torch.arange(targets.shape[0], device=targets.device).repeat_interleave(targets.shape[-1]) \
+        if with_rows else None
     sums, counts = [], []
     for hid, (lo, hi) in zip(per_domain, ranges):
         sel = (flat_t >= lo) & (flat_t < hi)
-        args = (hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi) + ((row_of[sel],) if with_rows else ())
+        args = (hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi) + ((rows[sel],) if with_rows else ())
         sums.append(ce_sum(*args))
         counts.append(sel.sum())
     return sums, torch.stack(counts)
