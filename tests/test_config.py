@@ -52,14 +52,24 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("name: x\n", ["model.sequence=dual", "model.view_layers=-1"], r"model.view_layers must be >= 0, got -1"),
     ("name: x\n", ["model.exclude_own_items=true", "model.loss=sampled"],
      r"command line: model.exclude_own_items needs model.loss=full, got 'sampled'"),
+    ("name: x\n", ["train.joint.micro_batch_size=-1"],
+     r"command line: train.joint.micro_batch_size must be >= 0 \(0: train.micro_batch_size\), got -1"),
 ], ids=["type", "bool-not-int", "literal", "preset", "cross-field", "override-key", "override-type",
         "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files", "bidirectional-next-item",
         "causal-cloze", "no-negatives", "init-from-and-source", "joint-without-source", "plateau-decay",
         "view-without-dual", "view-domain", "view-layers-without-dual", "view-layers-negative",
-        "exclude-own-items-not-full"])
+        "exclude-own-items-not-full", "stage-micro-batch"])
 def test_bad_values_name_key_and_origin(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text), overrides)
+
+
+def test_a_stage_micro_batch_overrides_the_global_one_for_that_stage_only(tmp_path):
+    cfg = load_config(_write(tmp_path, "name: x\n"), ["train.micro_batch_size=64", "train.source.micro_batch_size=16"])
+    assert cfg.train.for_stage("source").micro_batch_size == 16
+    assert cfg.train.for_stage("joint").micro_batch_size == 64
+    assert cfg.train.for_stage("source").global_batch_size(world_size=2) == 32
+    assert cfg.train.micro_batch_size == 64  # the run's config is left as it was
 
 
 def test_preset_and_overrides_apply_in_order(tmp_path):

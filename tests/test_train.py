@@ -192,6 +192,21 @@ def test_training_with_dataloader_workers_and_a_resampled_stream(tmp_path):
     assert meta["steps"] == per_epoch * len(meta["epoch_losses"])
 
 
+def test_a_stage_trains_with_its_own_micro_batch(tmp_path):
+    """train.source.micro_batch_size=16 under train.micro_batch_size=64: the source stage takes a
+    step per 16 samples (stream and DeepSpeed agree, or the engine refuses the batch), the joint
+    stage keeps 64."""
+    from train.data.stream import joint_rows
+
+    p = train_tiny(tmp_path, "train.stages=[source, joint]", "train.source.micro_batch_size=16",
+                   "train.source.epochs=1", "train.joint.epochs=1")
+    meta = json.loads((tmp_path / "tiny" / "metrics.json").read_text())["_meta"]
+    counts = json.loads((tmp_path / "data" / "synthetic-tiny" / "manifest.json").read_text())["counts"]
+    assert meta["source"]["steps"] == -(-counts["A"]["train"]["samples"] // 16)
+    assert meta["joint"]["steps"] == -(-counts["B"]["train"]["samples"] // joint_rows(64, 0.5)[1])
+    assert "; micro batch 16\n" in p.stdout and "; micro batch 64\n" in p.stdout
+
+
 @pytest.mark.parametrize("loss, sequence, views, view_layers, zero", [("sampled", "per_domain", "[]", 0, 0),
                                                                       ("uniform", "dual", "[B]", 0, 3),
                                                                       ("full", "dual", "[]", 1, 3)])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -149,6 +149,8 @@ class StageConfig:
     # after each evaluation without a better valid metric, multiply the LR by this (on top of the
     # warmup + cosine schedule) until the stage stops; 1.0: off
     plateau_decay: float = 1.0
+    # rows per micro batch in this stage; 0: train.micro_batch_size
+    micro_batch_size: int = 0
 
 
 @dataclass
@@ -184,6 +186,10 @@ class TrainConfig:
 
     def stage(self, name: str) -> StageConfig:
         return getattr(self, name)
+
+    def for_stage(self, name: str) -> "TrainConfig":
+        """This config as stage ``name`` trains with: its own ``micro_batch_size`` where it sets one."""
+        return replace(self, micro_batch_size=self.stage(name).micro_batch_size or self.micro_batch_size)
 
 
 @dataclass
@@ -241,6 +247,9 @@ class ExperimentConfig:
             if not 0.0 < self.train.stage(s).plateau_decay <= 1.0:
                 raise ConfigError(f"{origin}: train.{s}.plateau_decay must be in (0, 1], got "
                                   f"{self.train.stage(s).plateau_decay}")
+            if self.train.stage(s).micro_batch_size < 0:
+                raise ConfigError(f"{origin}: train.{s}.micro_batch_size must be >= 0 (0: train.micro_batch_size), "
+                                  f"got {self.train.stage(s).micro_batch_size}")
         stages, init = self.train.stages, self.train.init_from
         if "joint" in stages and "source" not in stages and not init:
             raise ConfigError(f"{origin}: train.stages has 'joint' without 'source' (joint starts from it; "

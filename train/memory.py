@@ -58,10 +58,11 @@ def measure(cfg, zero_stage: int, manifest: dict) -> dict:
     env, device = setup_distributed()
     model = build_model(cfg, manifest)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(model, train=cfg.train, stage=cfg.train.source, total_steps=10,
+    train = cfg.train.for_stage("source")  # the measured step is a source-stage step
+    engine = build_engine(model, train=train, stage=cfg.train.source, total_steps=10,
                           world_size=env.world_size)
     batch = next(iter(train_batches(manifest, cfg.data.prepared_dir(), cfg.data.source,
-                                    batch_size=cfg.train.micro_batch_size, max_len=cfg.model.max_len,
+                                    batch_size=train.micro_batch_size, max_len=cfg.model.max_len,
                                     seed=0, epoch=0, buffer=100)))
     before = _live_bytes()
     sums, counts = engine(batch["items"].to(device), targets=batch["targets"].to(device))

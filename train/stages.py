@@ -122,7 +122,7 @@ class Experiment:
         return self.names["source" if stage == "source" else "target"]
 
     def _batches(self, stage: str, epoch: int):
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t = self.cfg, self.cfg.train.for_stage(stage)
         # resampled streams are endless: an epoch is the nominal number of steps of one pass
         common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer, reader=self.reader,
                       cloze=cfg.model.objective == "masked",
@@ -139,7 +139,7 @@ class Experiment:
         return SPECS[stage].only_target or self.cfg.model.sequence == "per_domain"
 
     def _steps_per_epoch(self, stage: str) -> int:
-        t = self.cfg.train
+        t = self.cfg.train.for_stage(stage)
         rows = joint_rows(t.micro_batch_size, t.mix_ratio)[1] if stage == "joint" else t.micro_batch_size
         n = self.manifest["counts"][self._driver(stage)]["train"]["samples"] / self.env.world_size
         return max(1, math.ceil(n / rows / t.grad_accum))
@@ -200,7 +200,7 @@ class Experiment:
         weights[self.dom.index(self.names["target"])] = sc.target_weight
         model = build_model(cfg, self.manifest, domains=[self.names[r] for r in SPECS[stage].eval_domains])
         total = sc.epochs * self._steps_per_epoch(stage)
-        engine = build_engine(model, train=cfg.train, stage=sc, total_steps=total,
+        engine = build_engine(model, train=cfg.train.for_stage(stage), stage=sc, total_steps=total,
                               world_size=self.env.world_size)
         ckpt_dir = self.run_dir / stage / "checkpoints"
         state = load_resume(engine, ckpt_dir, stage=stage) if self.resume else None
@@ -226,7 +226,8 @@ class Experiment:
                 inputs += f" (each through its own {cfg.model.view_layers}-block encoder)"
         self.log(f"[{stage}] inputs: {inputs}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
-                 f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}")
+                 f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}; micro batch "
+                 f"{cfg.train.for_stage(stage).micro_batch_size}")
         if stage == "joint" and state is None:
             src = self.init[0] if self.init else self.run_dir / "source" / "checkpoints"
             engine.load_checkpoint(str(src), tag="best", load_module_only=True,
