@@ -200,7 +200,8 @@ class Experiment:
         weights[self.dom.index(self.names["target"])] = sc.target_weight
         model = build_model(cfg, self.manifest, domains=[self.names[r] for r in SPECS[stage].eval_domains])
         total = sc.epochs * self._steps_per_epoch(stage)
-        engine = build_engine(model, train=cfg.train.for_stage(stage), stage=sc, total_steps=total,
+        train = cfg.train.for_stage(stage)
+        engine = build_engine(model, train=train, stage=sc, total_steps=total,
                               world_size=self.env.world_size)
         ckpt_dir = self.run_dir / stage / "checkpoints"
         state = load_resume(engine, ckpt_dir, stage=stage) if self.resume else None
@@ -227,7 +228,7 @@ class Experiment:
         self.log(f"[{stage}] inputs: {inputs}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}; micro batch "
-                 f"{cfg.train.for_stage(stage).micro_batch_size}")
+                 f"{train.micro_batch_size}")
         if stage == "joint" and state is None:
             src = self.init[0] if self.init else self.run_dir / "source" / "checkpoints"
             engine.load_checkpoint(str(src), tag="best", load_module_only=True,
