@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # dropout stays on: the restored RNG states must reproduce it
@@ -47,9 +48,20 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, n_procs, zero_stage, acc
     assert "stopped at step 4" in first.stdout
     meta = json.loads((tmp_path / "cut" / "tiny" / "metrics.json").read_text())["_meta"]
     assert meta["stopped"]["stage"] == "source" and meta["stopped"]["step"] == 4
+    # the seconds the first process spent in the stage travel in the checkpoint's loop state
+    ckpt = Path(meta["stopped"]["checkpoint"])
+    states = sorted(ckpt.glob("*model_states.pt"))  # ZeRO-3 names one per rank
+    client = torch.load(states[0], map_location="cpu", weights_only=False)
+    before = client["loop"]["train_s"]
+    assert before > 0
     second = launch(n_procs, [f"runs_dir={tmp_path / 'cut'}", *z, "--resume", "auto"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming at epoch 1, batch 4, step 4" in second.stdout
+    # the stage's wall time counts both processes, not the resumed one alone
+    resumed_meta = json.loads((tmp_path / "cut" / "tiny" / "metrics.json").read_text())["_meta"]
+    assert resumed_meta["source"]["wall_s"] > before
+    full_meta = json.loads((tmp_path / "full" / "tiny" / "metrics.json").read_text())["_meta"]
+    assert full_meta["source"]["wall_s"] > 0
     a, b = step_losses(tmp_path / "full" / "tiny"), step_losses(tmp_path / "cut" / "tiny")
     assert sorted(a) == sorted(b) and len(a) >= 10  # no step repeated or skipped
     assert max(abs(a[k] - b[k]) for k in a) < 1e-5

@@ -41,6 +41,7 @@ class LoopState:
     ep_loss: float = 0.0
     ep_n: int = 0
     done: bool = False
+    train_s: float = 0.0  # seconds the stage ran (training and evaluating) up to this checkpoint, all restarts summed
 
 
 def _rng_state() -> dict:

@@ -54,10 +54,17 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
     ``batch_in_epoch`` batches are skipped, so training restarts at the next unseen sample.
     A resume checkpoint is written every ``plan.checkpoint_every`` steps, at every epoch end and
     when ``stopper`` asks to stop (then :class:`StageInterrupted` is raised).
-    Returns a summary: best epoch and metric, steps, the loss curve, wall time.
+    Returns a summary: best epoch and metric, steps, the loss curve, wall time (``wall_s``: the
+    stage's own seconds summed over every process that ran it, up to the checkpoint each resumed
+    from; time between a stop and its resume is not counted).
     """
     t0 = time.time()
     st = resume or LoopState()
+    before = st.train_s  # seconds run by the processes before this one
+
+    def elapsed() -> float:
+        return before + time.time() - t0
+
     if resume:
         log(f"[{plan.name}] resuming at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step}")
         set_lr_scale(engine.lr_scheduler, st.lr_scale)
@@ -87,9 +94,11 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
             if st.step % plan.grad_accum:
                 continue  # mid-accumulation: gradients not yet applied are not checkpointed
             if stopper.should_stop(plan.grad_accum):
+                st.train_s = elapsed()
                 tag = save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
                 raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / tag, preempted=stopper.signalled)
             if plan.checkpoint_every and st.step % plan.checkpoint_every == 0:
+                st.train_s = elapsed()
                 save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
         if st.ep_n == 0:
             raise RuntimeError(f"stage {plan.name}: epoch {st.epoch} produced no training batch")
@@ -106,7 +115,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
         tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch,
                                  "lr_scale": st.lr_scale}})
         log(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}  loss {st.losses[-1]:.4f}  valid {score:.4f}"
-            f"{'  *' if improved else ''}  ({time.time() - t0:.0f}s)")
+            f"{'  *' if improved else ''}  ({elapsed():.0f}s)")
         if st.bad >= plan.patience:
             log(f"[{plan.name}] no better valid metric for {plan.patience} evaluations; stopping")
             st.done = True
@@ -115,12 +124,13 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
             set_lr_scale(engine.lr_scheduler, st.lr_scale)
             log(f"[{plan.name}] no gain: LR scaled by {st.lr_scale:.4g} from now on")
         st.epoch, st.batch_in_epoch, st.ep_loss, st.ep_n = st.epoch + 1, 0, 0.0, 0
+        st.train_s = elapsed()
         save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
     engine.load_checkpoint(str(plan.ckpt_dir), tag="best", load_module_only=True,
                            load_optimizer_states=False, load_lr_scheduler_states=False)
     engine.eval()
     return {"best_epoch": st.best_epoch, "best_valid_select": st.best, "steps": st.step, "epoch_losses": st.losses,
-            "wall_s": time.time() - t0}
+            "wall_s": elapsed()}
 
 
 class StageInterrupted(Exception):
