@@ -65,6 +65,10 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
     def elapsed() -> float:
         return before + time.time() - t0
 
+    def checkpoint() -> str:
+        st.train_s = elapsed()
+        return save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
+
     if resume:
         log(f"[{plan.name}] resuming at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step}")
         set_lr_scale(engine.lr_scheduler, st.lr_scale)
@@ -94,12 +98,10 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
             if st.step % plan.grad_accum:
                 continue  # mid-accumulation: gradients not yet applied are not checkpointed
             if stopper.should_stop(plan.grad_accum):
-                st.train_s = elapsed()
-                tag = save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
+                tag = checkpoint()
                 raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / tag, preempted=stopper.signalled)
             if plan.checkpoint_every and st.step % plan.checkpoint_every == 0:
-                st.train_s = elapsed()
-                save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
+                checkpoint()
         if st.ep_n == 0:
             raise RuntimeError(f"stage {plan.name}: epoch {st.epoch} produced no training batch")
         st.losses.append(st.ep_loss / st.ep_n)
@@ -124,8 +126,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
             set_lr_scale(engine.lr_scheduler, st.lr_scale)
             log(f"[{plan.name}] no gain: LR scaled by {st.lr_scale:.4g} from now on")
         st.epoch, st.batch_in_epoch, st.ep_loss, st.ep_n = st.epoch + 1, 0, 0.0, 0
-        st.train_s = elapsed()
-        save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
+        checkpoint()
     engine.load_checkpoint(str(plan.ckpt_dir), tag="best", load_module_only=True,
                            load_optimizer_states=False, load_lr_scheduler_states=False)
     engine.eval()
