@@ -11,12 +11,14 @@ from train.report import ReportError, aggregate, format_report
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path, name, ndcg_joint, ndcg_only, ci, protocol=None):
+def _run(tmp_path, name, ndcg_joint, ndcg_only, ci, protocol=None, walls=None):
     m = lambda v: {p: {"hr@10": 2 * v, "ndcg@10": v, "mrr": v / 2, "n_users": 10} for p in ("full", "sampled999")}
     data = {"joint": {"test": {"B": m(ndcg_joint), "A": m(0.3)}}, "target_only": {"test": {"B": m(ndcg_only)}},
             "transfer": {"domain": "B", "metric": "ndcg@10",
                          **{p: {"diff": ndcg_joint - ndcg_only, "ci95": ci} for p in ("full", "sampled999")}},
             "_meta": {} if protocol is None else {"eval": protocol}}
+    for stage, w in (walls or {}).items():
+        data["_meta"][stage] = {"wall_s": w, "done": True}
     d = tmp_path / name
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps(data))
@@ -70,3 +72,16 @@ def test_runs_of_different_sampled_protocols_are_refused_and_one_protocol_is_nam
     # metrics.json from before the protocol was recorded: not checked, named by its key
     old = aggregate([_run(tmp_path, "e", 0.2, 0.1, [0.05, 0.15]), _run(tmp_path, "f", 0.2, 0.1, [0.05, 0.15])])
     assert old["num_negatives"] is None and "transfer B sampled999 ndcg@10" in format_report(old)
+
+
+def test_stage_times_of_the_stages_every_run_records_and_their_sum(tmp_path):
+    runs = [_run(tmp_path, "s0", 0.2, 0.1, [0.05, 0.15], walls={"target_only": 1000.0, "joint": 2000.0, "source": 600.0}),
+            _run(tmp_path, "s1", 0.2, 0.1, [0.05, 0.15], walls={"target_only": 1200.0, "joint": 1500.0})]
+    agg = aggregate(runs)
+    assert set(agg["wall_s"]) == {"target_only", "joint", "total"}  # s1 records no source time
+    assert agg["wall_s"]["joint"]["values"] == [2000.0, 1500.0]
+    assert agg["wall_s"]["total"]["values"] == [3000.0, 2700.0]
+    assert "stage time, s (mean ± std; per run): target_only 1,100 ± 141 (1,000 / 1,200); joint 1,750 ± 354 " \
+           "(2,000 / 1,500); total 2,850 ± 212 (3,000 / 2,700)" in format_report(agg)
+    untimed = aggregate([_run(tmp_path, "u", 0.2, 0.1, [0.05, 0.15]), runs[0]])
+    assert "wall_s" not in untimed and "stage time" not in format_report(untimed)

@@ -2,7 +2,12 @@
 test metrics each run's ``metrics.json`` holds, and each run's paired-bootstrap transfer interval.
 
     {"runs": [...], "num_negatives": N or None, "test": {stage: {domain: {protocol: {metric: {...}}}}},
-     "transfer": {protocol: {"diff": {...mean/std...}, "ci95": [[lo, hi] per run], "runs_ci_above_0": k}}}
+     "transfer": {protocol: {"diff": {...mean/std...}, "ci95": [[lo, hi] per run], "runs_ci_above_0": k}},
+     "wall_s": {stage: {...mean/std...}, "total": {...}}}
+
+``wall_s`` holds each stage's training time (``_meta.<stage>.wall_s``: summed over resumes; for a
+run started from another run's source stage, that run's source time) for the stages every run
+records, and ``total``, their sum per run.
 
 Runs whose metrics.json record different sampled protocols (``_meta.eval``: the number of
 negatives and their seed) are refused: their sampled numbers are not comparable. A metrics.json
@@ -71,6 +76,10 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
         for p in PROTOCOLS:
             out["transfer"][p] = {"diff": _stats([t[p]["diff"] for t in tr]), "ci95": [t[p]["ci95"] for t in tr],
                                   "runs_ci_above_0": sum(t[p]["ci95"][0] > 0 for t in tr)}
+    timed = [s for s in STAGES if all("wall_s" in m.get("_meta", {}).get(s, {}) for _, m in runs)]
+    if timed:
+        out["wall_s"] = {s: _stats([m["_meta"][s]["wall_s"] for _, m in runs]) for s in timed}
+        out["wall_s"]["total"] = _stats([sum(m["_meta"][s]["wall_s"] for s in timed) for _, m in runs])
     return out
 
 
@@ -90,4 +99,8 @@ def format_report(agg: dict) -> str:
             label = protocol_label(p, agg["num_negatives"]) if agg.get("num_negatives") else p
             lines.append(f"transfer {t['domain']} {label} {t['metric']}: joint - target-only {d['mean']:+.4f} ± {d['std']:.4f}; "
                          f"95% CI per run {cis}; above 0 in {t[p]['runs_ci_above_0']}/{d['n']}")
+    if "wall_s" in agg:
+        lines.append("stage time, s (mean ± std; per run): " + "; ".join(
+            f"{s} {w['mean']:,.0f} ± {w['std']:,.0f} ({' / '.join(f'{v:,.0f}' for v in w['values'])})"
+            for s, w in agg["wall_s"].items()))
     return "\n".join(lines)
