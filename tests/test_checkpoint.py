@@ -63,7 +63,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, n_procs, zero_stage, acc
     second = launch(n_procs, [f"runs_dir={tmp_path / 'cut'}", *z, "--resume", "auto"], tmp_path)
     took = time.time() - t0
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming at epoch 1, batch 4, step 4" in second.stdout
+    assert "resuming at epoch 1, batch 4, step 4 (1000 s trained before)" in second.stdout
     wall = json.loads((tmp_path / "cut" / "tiny" / "metrics.json").read_text())["_meta"]["source"]["wall_s"]
     assert 1000.0 < wall < 1000.0 + took
     a, b = step_losses(tmp_path / "full" / "tiny"), step_losses(tmp_path / "cut" / "tiny")

@@ -70,7 +70,8 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
         return save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
 
     if resume:
-        log(f"[{plan.name}] resuming at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step}")
+        log(f"[{plan.name}] resuming at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step} "
+            f"({before:.0f} s trained before)")
         set_lr_scale(engine.lr_scheduler, st.lr_scale)
     while not st.done and st.epoch < plan.epochs:
         engine.train()
