@@ -1,5 +1,9 @@
 """Per-domain softmax cross-entropy: L = sum_d w_d * mean CE over targets in domain d.
 
+The mean is over a domain's targets (every target counts the same), or with ``per_row`` over the
+rows that have targets in the domain, each row's own mean over them (every user counts the same,
+as in the sampled evaluation, where a user is one test target).
+
 Split in two so a distributed trainer can make the mean global: ``domain_ce_sums`` gives each
 domain's summed CE and target count on the local batch; ``weighted_domain_mean`` turns sums and
 (possibly all-reduced) counts into the loss.
@@ -11,7 +15,7 @@ import torch.nn.functional as F
 
 
 def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor, item_weight: torch.Tensor,
-                   ranges: list[tuple[int, int]], exclude: torch.Tensor | None = None
+                   ranges: list[tuple[int, int]], exclude: torch.Tensor | None = None, per_row: bool = False
                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Summed CE and target count per domain.
 
@@ -25,7 +29,8 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
 
     Returns ``(sums, counts)``: ``sums[d]`` a scalar with gradient, ``counts`` a (n_domains,)
     int64 tensor. A domain without targets gives an exact 0 that still touches its item rows and
-    head, so every parameter takes part in every step.
+    head, so every parameter takes part in every step. ``per_row``: ``sums[d]`` adds each row's
+    mean CE over its domain-d targets and ``counts[d]`` is the number of rows with such targets.
     """
     def full_ce(h, t, lo, hi, rows=None):
         logits = (h @ item_weight[lo:hi].T).float()  # (N_d, n_d)
@@ -34,30 +39,40 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
             drop = (ex >= lo) & (ex < hi) & (ex != t[:, None])
             at = drop.nonzero(as_tuple=True)
             logits = logits.index_put((at[0], ex[at] - lo), logits.new_tensor(float("-inf")))
-        return F.cross_entropy(logits, t - lo, reduction="sum") if len(h) else 0.0 * logits.sum()
+        return F.cross_entropy(logits, t - lo, reduction="none") if len(h) else 0.0 * logits.sum()
 
-    return _per_domain(hidden, targets, ranges, full_ce, with_rows=exclude is not None)
+    return _per_domain(hidden, targets, ranges, full_ce, with_rows=exclude is not None, per_row=per_row)
 
 
-def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce_sum, with_rows: bool = False):
-    """``ce_sum(h (N_d, D), t (N_d,), lo, hi)`` for each domain's target rows; (sums, counts).
-    ``with_rows``: ``ce_sum`` also takes each target's batch row (N_d,)."""
+def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce, with_rows: bool = False,
+                per_row: bool = False):
+    """``ce(h (N_d, D), t (N_d,), lo, hi)`` gives the CE of each of domain d's targets, (N_d,) (a
+    domain without targets: a 0-dim zero that touches its parameters); (sums, counts) of them,
+    per target or, with ``per_row``, per row (see :func:`domain_ce_sums`).
+    ``with_rows``: ``ce`` also takes each target's batch row (N_d,)."""
     per_domain = hidden if isinstance(hidden, (list, tuple)) else [hidden] * len(ranges)
     flat_t = targets.reshape(-1)
     rows = torch.arange(targets.shape[0], device=targets.device).repeat_interleave(targets.shape[-1]) \
-        if with_rows else None
+        if with_rows or per_row else None
     sums, counts = [], []
     for hid, (lo, hi) in zip(per_domain, ranges):
         sel = (flat_t >= lo) & (flat_t < hi)
         args = (hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi) + ((rows[sel],) if with_rows else ())
-        sums.append(ce_sum(*args))
-        counts.append(sel.sum())
+        losses = ce(*args)
+        if per_row and losses.dim():
+            r = rows[sel]
+            per = torch.bincount(r, minlength=targets.shape[0])  # the domain's targets in each row
+            sums.append((losses / per[r]).sum())
+            counts.append((per > 0).sum())
+        else:
+            sums.append(losses.sum())
+            counts.append(sel.sum())
     return sums, torch.stack(counts)
 
 
 def domain_sampled_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor,
                            item_weight: torch.Tensor, ranges: list[tuple[int, int]],
-                           num_sampled: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+                           num_sampled: int, per_row: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Like :func:`domain_ce_sums`, but each domain's softmax runs over a candidate set instead of
     every item: the batch's own targets of that domain (in-batch negatives) plus ``num_sampled``
     items drawn uniformly from the domain, each distinct item once. Logits are corrected by
@@ -73,15 +88,15 @@ def domain_sampled_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: t
         log_q = torch.log(in_batch + num_sampled / (hi - lo))
         logits = (h @ item_weight[cand].T).float() - log_q  # (N_d, |C|)
         if len(h):
-            return F.cross_entropy(logits, inverse[:len(t)], reduction="sum")
+            return F.cross_entropy(logits, inverse[:len(t)], reduction="none")
         return 0.0 * logits.sum() + 0.0 * item_weight[lo:hi].sum()
 
-    return _per_domain(hidden, targets, ranges, sampled_ce)
+    return _per_domain(hidden, targets, ranges, sampled_ce, per_row=per_row)
 
 
 def domain_uniform_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor,
                            item_weight: torch.Tensor, ranges: list[tuple[int, int]],
-                           num_sampled: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+                           num_sampled: int, per_row: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Like :func:`domain_ce_sums`, but each target's softmax runs over itself and ``num_sampled``
     items drawn uniformly (with replacement) from its domain, one draw shared by the batch's
     targets of that domain; a drawn item equal to a row's own target is left out of that row.
@@ -97,10 +112,10 @@ def domain_uniform_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: t
         neg = (h @ item_weight[drawn].T).masked_fill(drawn[None, :] == t[:, None], float("-inf"))
         logits = torch.cat([pos, neg], 1).float()
         if len(h):
-            return F.cross_entropy(logits, torch.zeros_like(t), reduction="sum")
+            return F.cross_entropy(logits, torch.zeros_like(t), reduction="none")
         return 0.0 * logits.sum() + 0.0 * item_weight[lo:hi].sum()
 
-    return _per_domain(hidden, targets, ranges, uniform_ce)
+    return _per_domain(hidden, targets, ranges, uniform_ce, per_row=per_row)
 
 
 def weighted_domain_mean(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float],

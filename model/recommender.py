@@ -20,7 +20,8 @@ class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
                  heads: nn.ModuleList | None = None, loss: str = "full", num_sampled: int = 0,
                  mask_id: int | None = None, mask_prob: float = 0.2, view_domains: list[int] | None = None,
-                 view_encoders: nn.ModuleDict | None = None, exclude_own_items: bool = False):
+                 view_encoders: nn.ModuleDict | None = None, exclude_own_items: bool = False,
+                 loss_mean: str = "target"):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``loss`` (training only; scoring stays full): "full" softmax over the target's domain,
@@ -41,12 +42,18 @@ class Recommender(nn.Module):
         every stage of a run has the same parameters.
         ``exclude_own_items`` (full loss only): a target's softmax leaves out the other items of
         its row (inputs and targets), as the sampled evaluation never draws a user's own items as
-        negatives: later items of the same user are not pushed down as wrong answers."""
+        negatives: later items of the same user are not pushed down as wrong answers.
+        ``loss_mean``: "target" (a domain's loss is the mean over its targets) or "row" (the mean
+        over rows of each row's mean over its targets of the domain: every user weighs the same,
+        as in the evaluation)."""
         super().__init__()
         if loss != "full" and loss not in _SAMPLED_LOSSES:
             raise ValueError(f"loss must be 'full' or one of {sorted(_SAMPLED_LOSSES)}, got {loss!r}")
         if exclude_own_items and loss != "full":
             raise ValueError(f"exclude_own_items needs loss 'full', got {loss!r}")
+        if loss_mean not in ("target", "row"):
+            raise ValueError(f"loss_mean must be 'target' or 'row', got {loss_mean!r}")
+        self.per_row = loss_mean == "row"
         self.loss, self.num_sampled, self.exclude_own_items = loss, num_sampled, exclude_own_items
         self.view_domains = sorted(set(view_domains or []))
         if any(not 0 <= d < len(ranges) for d in self.view_domains):
@@ -110,8 +117,8 @@ class Recommender(nn.Module):
         if targets is not None:
             q = self.queries(h, {d: self.domain_view(items, d) for d in self.view_domains})
             if self.loss == "full":
-                return domain_ce_sums(q, targets, table, self.ranges, exclude=own)
-            return _SAMPLED_LOSSES[self.loss](q, targets, table, self.ranges, self.num_sampled)
+                return domain_ce_sums(q, targets, table, self.ranges, exclude=own, per_row=self.per_row)
+            return _SAMPLED_LOSSES[self.loss](q, targets, table, self.ranges, self.num_sampled, per_row=self.per_row)
         if domain is not None:
             lo, hi = self.ranges[domain]
             q = self.queries(h[:, -1])[domain]
@@ -143,9 +150,9 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       domain_heads: bool = False, loss: str = "full", num_sampled: int = 0,
                       masked: bool = False, mask_prob: float = 0.2, view_domains: list[int] | None = None,
                       view_layers: int = 0, view_encoder_domains: list[int] | None = None,
-                      exclude_own_items: bool = False) -> Recommender:
+                      exclude_own_items: bool = False, loss_mean: str = "target") -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
-    ``loss``/``num_sampled``: the training softmax, see :class:`Recommender`.
+    ``loss``/``num_sampled``/``loss_mean``: the training softmax and its mean, see :class:`Recommender`.
     ``view_layers`` > 0: each domain of ``view_encoder_domains`` (default ``view_domains``) gets
     its own encoder of that many blocks (same width and heads) for its own-domain view; 0: the
     views run through the shared encoder."""
@@ -169,4 +176,4 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                                                    else view_encoder_domains))})
     return Recommender(emb, enc, ranges, heads, loss=loss, num_sampled=num_sampled,
                        mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains,
-                       view_encoders=views, exclude_own_items=exclude_own_items)
+                       view_encoders=views, exclude_own_items=exclude_own_items, loss_mean=loss_mean)

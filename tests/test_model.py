@@ -404,3 +404,48 @@ def test_a_view_with_an_encoder_of_its_own_leaves_the_shared_encoder_to_the_mixe
     assert all(p.grad is not None for p in m.view_encoders["1"].parameters())
     with pytest.raises(ValueError, match="needs one for each"):
         _dual_model(view_domains=[0, 1], view_layers=1, view_encoder_domains=[1])
+
+
+def test_row_mean_weighs_every_row_the_same_whatever_its_number_of_targets():
+    from model.losses import domain_ce_sums, domain_uniform_ce_sums
+
+    torch.manual_seed(6)
+    table = torch.randn(9, 3)  # ids 1..4 domain 0, 5..8 domain 1
+    ranges = [(1, 5), (5, 9)]
+    hidden = torch.randn(3, 4, 3)
+    # domain 0: row 0 has three targets, row 1 one, row 2 none; domain 1: rows 0 and 2 one each
+    targets = torch.tensor([[1, 2, 6, 3], [0, 0, 0, 4], [7, 0, 0, 0]])
+    ce = {(b, p): -torch.log_softmax(hidden[b, p] @ table[lo:hi].T, 0)[int(targets[b, p]) - lo]
+          for b in range(3) for p in range(4) for lo, hi in ranges if lo <= int(targets[b, p]) < hi}
+    sums, counts = domain_ce_sums(hidden, targets, table, ranges, per_row=True)
+    assert counts.tolist() == [2, 2]  # rows with targets in the domain
+    row0 = (ce[0, 0] + ce[0, 1] + ce[0, 3]) / 3
+    assert torch.allclose(sums[0], row0 + ce[1, 3], atol=1e-5)
+    assert torch.allclose(sums[1], ce[0, 2] + ce[2, 0], atol=1e-5)
+    per_target, n = domain_ce_sums(hidden, targets, table, ranges)
+    assert n.tolist() == [4, 2] and not torch.allclose(sums[0] / 2, per_target[0] / 4)
+    # a sampled loss: the row mean of the same draw's per-target losses (one row at a time by hand)
+    torch.manual_seed(9)
+    got, got_n = domain_uniform_ce_sums(hidden, targets, table, ranges, num_sampled=6, per_row=True)
+    want = torch.zeros(2)
+    for b in range(3):
+        torch.manual_seed(9)  # the same shared draw per domain
+        s, c = domain_uniform_ce_sums(hidden[b:b + 1], targets[b:b + 1], table, ranges, num_sampled=6)
+        want = want + torch.stack([s[d] / c[d] if c[d] else s[d] for d in range(2)])
+    assert got_n.tolist() == [2, 2] and torch.allclose(torch.stack(got), want, atol=1e-5)
+
+
+def test_model_row_mean_option_and_its_check():
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
+              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True)
+    torch.manual_seed(0)
+    m = build_recommender(**kw, loss_mean="row").eval()
+    items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6], [0, 0, 0, 0, 1, 2]]), torch.tensor([[1, 4, 2, 5, 6, 3], [0, 0, 0, 0, 2, 5]])
+    sums, counts = m(items, targets=tgts)
+    assert counts.tolist() == [2, 2]  # rows, not the 5 / 4 targets
+    from model.losses import domain_ce_sums
+    want, _ = domain_ce_sums(m.queries(m(items)), tgts, m.embedding.item.weight, m.ranges, per_row=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sums, want))
+    with pytest.raises(ValueError, match="loss_mean must be 'target' or 'row', got 'user'"):
+        build_recommender(**kw, loss_mean="user")

@@ -50,6 +50,9 @@ class ModelConfig:
     # full loss only: each target's softmax leaves out the other items of its training row (the
     # user's earlier and later items), which the sampled protocol never draws as negatives
     exclude_own_items: bool = False
+    # a domain's loss: "target" = mean over its targets in the global batch; "row" = mean over
+    # the rows (users) with targets in it of each row's own mean (every user weighs the same)
+    loss_mean: Literal["target", "row"] = "target"
     # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
     # (training and evaluation) see that domain's events alone, parameters still shared
     # "dual": mixed inputs, and each domain's query adds the encoder's state over the row's

@@ -72,7 +72,7 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
                              view_domains=view_domains(m, dom, domains or dom.names),
                              view_layers=m.view_layers, view_encoder_domains=view_domains(m, dom, dom.names),
                              masked=m.objective == "masked", mask_prob=m.mask_prob,
-                             exclude_own_items=m.exclude_own_items)
+                             exclude_own_items=m.exclude_own_items, loss_mean=m.loss_mean)
 
 
 class Experiment:
@@ -226,6 +226,12 @@ class Experiment:
             if cfg.model.view_layers:
                 inputs += f" (each through its own {cfg.model.view_layers}-block encoder)"
         self.log(f"[{stage}] inputs: {inputs}")
+        n = cfg.model.sampled_negatives
+        softmax = {"full": "full softmax over the target's domain",
+                   "sampled": f"sampled softmax (in-batch + {n} uniform negatives of the domain, log-Q corrected)",
+                   "uniform": f"softmax over the target and {n} uniform negatives of its domain"}[model.loss]
+        per = "its rows, each row's mean first (every user weighs the same)" if model.per_row else "its targets"
+        self.log(f"[{stage}] loss: {softmax}; a domain's loss is the mean over {per}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}; micro batch "
                  f"{train.micro_batch_size}")
