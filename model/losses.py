@@ -57,10 +57,10 @@ def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce
     sums, counts = [], []
     for hid, (lo, hi) in zip(per_domain, ranges):
         sel = (flat_t >= lo) & (flat_t < hi)
-        args = (hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi) + ((rows[sel],) if with_rows else ())
+        r = rows[sel] if rows is not None else None  # each target's batch row
+        args = (hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi) + ((r,) if with_rows else ())
         losses = ce(*args)
         if per_row and losses.dim():
-            r = rows[sel]
             per = torch.bincount(r, minlength=targets.shape[0])  # the domain's targets in each row
             sums.append((losses / per[r]).sum())
             counts.append((per > 0).sum())

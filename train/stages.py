@@ -226,7 +226,7 @@ class Experiment:
             if cfg.model.view_layers:
                 inputs += f" (each through its own {cfg.model.view_layers}-block encoder)"
         self.log(f"[{stage}] inputs: {inputs}")
-        n = cfg.model.sampled_negatives
+        n = model.num_sampled
         softmax = {"full": "full softmax over the target's domain",
                    "sampled": f"sampled softmax (in-batch + {n} uniform negatives of the domain, log-Q corrected)",
                    "uniform": f"softmax over the target and {n} uniform negatives of its domain"}[model.loss]
