@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 
 def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor, item_weight: torch.Tensor,
-                   ranges: list[tuple[int, int]], exclude: torch.Tensor | None = None, per_row: bool = False
-                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                   ranges: list[tuple[int, int]], exclude: torch.Tensor | None = None, per_row: bool = False,
+                   label_smoothing: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Summed CE and target count per domain.
 
     hidden: (B, L, D) encoder outputs, or one such tensor per domain (domain d's targets are
@@ -31,7 +31,10 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
     int64 tensor. A domain without targets gives an exact 0 that still touches its item rows and
     head, so every parameter takes part in every step. ``per_row``: ``sums[d]`` adds each row's
     mean CE over its domain-d targets and ``counts[d]`` is the number of rows with such targets.
+    ``label_smoothing``: as in ``F.cross_entropy``, over the target's domain (not with ``exclude``).
     """
+    if label_smoothing and exclude is not None:
+        raise ValueError("label_smoothing cannot be combined with exclude (excluded logits are -inf)")
     def full_ce(h, t, lo, hi, rows=None):
         logits = (h @ item_weight[lo:hi].T).float()  # (N_d, n_d)
         if exclude is not None and len(h):
@@ -39,7 +42,9 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
             drop = (ex >= lo) & (ex < hi) & (ex != t[:, None])
             at = drop.nonzero(as_tuple=True)
             logits = logits.index_put((at[0], ex[at] - lo), logits.new_tensor(float("-inf")))
-        return F.cross_entropy(logits, t - lo, reduction="none") if len(h) else 0.0 * logits.sum()
+        if not len(h):
+            return 0.0 * logits.sum()
+        return F.cross_entropy(logits, t - lo, reduction="none", label_smoothing=label_smoothing)
 
     return _per_domain(hidden, targets, ranges, full_ce, with_rows=exclude is not None, per_row=per_row)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.embeddings import SequenceEmbedding
@@ -21,7 +22,7 @@ class Recommender(nn.Module):
                  heads: nn.ModuleList | None = None, loss: str = "full", num_sampled: int = 0,
                  mask_id: int | None = None, mask_prob: float = 0.2, view_domains: list[int] | None = None,
                  view_encoders: nn.ModuleDict | None = None, exclude_own_items: bool = False,
-                 loss_mean: str = "target"):
+                 loss_mean: str = "target", temperature: float = 0.0, label_smoothing: float = 0.0):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``loss`` (training only; scoring stays full): "full" softmax over the target's domain,
@@ -45,7 +46,12 @@ class Recommender(nn.Module):
         negatives: later items of the same user are not pushed down as wrong answers.
         ``loss_mean``: "target" (a domain's loss is the mean over its targets) or "row" (the mean
         over rows of each row's mean over its targets of the domain: every user weighs the same,
-        as in the evaluation)."""
+        as in the evaluation).
+        ``temperature`` > 0: cosine scoring, every score (training and evaluation) is
+        cos(query, item) / temperature (both L2-normalised, so item norms carry no popularity);
+        0: the dot product.
+        ``label_smoothing`` (full loss only): the training softmax's target puts that share of its
+        mass uniformly over the domain's items (``torch.nn.functional.cross_entropy``)."""
         super().__init__()
         if loss != "full" and loss not in _SAMPLED_LOSSES:
             raise ValueError(f"loss must be 'full' or one of {sorted(_SAMPLED_LOSSES)}, got {loss!r}")
@@ -53,7 +59,14 @@ class Recommender(nn.Module):
             raise ValueError(f"exclude_own_items needs loss 'full', got {loss!r}")
         if loss_mean not in ("target", "row"):
             raise ValueError(f"loss_mean must be 'target' or 'row', got {loss_mean!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = dot product), got {temperature}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if label_smoothing and (loss != "full" or exclude_own_items):
+            raise ValueError("label_smoothing needs loss 'full' without exclude_own_items")
         self.per_row = loss_mean == "row"
+        self.temperature, self.label_smoothing = temperature, label_smoothing
         self.loss, self.num_sampled, self.exclude_own_items = loss, num_sampled, exclude_own_items
         self.view_domains = sorted(set(view_domains or []))
         if any(not 0 <= d < len(ranges) for d in self.view_domains):
@@ -114,18 +127,26 @@ class Recommender(nn.Module):
                 items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], self.mask_id)], 1)
         h = self.encoder(self.embedding(items), items)  # (B, L, D)
         table = self.embedding.item.weight
+        if self.temperature:
+            table = F.normalize(table, dim=-1)
         if targets is not None:
-            q = self.queries(h, {d: self.domain_view(items, d) for d in self.view_domains})
+            q = [self.scaled(x) for x in self.queries(h, {d: self.domain_view(items, d) for d in self.view_domains})]
             if self.loss == "full":
-                return domain_ce_sums(q, targets, table, self.ranges, exclude=own, per_row=self.per_row)
+                return domain_ce_sums(q, targets, table, self.ranges, exclude=own, per_row=self.per_row,
+                                      label_smoothing=self.label_smoothing)
             return _SAMPLED_LOSSES[self.loss](q, targets, table, self.ranges, self.num_sampled, per_row=self.per_row)
         if domain is not None:
             lo, hi = self.ranges[domain]
             q = self.queries(h[:, -1])[domain]
             if domain in self.view_domains:
                 q = q + self.domain_view(items, domain, last_only=True)
-            return q @ table[lo:hi].T
+            return self.scaled(q) @ table[lo:hi].T
         return h
+
+    def scaled(self, q: torch.Tensor) -> torch.Tensor:
+        """A query as scored: itself (dot product) or, with a temperature, L2-normalised and
+        divided by it (the item table is normalised beside it in ``forward``)."""
+        return F.normalize(q, dim=-1) / self.temperature if self.temperature else q
 
     def cloze(self, items: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a random ``mask_prob`` share of the labelled positions (targets > 0; for the cloze
@@ -150,9 +171,11 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       domain_heads: bool = False, loss: str = "full", num_sampled: int = 0,
                       masked: bool = False, mask_prob: float = 0.2, view_domains: list[int] | None = None,
                       view_layers: int = 0, view_encoder_domains: list[int] | None = None,
-                      exclude_own_items: bool = False, loss_mean: str = "target") -> Recommender:
+                      exclude_own_items: bool = False, loss_mean: str = "target", temperature: float = 0.0,
+                      label_smoothing: float = 0.0) -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
-    ``loss``/``num_sampled``/``loss_mean``: the training softmax and its mean, see :class:`Recommender`.
+    ``loss``/``num_sampled``/``loss_mean``/``temperature``/``label_smoothing``: the training softmax,
+    its mean and the scoring, see :class:`Recommender`.
     ``view_layers`` > 0: each domain of ``view_encoder_domains`` (default ``view_domains``) gets
     its own encoder of that many blocks (same width and heads) for its own-domain view; 0: the
     views run through the shared encoder."""
@@ -176,4 +199,5 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                                                    else view_encoder_domains))})
     return Recommender(emb, enc, ranges, heads, loss=loss, num_sampled=num_sampled,
                        mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains,
-                       view_encoders=views, exclude_own_items=exclude_own_items, loss_mean=loss_mean)
+                       view_encoders=views, exclude_own_items=exclude_own_items, loss_mean=loss_mean,
+                       temperature=temperature, label_smoothing=label_smoothing)

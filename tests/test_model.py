@@ -449,3 +449,44 @@ def test_model_row_mean_option_and_its_check():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sums, want))
     with pytest.raises(ValueError, match="loss_mean must be 'target' or 'row', got 'user'"):
         build_recommender(**kw, loss_mean="user")
+
+
+def test_cosine_scoring_and_label_smoothing_by_hand():
+    """temperature > 0: training logits and evaluation scores are cos(query, item) / temperature;
+    label smoothing: (1 - e) * CE + e * mean over the domain's items of -log p."""
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
+              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True,
+              domain_heads=True)
+    items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
+    torch.manual_seed(0)
+    dot = build_recommender(**kw).eval()
+    cos = build_recommender(**kw, temperature=0.25, label_smoothing=0.2).eval()
+    cos.load_state_dict(dot.state_dict())
+    with torch.no_grad():
+        for h in cos.heads:  # a head that is not the identity, so the query's norm is the head's
+            h.weight.normal_()
+    q = cos.queries(cos(items))  # per-domain queries [1, L, D]
+    table = cos.embedding.item.weight
+    unit = table / table.norm(dim=-1, keepdim=True)
+    # evaluation scores: domain B at the last position
+    want = (q[1][:, -1] / q[1][:, -1].norm(dim=-1, keepdim=True)) @ unit[4:8].T / 0.25
+    assert torch.allclose(cos(items, domain=1), want, atol=1e-5)
+    assert not torch.allclose(dot(items, domain=1), want, atol=1e-2)
+    # training: each target's smoothed CE over its domain from the cosine logits
+    sums, counts = cos(items, targets=tgts)
+    want = [0.0, 0.0]
+    for p, t in enumerate(tgts[0].tolist()):
+        d = int(t >= 4)
+        lo, hi = cos.ranges[d]
+        qd = q[d][0, p] / q[d][0, p].norm()
+        logp = torch.log_softmax(unit[lo:hi] @ qd / 0.25, -1)
+        want[d] = want[d] - (0.8 * logp[t - lo] + 0.2 * logp.mean())
+    assert counts.tolist() == [3, 3]
+    assert torch.allclose(torch.stack(sums), torch.stack(want), atol=1e-4)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        build_recommender(**kw, temperature=-1.0)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+        build_recommender(**kw, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="label_smoothing needs loss 'full' without exclude_own_items"):
+        build_recommender(**kw, label_smoothing=0.1, exclude_own_items=True)

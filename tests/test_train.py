@@ -207,17 +207,20 @@ def test_a_stage_trains_with_its_own_micro_batch(tmp_path):
     assert "; micro batch 16\n" in p.stdout and "; micro batch 64\n" in p.stdout
 
 
-@pytest.mark.parametrize("loss, sequence, views, view_layers, zero, mean", [("sampled", "per_domain", "[]", 0, 0, "row"),
-                                                                            ("uniform", "dual", "[B]", 0, 3, "target"),
-                                                                            ("full", "dual", "[]", 1, 3, "row")])
-def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, views, view_layers, zero, mean):
+@pytest.mark.parametrize("loss, sequence, views, view_layers, zero, mean, temp, smooth",
+                         [("sampled", "per_domain", "[]", 0, 0, "row", 0.1, 0),
+                          ("uniform", "dual", "[B]", 0, 3, "target", 0, 0),
+                          ("full", "dual", "[]", 1, 3, "row", 0.2, 0.1)])
+def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, views, view_layers, zero, mean,
+                                                              temp, smooth):
     """dual runs an encoder once more per domain view in a forward: under ZeRO-3 too. With
     view_layers the views have encoders of their own; the source stage leaves B's idle (its
     parameters are still in the checkpoint the joint stage loads)."""
     p = train_tiny(tmp_path, "train.stages=[source, joint]",
                    f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
                    f"model.view_domains={views}", f"model.view_layers={view_layers}", f"train.zero_stage={zero}",
-                   f"model.loss_mean={mean}", "train.source.epochs=4")
+                   f"model.loss_mean={mean}", f"model.temperature={temp}", f"model.label_smoothing={smooth}",
+                   "train.source.epochs=4")
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     losses = m["_meta"]["source"]["epoch_losses"]
     assert losses[-1] < losses[0] - 0.05
@@ -234,7 +237,9 @@ def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, se
                "uniform": "softmax over the target and 16 uniform negatives of its domain",
                "full": "full softmax over the target's domain"}[loss]
     per = {"row": "its rows, each row's mean first (every user weighs the same)", "target": "its targets"}[mean]
-    assert f"[joint] loss: {softmax}; a domain's loss is the mean over {per}\n" in p.stdout
+    softmax += ", label smoothing 0.1" if smooth else ""
+    scores = f"cos(query, item) / {temp:g}" if temp else "dot(query, item)"
+    assert f"[joint] loss: {softmax}; a domain's loss is the mean over {per}; scores: {scores}\n" in p.stdout
     assert m["joint"]["test"]["B"]["sampled999"]["hr@10"] > 0
 
 

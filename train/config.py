@@ -53,6 +53,12 @@ class ModelConfig:
     # a domain's loss: "target" = mean over its targets in the global batch; "row" = mean over
     # the rows (users) with targets in it of each row's own mean (every user weighs the same)
     loss_mean: Literal["target", "row"] = "target"
+    # > 0: cosine scoring, cos(query, item) / temperature, in training and evaluation (query and
+    # item vectors L2-normalised); 0: dot product
+    temperature: float = 0.0
+    # full loss only (not with exclude_own_items): share of the training target's mass spread
+    # uniformly over its domain's items
+    label_smoothing: float = 0.0
     # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
     # (training and evaluation) see that domain's events alone, parameters still shared
     # "dual": mixed inputs, and each domain's query adds the encoder's state over the row's
@@ -270,6 +276,12 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: model.sequence=dual needs model.objective=next_item")
         if self.model.exclude_own_items and self.model.loss != "full":
             raise ConfigError(f"{origin}: model.exclude_own_items needs model.loss=full, got {self.model.loss!r}")
+        if self.model.temperature < 0:
+            raise ConfigError(f"{origin}: model.temperature must be >= 0 (0 = dot product), got {self.model.temperature}")
+        if not 0 <= self.model.label_smoothing < 1:
+            raise ConfigError(f"{origin}: model.label_smoothing must be in [0, 1), got {self.model.label_smoothing}")
+        if self.model.label_smoothing and (self.model.loss != "full" or self.model.exclude_own_items):
+            raise ConfigError(f"{origin}: model.label_smoothing needs model.loss=full without model.exclude_own_items")
         if self.model.view_domains and self.model.sequence != "dual":
             raise ConfigError(f"{origin}: model.view_domains={self.model.view_domains} needs model.sequence=dual, "
                               f"got {self.model.sequence!r}")

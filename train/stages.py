@@ -72,7 +72,8 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
                              view_domains=view_domains(m, dom, domains or dom.names),
                              view_layers=m.view_layers, view_encoder_domains=view_domains(m, dom, dom.names),
                              masked=m.objective == "masked", mask_prob=m.mask_prob,
-                             exclude_own_items=m.exclude_own_items, loss_mean=m.loss_mean)
+                             exclude_own_items=m.exclude_own_items, loss_mean=m.loss_mean,
+                             temperature=m.temperature, label_smoothing=m.label_smoothing)
 
 
 class Experiment:
@@ -231,7 +232,10 @@ class Experiment:
                    "sampled": f"sampled softmax (in-batch + {n} uniform negatives of the domain, log-Q corrected)",
                    "uniform": f"softmax over the target and {n} uniform negatives of its domain"}[model.loss]
         per = "its rows, each row's mean first (every user weighs the same)" if model.per_row else "its targets"
-        self.log(f"[{stage}] loss: {softmax}; a domain's loss is the mean over {per}")
+        if model.label_smoothing:
+            softmax += f", label smoothing {model.label_smoothing:g}"
+        scores = f"cos(query, item) / {model.temperature:g}" if model.temperature else "dot(query, item)"
+        self.log(f"[{stage}] loss: {softmax}; a domain's loss is the mean over {per}; scores: {scores}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}; micro batch "
                  f"{train.micro_batch_size}")
