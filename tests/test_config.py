@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,14 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_experiments_load(path):
     cfg = load_config(path)
     assert cfg.data.source in cfg.data.domains and cfg.data.target in cfg.data.domains
+
+
+def test_amazon_pairs_add_cosine_scoring_to_the_preset():
+    """The two shipped ABXI pairs override one key of the `amazon` preset (temperature 0.1, as
+    measured in the README); every other model key, and the reverse directions, stay the preset's."""
+    preset = load_config(REPO / "configs" / "experiment" / "amazon-kitchen-food.yaml").model
+    assert preset.temperature == 0.0
+    for name in ("amazon-food-kitchen", "amazon-beauty-electronics"):
+        model = load_config(REPO / "configs" / "experiment" / f"{name}.yaml").model
+        assert model.temperature == 0.1, name
+        assert dataclasses.replace(model, temperature=0.0) == preset, name
