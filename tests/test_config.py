@@ -2,8 +2,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from train.config import ConfigError, load_config, save_config
+from train.config import ConfigError, ModelConfig, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,9 +108,12 @@ def test_shipped_experiments_load(path):
 def test_amazon_pairs_add_cosine_scoring_to_the_preset():
     """The two shipped ABXI pairs override one key of the `amazon` preset (temperature 0.1, as
     measured in the README); every other model key, and the reverse directions, stay the preset's."""
-    preset = load_config(REPO / "configs" / "experiment" / "amazon-kitchen-food.yaml").model
+    preset = ModelConfig(**yaml.safe_load((REPO / "configs" / "model" / "amazon.yaml").read_text()))
     assert preset.temperature == 0.0
+    experiments = REPO / "configs" / "experiment"
+    for name in ("amazon-kitchen-food", "amazon-electronics-beauty"):
+        assert load_config(experiments / f"{name}.yaml").model == preset, name
     for name in ("amazon-food-kitchen", "amazon-beauty-electronics"):
-        model = load_config(REPO / "configs" / "experiment" / f"{name}.yaml").model
+        model = load_config(experiments / f"{name}.yaml").model
         assert model.temperature == 0.1, name
         assert dataclasses.replace(model, temperature=0.0) == preset, name
