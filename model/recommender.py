@@ -178,7 +178,8 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
     its mean and the scoring, see :class:`Recommender`.
     ``view_layers`` > 0: each domain of ``view_encoder_domains`` (default ``view_domains``) gets
     its own encoder of that many blocks (same width and heads) for its own-domain view; 0: the
-    views run through the shared encoder."""
+    views run through the shared encoder. The encoders of domains outside ``view_domains`` stay
+    idle and leave the global RNG as they found it."""
     if masked:
         item_domain = torch.cat([item_domain, item_domain.new_zeros(1)])
     emb = SequenceEmbedding(n_items=n_items + int(masked), n_domains=len(ranges), d_model=d_model, max_len=max_len,
@@ -193,10 +194,15 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
             nn.init.zeros_(h.bias)
     views = None
     if view_layers > 0:
-        views = nn.ModuleDict({str(d): Encoder(d_model=d_model, n_layers=view_layers, n_heads=n_heads, ff_mult=ff_mult,
-                                               dropout=dropout, causal=causal)
-                               for d in sorted(set((view_domains or []) if view_encoder_domains is None
-                                                   else view_encoder_domains))})
+        used = set(view_domains or [])
+        views = nn.ModuleDict()
+        for d in sorted(used if view_encoder_domains is None else set(view_encoder_domains)):
+            # an idle encoder (a domain this model does not view, e.g. the source's in a target-only
+            # stage) draws its init from a forked RNG: the stage's dropout and sampling then see the
+            # random stream of the model without it
+            with torch.random.fork_rng(devices=[], enabled=d not in used):
+                views[str(d)] = Encoder(d_model=d_model, n_layers=view_layers, n_heads=n_heads,
+                                        ff_mult=ff_mult, dropout=dropout, causal=causal)
     return Recommender(emb, enc, ranges, heads, loss=loss, num_sampled=num_sampled,
                        mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains,
                        view_encoders=views, exclude_own_items=exclude_own_items, loss_mean=loss_mean,

@@ -406,6 +406,21 @@ def test_a_view_with_an_encoder_of_its_own_leaves_the_shared_encoder_to_the_mixe
         _dual_model(view_domains=[0, 1], view_layers=1, view_encoder_domains=[1])
 
 
+def test_an_idle_view_encoder_leaves_the_random_stream_and_the_other_weights_as_without_it():
+    """A stage that does not view domain 0 (a target-only stage, say) still holds its encoder;
+    building it must not move the global RNG, or the stage's dropout draws would differ from the
+    same model without it. An encoder the model does use draws from the stream as usual."""
+    with_idle = _dual_model(view_domains=[1], view_layers=1, view_encoder_domains=[0, 1])
+    after_idle = torch.get_rng_state()
+    without = _dual_model(view_domains=[1], view_layers=1, view_encoder_domains=[1])
+    assert torch.equal(after_idle, torch.get_rng_state())
+    a, b = with_idle.state_dict(), without.state_dict()
+    assert set(a) - set(b) and all(k.startswith("view_encoders.0.") for k in set(a) - set(b))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    _dual_model(view_domains=[0, 1], view_layers=1, view_encoder_domains=[0, 1])
+    assert not torch.equal(after_idle, torch.get_rng_state())  # both used: both draw
+
+
 def test_row_mean_weighs_every_row_the_same_whatever_its_number_of_targets():
     from model.losses import domain_ce_sums, domain_uniform_ce_sums
 
