@@ -105,17 +105,17 @@ def test_shipped_experiments_load(path):
     assert cfg.data.source in cfg.data.domains and cfg.data.target in cfg.data.domains
 
 
-def test_amazon_pairs_add_cosine_scoring_and_food_a_view_of_its_own_to_the_preset():
-    """The two shipped ABXI pairs add cosine scoring (temperature 0.1) to the `amazon` preset, and
-    Food -> Kitchen also Food's own-domain view through a 1-block encoder (as measured in the
-    README); every other model key, and the reverse directions, stay the preset's."""
+def test_amazon_pairs_add_cosine_scoring_and_a_source_view_of_its_own_to_the_preset():
+    """The two shipped ABXI pairs add the same keys to the `amazon` preset: cosine scoring
+    (temperature 0.1) and the source domain's own-domain view through a 1-block encoder (as
+    measured in the README); every other model key, and the reverse directions, stay the preset's."""
     preset = ModelConfig(**yaml.safe_load((REPO / "configs" / "model" / "amazon.yaml").read_text()))
     assert preset.temperature == 0.0 and preset.sequence == "mixed"
     experiments = REPO / "configs" / "experiment"
     for name in ("amazon-kitchen-food", "amazon-electronics-beauty"):
         assert load_config(experiments / f"{name}.yaml").model == preset, name
     extra = {"amazon-food-kitchen": {"sequence": "dual", "view_layers": 1, "view_domains": ["food"]},
-             "amazon-beauty-electronics": {}}
+             "amazon-beauty-electronics": {"sequence": "dual", "view_layers": 1, "view_domains": ["beauty"]}}
     for name, keys in extra.items():
         model = load_config(experiments / f"{name}.yaml").model
         assert model.temperature == 0.1, name

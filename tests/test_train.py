@@ -323,49 +323,53 @@ def test_joint_stage_can_start_from_another_runs_source_stage(tmp_path):
     assert not (tmp_path / "c" / "joint").exists()  # refused before the stage began
 
 
-def test_the_food_view_of_food_to_kitchen_leaves_its_target_only_baseline_as_it_was(fk_slice, tmp_path):
-    """amazon-food-kitchen views Food through an encoder of its own; the target-only stage scores
-    Kitchen alone, so its model must start, score and train as the plain cosine model does (the
-    view encoder idle, its init leaving the RNG where the plain model's leaves it), while the
-    joint stage's Food scores do change."""
+@pytest.mark.parametrize("pair, source, target", [("amazon-food-kitchen", "food", "kitchen"),
+                                                    ("amazon-beauty-electronics", "beauty", "electronics")])
+def test_the_source_view_of_an_amazon_pair_leaves_its_target_only_baseline_as_it_was(pair, source, target, tmp_path):
+    """Both shipped pairs view the source domain through an encoder of its own; the target-only
+    stage scores the target alone, so its model must start, score and train as the plain cosine
+    model does (the view encoder idle, its init leaving the RNG where the plain model's leaves
+    it), while the joint stage's source scores do change."""
     import dataclasses
 
     import torch
 
+    from conftest import abxi_slice
     from train.config import load_config
     from train.data.prepare import load_manifest, prepare
     from train.stages import build_model
 
-    cfg = load_config(REPO / "configs/experiment/amazon-food-kitchen.yaml",
-                      [f"data.path={fk_slice}", f"data.out_dir={tmp_path}", "tracking.wandb=false"])
-    assert cfg.model.view_domains == ["food"] and cfg.model.view_layers == 1
+    data = abxi_slice(tmp_path / "raw", pair)
+    cfg = load_config(REPO / f"configs/experiment/{pair}.yaml",
+                      [f"data.path={data}", f"data.out_dir={tmp_path}", "tracking.wandb=false"])
+    assert cfg.model.view_domains == [source] and cfg.model.view_layers == 1
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sequence="mixed", view_layers=0,
                                                                 view_domains=[]))
     prepare(cfg.data, log=lambda *_: None)
     manifest = load_manifest(cfg.data.prepared_dir())
-    viewed = build_model(cfg, manifest, ["kitchen"])
+    viewed = build_model(cfg, manifest, [target])
     rng_viewed = torch.get_rng_state()
-    base = build_model(plain, manifest, ["kitchen"])
-    # the idle Food encoder's init must not shift the random stream the stage's dropout draws from
+    base = build_model(plain, manifest, [target])
+    # the idle source encoder's init must not shift the random stream the stage's dropout draws from
     assert torch.equal(rng_viewed, torch.get_rng_state())
     vs, bs = viewed.state_dict(), base.state_dict()
     assert set(vs) - set(bs) and all(k.startswith("view_encoders.") for k in set(vs) - set(bs))
     assert all(torch.equal(vs[k], bs[k]) for k in bs)
-    (food, _), (kitchen, _) = viewed.ranges
-    items = torch.tensor([[0, 0, food, kitchen, food + 3, kitchen + 5, food + 9, kitchen + 2]])
+    (src, _), (tgt, _) = viewed.ranges
+    items = torch.tensor([[0, 0, src, tgt, src + 3, tgt + 5, src + 9, tgt + 2]])
     targets = torch.roll(items, -1, dims=1)
-    kitchen_index = 1
+    target_index = 1
     for m in (viewed, base):
         m.eval()
-    assert torch.equal(viewed(items, domain=kitchen_index), base(items, domain=kitchen_index))
+    assert torch.equal(viewed(items, domain=target_index), base(items, domain=target_index))
     for m in (viewed, base):
         m.train()
     losses = []
     for m in (viewed, base):
         torch.manual_seed(1)
         sums, _ = m(items, targets=targets)
-        losses.append(sums[kitchen_index])
+        losses.append(sums[target_index])
     assert torch.equal(losses[0], losses[1])  # same dropout draws, same loss
-    # the joint stage's model does use the Food view: its Food scores differ from the plain model's
-    joint_viewed, joint_base = build_model(cfg, manifest, ["food", "kitchen"]).eval(), build_model(plain, manifest).eval()
+    # the joint stage's model does use the source view: its source scores differ from the plain model's
+    joint_viewed, joint_base = build_model(cfg, manifest, [source, target]).eval(), build_model(plain, manifest).eval()
     assert not torch.allclose(joint_viewed(items, domain=0), joint_base(items, domain=0), atol=1e-4)
