@@ -114,10 +114,11 @@ def test_amazon_pairs_add_cosine_scoring_and_a_source_view_of_its_own_to_the_pre
     experiments = REPO / "configs" / "experiment"
     for name in ("amazon-kitchen-food", "amazon-electronics-beauty"):
         assert load_config(experiments / f"{name}.yaml").model == preset, name
-    extra = {"amazon-food-kitchen": {"sequence": "dual", "view_layers": 1, "view_domains": ["food"]},
-             "amazon-beauty-electronics": {"sequence": "dual", "view_layers": 1, "view_domains": ["beauty"]}}
-    for name, keys in extra.items():
-        model = load_config(experiments / f"{name}.yaml").model
+    for name, source in (("amazon-food-kitchen", "food"), ("amazon-beauty-electronics", "beauty")):
+        cfg = load_config(experiments / f"{name}.yaml")
+        assert cfg.data.source == source, name
+        keys = {"sequence": "dual", "view_layers": 1, "view_domains": [source]}
+        model = cfg.model
         assert model.temperature == 0.1, name
         assert {k: getattr(model, k) for k in keys} == keys, name
         assert dataclasses.replace(model, temperature=0.0, **{k: getattr(preset, k) for k in keys}) == preset, name
