@@ -50,18 +50,24 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
 
 
 def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce, with_rows: bool = False,
-                per_row: bool = False):
+                per_row: bool = False, domains: list[int] | None = None):
     """``ce(h (N_d, D), t (N_d,), lo, hi)`` gives the CE of each of domain d's targets, (N_d,) (a
     domain without targets: a 0-dim zero that touches its parameters); (sums, counts) of them,
     per target or, with ``per_row``, per row (see :func:`domain_ce_sums`).
-    ``with_rows``: ``ce`` also takes each target's batch row (N_d,)."""
+    ``with_rows``: ``ce`` also takes each target's batch row (N_d,).
+    ``domains``: the domains ``ce`` runs for; the others' sums are a plain 0 (``ce`` not called, so
+    no random draws). None: every domain."""
     per_domain = hidden if isinstance(hidden, (list, tuple)) else [hidden] * len(ranges)
     flat_t = targets.reshape(-1)
     rows = torch.arange(targets.shape[0], device=targets.device).repeat_interleave(targets.shape[-1]) \
         if with_rows or per_row else None
     sums, counts = [], []
-    for hid, (lo, hi) in zip(per_domain, ranges):
+    for d, (hid, (lo, hi)) in enumerate(zip(per_domain, ranges)):
         sel = (flat_t >= lo) & (flat_t < hi)
+        if domains is not None and d not in domains:
+            sums.append(hid.new_zeros(()))
+            counts.append(torch.bincount(rows[sel], minlength=targets.shape[0]).gt(0).sum() if per_row else sel.sum())
+            continue
         r = rows[sel] if rows is not None else None  # each target's batch row
         args = (hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi) + ((r,) if with_rows else ())
         losses = ce(*args)
@@ -101,7 +107,8 @@ def domain_sampled_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: t
 
 def domain_uniform_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor,
                            item_weight: torch.Tensor, ranges: list[tuple[int, int]],
-                           num_sampled: int, per_row: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                           num_sampled: int, per_row: bool = False,
+                           domains: list[int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Like :func:`domain_ce_sums`, but each target's softmax runs over itself and ``num_sampled``
     items drawn uniformly (with replacement) from its domain, one draw shared by the batch's
     targets of that domain; a drawn item equal to a row's own target is left out of that row.
@@ -110,6 +117,7 @@ def domain_uniform_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: t
     optimum ranks a user's next item above uniformly drawn items of its domain: the quantity the
     sampled evaluation protocol (999 uniform same-domain negatives) measures, not full-catalogue
     ranking, which puts more weight on popular items. Cost scales with ``num_sampled``.
+    ``domains``: only these domains draw and score (the others' sums are 0); None: every domain.
     """
     def uniform_ce(h, t, lo, hi):
         drawn = torch.randint(lo, hi, (num_sampled,), device=t.device)
@@ -120,7 +128,7 @@ def domain_uniform_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: t
             return F.cross_entropy(logits, torch.zeros_like(t), reduction="none")
         return 0.0 * logits.sum() + 0.0 * item_weight[lo:hi].sum()
 
-    return _per_domain(hidden, targets, ranges, uniform_ce, per_row=per_row)
+    return _per_domain(hidden, targets, ranges, uniform_ce, per_row=per_row, domains=domains)
 
 
 def weighted_domain_mean(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float],

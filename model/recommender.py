@@ -22,7 +22,8 @@ class Recommender(nn.Module):
                  heads: nn.ModuleList | None = None, loss: str = "full", num_sampled: int = 0,
                  mask_id: int | None = None, mask_prob: float = 0.2, view_domains: list[int] | None = None,
                  view_encoders: nn.ModuleDict | None = None, exclude_own_items: bool = False,
-                 loss_mean: str = "target", temperature: float = 0.0, label_smoothing: float = 0.0):
+                 loss_mean: str = "target", temperature: float = 0.0, label_smoothing: float = 0.0,
+                 uniform_aux: float = 0.0, uniform_aux_domains: list[int] | None = None):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``loss`` (training only; scoring stays full): "full" softmax over the target's domain,
@@ -51,7 +52,11 @@ class Recommender(nn.Module):
         cos(query, item) / temperature (both L2-normalised, so item norms carry no popularity);
         0: the dot product.
         ``label_smoothing`` (full loss only): the training softmax's target puts that share of its
-        mass uniformly over the domain's items (``torch.nn.functional.cross_entropy``)."""
+        mass uniformly over the domain's items (``torch.nn.functional.cross_entropy``).
+        ``uniform_aux`` > 0 (full loss only): a target of a domain in ``uniform_aux_domains`` (None =
+        every domain) adds that weight times its CE against ``num_sampled`` uniform draws of its
+        domain (``model.losses.domain_uniform_ce_sums``, the ranking the sampled evaluation
+        measures) to its full-softmax CE; the other domains draw nothing."""
         super().__init__()
         if loss != "full" and loss not in _SAMPLED_LOSSES:
             raise ValueError(f"loss must be 'full' or one of {sorted(_SAMPLED_LOSSES)}, got {loss!r}")
@@ -65,6 +70,11 @@ class Recommender(nn.Module):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if label_smoothing and (loss != "full" or exclude_own_items):
             raise ValueError("label_smoothing needs loss 'full' without exclude_own_items")
+        if uniform_aux < 0 or (uniform_aux and (loss != "full" or num_sampled < 1)):
+            raise ValueError(f"uniform_aux must be >= 0 and needs loss 'full' with num_sampled >= 1, got {uniform_aux} "
+                             f"({loss!r}, num_sampled {num_sampled})")
+        self.uniform_aux = uniform_aux
+        self.uniform_aux_domains = None if uniform_aux_domains is None else sorted(set(uniform_aux_domains))
         self.per_row = loss_mean == "row"
         self.temperature, self.label_smoothing = temperature, label_smoothing
         self.loss, self.num_sampled, self.exclude_own_items = loss, num_sampled, exclude_own_items
@@ -132,8 +142,13 @@ class Recommender(nn.Module):
         if targets is not None:
             q = [self.scaled(x) for x in self.queries(h, {d: self.domain_view(items, d) for d in self.view_domains})]
             if self.loss == "full":
-                return domain_ce_sums(q, targets, table, self.ranges, exclude=own, per_row=self.per_row,
-                                      label_smoothing=self.label_smoothing)
+                sums, counts = domain_ce_sums(q, targets, table, self.ranges, exclude=own, per_row=self.per_row,
+                                              label_smoothing=self.label_smoothing)
+                if self.uniform_aux:
+                    aux, _ = domain_uniform_ce_sums(q, targets, table, self.ranges, self.num_sampled,
+                                                    per_row=self.per_row, domains=self.uniform_aux_domains)
+                    sums = [s + self.uniform_aux * a for s, a in zip(sums, aux)]
+                return sums, counts
             return _SAMPLED_LOSSES[self.loss](q, targets, table, self.ranges, self.num_sampled, per_row=self.per_row)
         if domain is not None:
             lo, hi = self.ranges[domain]
@@ -172,10 +187,11 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       masked: bool = False, mask_prob: float = 0.2, view_domains: list[int] | None = None,
                       view_layers: int = 0, view_encoder_domains: list[int] | None = None,
                       exclude_own_items: bool = False, loss_mean: str = "target", temperature: float = 0.0,
-                      label_smoothing: float = 0.0) -> Recommender:
+                      label_smoothing: float = 0.0, uniform_aux: float = 0.0,
+                      uniform_aux_domains: list[int] | None = None) -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
-    ``loss``/``num_sampled``/``loss_mean``/``temperature``/``label_smoothing``: the training softmax,
-    its mean and the scoring, see :class:`Recommender`.
+    ``loss``/``num_sampled``/``loss_mean``/``temperature``/``label_smoothing``/``uniform_aux``: the
+    training softmax, its mean and the scoring, see :class:`Recommender`.
     ``view_layers`` > 0: each domain of ``view_encoder_domains`` (default ``view_domains``) gets
     its own encoder of that many blocks (same width and heads) for its own-domain view; 0: the
     views run through the shared encoder. The encoders of domains outside ``view_domains`` stay
@@ -206,4 +222,5 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
     return Recommender(emb, enc, ranges, heads, loss=loss, num_sampled=num_sampled,
                        mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains,
                        view_encoders=views, exclude_own_items=exclude_own_items, loss_mean=loss_mean,
-                       temperature=temperature, label_smoothing=label_smoothing)
+                       temperature=temperature, label_smoothing=label_smoothing, uniform_aux=uniform_aux,
+                       uniform_aux_domains=uniform_aux_domains)

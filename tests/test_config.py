@@ -52,6 +52,10 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("name: x\n", ["model.sequence=dual", "model.view_domains=[C]"], r"model.view_domains: 'C' is not one of data.domains"),
     ("name: x\n", ["model.view_layers=1"], r"model.view_layers=1 needs model.sequence=dual, got 'mixed'"),
     ("name: x\n", ["model.sequence=dual", "model.view_layers=-1"], r"model.view_layers must be >= 0, got -1"),
+    ("name: x\n", ["model.uniform_aux=0.5", "model.loss=uniform"],
+     r"command line: model.uniform_aux=0.5 needs model.loss=full, got 'uniform'"),
+    ("name: x\n", ["model.uniform_aux=0.5", "model.uniform_aux_domains=[C]"],
+     r"model.uniform_aux_domains: 'C' is not one of data.domains"),
     ("name: x\n", ["model.exclude_own_items=true", "model.loss=sampled"],
      r"command line: model.exclude_own_items needs model.loss=full, got 'sampled'"),
     ("name: x\n", ["train.joint.micro_batch_size=-1"],
@@ -64,6 +68,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
         "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files", "bidirectional-next-item",
         "causal-cloze", "no-negatives", "init-from-and-source", "joint-without-source", "plateau-decay",
         "view-without-dual", "view-domain", "view-layers-without-dual", "view-layers-negative",
+        "uniform-aux-not-full", "uniform-aux-domain",
         "exclude-own-items-not-full", "stage-micro-batch", "temperature-negative", "label-smoothing-range",
         "label-smoothing-not-full"])
 def test_bad_values_name_key_and_origin(tmp_path, text, overrides, message):

@@ -505,3 +505,46 @@ def test_cosine_scoring_and_label_smoothing_by_hand():
         build_recommender(**kw, label_smoothing=1.0)
     with pytest.raises(ValueError, match="label_smoothing needs loss 'full' without exclude_own_items"):
         build_recommender(**kw, label_smoothing=0.1, exclude_own_items=True)
+
+
+def test_uniform_aux_adds_the_uniform_negatives_ce_of_the_listed_domains_to_the_full_ce():
+    """uniform_aux=w: a listed domain's loss is its full-softmax CE plus w times its CE against
+    num_sampled uniform draws of the domain (cosine logits, by hand); an unlisted domain is the
+    full CE alone and draws nothing, so an empty list leaves the random stream as without it."""
+    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
+              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True,
+              domain_heads=True, temperature=0.5, num_sampled=5)
+    items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
+    torch.manual_seed(0)
+    plain = build_recommender(**kw).eval()
+    aux = build_recommender(**kw, uniform_aux=0.5, uniform_aux_domains=[1]).eval()
+    aux.load_state_dict(plain.state_dict())
+    ref, ref_counts = plain(items, targets=tgts)
+    torch.manual_seed(7)
+    sums, counts = aux(items, targets=tgts)
+    after = torch.get_rng_state()
+    torch.manual_seed(7)
+    drawn = torch.randint(4, 8, (5,))  # the one draw domain 1 shares across its targets
+    assert torch.equal(after, torch.get_rng_state())  # and nothing else was drawn
+    q = aux.queries(aux(items))[1][0]  # [L, D]
+    unit = torch.nn.functional.normalize(aux.embedding.item.weight, dim=-1)
+    want = torch.zeros(())
+    for p, t in enumerate(tgts[0].tolist()):
+        if t < 4:
+            continue
+        logit = lambda i: torch.nn.functional.normalize(q[p], dim=-1) @ unit[i] / 0.5  # noqa: E731
+        negs = [logit(i) for i in drawn.tolist() if i != t]
+        want = want - torch.log_softmax(torch.stack([logit(t)] + negs), 0)[0]
+    assert counts.tolist() == ref_counts.tolist() == [3, 3]
+    assert torch.allclose(sums[0], ref[0], atol=1e-6)
+    assert torch.allclose(sums[1], ref[1] + 0.5 * want, atol=1e-4)
+    # an empty list: no draws, the plain model's loss and random stream
+    none = build_recommender(**kw, uniform_aux=0.5, uniform_aux_domains=[]).eval()
+    none.load_state_dict(plain.state_dict())
+    torch.manual_seed(7)
+    nsums, _ = none(items, targets=tgts)
+    assert torch.equal(torch.stack(nsums), torch.stack(ref))
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state())
+    with pytest.raises(ValueError, match="uniform_aux must be >= 0 and needs loss 'full'"):
+        build_recommender(**{**kw, "loss": "sampled"}, uniform_aux=0.5)

@@ -373,3 +373,41 @@ def test_the_source_view_of_an_amazon_pair_leaves_its_target_only_baseline_as_it
     # the joint stage's model does use the source view: its source scores differ from the plain model's
     joint_viewed, joint_base = build_model(cfg, manifest, [source, target]).eval(), build_model(plain, manifest).eval()
     assert not torch.allclose(joint_viewed(items, domain=0), joint_base(items, domain=0), atol=1e-4)
+
+
+def test_a_stage_adds_the_uniform_aux_loss_only_for_the_listed_domains_it_trains():
+    """model.uniform_aux_domains=[source]: the target-only stage's model draws nothing and trains
+    exactly as the model without the auxiliary loss (same loss, same random stream after the
+    step), while the joint stage's model adds it to the source's loss; [] lists every domain."""
+    import dataclasses
+
+    import torch
+
+    from train.config import load_config
+    from train.stages import build_model
+
+    cfg = load_config(REPO / "configs/experiment/tiny.yaml", ["model.uniform_aux=0.5", "model.sampled_negatives=8"])
+    source, target = cfg.data.source, cfg.data.target
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, uniform_aux_domains=[source]))
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, uniform_aux=0.0, uniform_aux_domains=[]))
+    manifest = {"domains": [{"name": n, "offset": 20 * i, "n_items": 20} for i, n in enumerate(cfg.data.domains)]}
+    s, t = cfg.data.domains.index(source), cfg.data.domains.index(target)
+    slo, tlo = 20 * s + 1, 20 * t + 1  # each domain's first item id
+    items = torch.tensor([[0, 0, slo, tlo, slo + 3, tlo + 5, slo + 9, tlo + 2]])
+    targets = torch.roll(items, -1, dims=1)
+    results = {}
+    for name, c, domains in (("to_aux", cfg, [target]), ("to_plain", plain, [target]),
+                             ("joint_aux", cfg, [source, target]), ("joint_plain", plain, [source, target])):
+        m = build_model(c, manifest, domains).train()
+        torch.manual_seed(1)
+        sums, _ = m(items, targets=targets)
+        results[name] = (torch.stack(sums).detach(), torch.get_rng_state())
+    assert torch.equal(results["to_aux"][0], results["to_plain"][0])
+    assert torch.equal(results["to_aux"][1], results["to_plain"][1])
+    joint_aux, joint_plain = results["joint_aux"][0], results["joint_plain"][0]
+    assert not torch.equal(results["joint_aux"][1], results["joint_plain"][1])  # the source's draw
+    assert joint_aux[s] > joint_plain[s]  # plus 0.5 x a (positive) CE on the source
+    assert torch.equal(joint_aux[t], joint_plain[t])
+    every = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, uniform_aux_domains=[]))
+    assert build_model(every, manifest, [target]).uniform_aux_domains == [t]
+    assert build_model(every, manifest).uniform_aux_domains == sorted([s, t])

@@ -59,6 +59,11 @@ class ModelConfig:
     # full loss only (not with exclude_own_items): share of the training target's mass spread
     # uniformly over its domain's items
     label_smoothing: float = 0.0
+    # full loss only, > 0: a target of a domain in uniform_aux_domains ([] = every domain) adds this
+    # weight times its CE against sampled_negatives uniform items of its domain (the ranking the
+    # sampled protocol measures) to its full-softmax CE; 0 = off
+    uniform_aux: float = 0.0
+    uniform_aux_domains: list[str] = field(default_factory=list)
     # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
     # (training and evaluation) see that domain's events alone, parameters still shared
     # "dual": mixed inputs, and each domain's query adds the encoder's state over the row's
@@ -282,6 +287,17 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: model.label_smoothing must be in [0, 1), got {self.model.label_smoothing}")
         if self.model.label_smoothing and (self.model.loss != "full" or self.model.exclude_own_items):
             raise ConfigError(f"{origin}: model.label_smoothing needs model.loss=full without model.exclude_own_items")
+        if self.model.uniform_aux < 0:
+            raise ConfigError(f"{origin}: model.uniform_aux must be >= 0, got {self.model.uniform_aux}")
+        if self.model.uniform_aux and self.model.loss != "full":
+            raise ConfigError(f"{origin}: model.uniform_aux={self.model.uniform_aux} needs model.loss=full, "
+                              f"got {self.model.loss!r}")
+        if self.model.uniform_aux and self.model.sampled_negatives < 1:
+            raise ConfigError(f"{origin}: model.uniform_aux needs model.sampled_negatives >= 1, "
+                              f"got {self.model.sampled_negatives}")
+        for dom in self.model.uniform_aux_domains:
+            if dom not in d.domains:
+                raise ConfigError(f"{origin}: model.uniform_aux_domains: {dom!r} is not one of data.domains {d.domains}")
         if self.model.view_domains and self.model.sequence != "dual":
             raise ConfigError(f"{origin}: model.view_domains={self.model.view_domains} needs model.sequence=dual, "
                               f"got {self.model.sequence!r}")

@@ -59,7 +59,8 @@ def view_domains(m, dom: DomainIndex, within: list[str]) -> list[int]:
 
 def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None = None) -> torch.nn.Module:
     """``domains``: the names of the domains the model will train and score (a stage's); the
-    own-domain views of the others are left out (no encoder pass for them). None: every domain."""
+    own-domain views and the uniform auxiliary loss of the others are left out (no encoder pass,
+    no random draws for them). None: every domain."""
     dom = DomainIndex(manifest)
     torch.manual_seed(cfg.seed)
     m = cfg.model
@@ -73,7 +74,10 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
                              view_layers=m.view_layers, view_encoder_domains=view_domains(m, dom, dom.names),
                              masked=m.objective == "masked", mask_prob=m.mask_prob,
                              exclude_own_items=m.exclude_own_items, loss_mean=m.loss_mean,
-                             temperature=m.temperature, label_smoothing=m.label_smoothing)
+                             temperature=m.temperature, label_smoothing=m.label_smoothing,
+                             uniform_aux=m.uniform_aux,
+                             uniform_aux_domains=[dom.index(n) for n in (m.uniform_aux_domains or dom.names)
+                                                  if n in (domains or dom.names)])
 
 
 class Experiment:
@@ -234,6 +238,10 @@ class Experiment:
         per = "its rows, each row's mean first (every user weighs the same)" if model.per_row else "its targets"
         if model.label_smoothing:
             softmax += f", label smoothing {model.label_smoothing:g}"
+        if model.uniform_aux and model.uniform_aux_domains != []:
+            aux = model.uniform_aux_domains or range(len(self.dom.names))
+            softmax += (f", plus {model.uniform_aux:g} x the CE against {n} uniform negatives of the domain for "
+                        + ", ".join(self.dom.names[d] for d in aux))
         scores = f"cos(query, item) / {model.temperature:g}" if model.temperature else "dot(query, item)"
         self.log(f"[{stage}] loss: {softmax}; a domain's loss is the mean over {per}; scores: {scores}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
