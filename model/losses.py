@@ -64,20 +64,15 @@ def _per_domain(hidden, targets: torch.Tensor, ranges: list[tuple[int, int]], ce
     sums, counts = [], []
     for d, (hid, (lo, hi)) in enumerate(zip(per_domain, ranges)):
         sel = (flat_t >= lo) & (flat_t < hi)
+        r = rows[sel] if rows is not None else None  # each target's batch row
+        per = torch.bincount(r, minlength=targets.shape[0]) if per_row else None  # the domain's targets in each row
+        counts.append((per > 0).sum() if per_row else sel.sum())
         if domains is not None and d not in domains:
             sums.append(hid.new_zeros(()))
-            counts.append(torch.bincount(rows[sel], minlength=targets.shape[0]).gt(0).sum() if per_row else sel.sum())
             continue
-        r = rows[sel] if rows is not None else None  # each target's batch row
         args = (hid.reshape(-1, hid.shape[-1])[sel], flat_t[sel], lo, hi) + ((r,) if with_rows else ())
         losses = ce(*args)
-        if per_row and losses.dim():
-            per = torch.bincount(r, minlength=targets.shape[0])  # the domain's targets in each row
-            sums.append((losses / per[r]).sum())
-            counts.append((per > 0).sum())
-        else:
-            sums.append(losses.sum())
-            counts.append(sel.sum())
+        sums.append((losses / per[r]).sum() if per_row and losses.dim() else losses.sum())
     return sums, torch.stack(counts)
 
 

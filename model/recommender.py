@@ -74,7 +74,7 @@ class Recommender(nn.Module):
             raise ValueError(f"uniform_aux must be >= 0 and needs loss 'full' with num_sampled >= 1, got {uniform_aux} "
                              f"({loss!r}, num_sampled {num_sampled})")
         self.uniform_aux = uniform_aux
-        self.uniform_aux_domains = None if uniform_aux_domains is None else sorted(set(uniform_aux_domains))
+        self.uniform_aux_domains = sorted(set(range(len(ranges)) if uniform_aux_domains is None else uniform_aux_domains))
         self.per_row = loss_mean == "row"
         self.temperature, self.label_smoothing = temperature, label_smoothing
         self.loss, self.num_sampled, self.exclude_own_items = loss, num_sampled, exclude_own_items

@@ -295,9 +295,6 @@ class ExperimentConfig:
         if self.model.uniform_aux and self.model.sampled_negatives < 1:
             raise ConfigError(f"{origin}: model.uniform_aux needs model.sampled_negatives >= 1, "
                               f"got {self.model.sampled_negatives}")
-        for dom in self.model.uniform_aux_domains:
-            if dom not in d.domains:
-                raise ConfigError(f"{origin}: model.uniform_aux_domains: {dom!r} is not one of data.domains {d.domains}")
         if self.model.view_domains and self.model.sequence != "dual":
             raise ConfigError(f"{origin}: model.view_domains={self.model.view_domains} needs model.sequence=dual, "
                               f"got {self.model.sequence!r}")
@@ -306,9 +303,10 @@ class ExperimentConfig:
         if self.model.view_layers and self.model.sequence != "dual":
             raise ConfigError(f"{origin}: model.view_layers={self.model.view_layers} needs model.sequence=dual, "
                               f"got {self.model.sequence!r}")
-        for dom in self.model.view_domains:
-            if dom not in d.domains:
-                raise ConfigError(f"{origin}: model.view_domains: {dom!r} is not one of data.domains {d.domains}")
+        for key in ("view_domains", "uniform_aux_domains"):
+            for dom in getattr(self.model, key):
+                if dom not in d.domains:
+                    raise ConfigError(f"{origin}: model.{key}: {dom!r} is not one of data.domains {d.domains}")
         if self.model.loss != "full" and self.model.sampled_negatives < 1:
             raise ConfigError(f"{origin}: model.loss={self.model.loss} needs model.sampled_negatives >= 1, "
                               f"got {self.model.sampled_negatives}")

@@ -49,12 +49,15 @@ SPECS = {
 }
 
 
+def listed_domains(names: list[str], dom: DomainIndex, within: list[str]) -> list[int]:
+    """Indices of the domains a config key lists (``[]``: every domain) that are among ``within``."""
+    return [dom.index(n) for n in (names or dom.names) if n in within]
+
+
 def view_domains(m, dom: DomainIndex, within: list[str]) -> list[int]:
     """Indices of the domains among ``within`` whose query adds the own-domain view
     (``model.sequence=dual``)."""
-    if m.sequence != "dual":
-        return []
-    return [dom.index(n) for n in (m.view_domains or dom.names) if n in within]
+    return listed_domains(m.view_domains, dom, within) if m.sequence == "dual" else []
 
 
 def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None = None) -> torch.nn.Module:
@@ -76,8 +79,7 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
                              exclude_own_items=m.exclude_own_items, loss_mean=m.loss_mean,
                              temperature=m.temperature, label_smoothing=m.label_smoothing,
                              uniform_aux=m.uniform_aux,
-                             uniform_aux_domains=[dom.index(n) for n in (m.uniform_aux_domains or dom.names)
-                                                  if n in (domains or dom.names)])
+                             uniform_aux_domains=listed_domains(m.uniform_aux_domains, dom, domains or dom.names))
 
 
 class Experiment:
@@ -238,10 +240,9 @@ class Experiment:
         per = "its rows, each row's mean first (every user weighs the same)" if model.per_row else "its targets"
         if model.label_smoothing:
             softmax += f", label smoothing {model.label_smoothing:g}"
-        if model.uniform_aux and model.uniform_aux_domains != []:
-            aux = model.uniform_aux_domains or range(len(self.dom.names))
+        if model.uniform_aux and model.uniform_aux_domains:
             softmax += (f", plus {model.uniform_aux:g} x the CE against {n} uniform negatives of the domain for "
-                        + ", ".join(self.dom.names[d] for d in aux))
+                        + ", ".join(self.dom.names[d] for d in model.uniform_aux_domains))
         scores = f"cos(query, item) / {model.temperature:g}" if model.temperature else "dot(query, item)"
         self.log(f"[{stage}] loss: {softmax}; a domain's loss is the mean over {per}; scores: {scores}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
