@@ -120,9 +120,11 @@ def test_init_from_refuses_a_source_stage_measured_under_another_sampled_protoco
     cfg = load_config(REPO / "configs/experiment/tiny.yaml")
     run = _source_run(tmp_path / "n50", cfg)
     other = load_config(REPO / "configs/experiment/tiny.yaml", ["eval.num_negatives=99"])
-    with pytest.raises(ResumeError, match=r"n50/config.yaml has eval.num_negatives=50, this run 99; its source "
-                                          r"metrics were measured under another evaluation protocol"):
+    with pytest.raises(ResumeError, match=r"train.init_from: .*n50/config.yaml has eval.num_negatives=50, this run 99; "
+                                          r"its metrics were measured under another evaluation protocol"):
         source_of(run, other)
     with pytest.raises(ResumeError, match=r"has eval.seed=2025, this run 1;"):
         source_of(run, load_config(REPO / "configs/experiment/tiny.yaml", ["eval.seed=1"]))
+    with pytest.raises(ResumeError, match=r"has eval.prior=0.0, this run 0.5;"):  # the prior changes the metrics too
+        source_of(run, load_config(REPO / "configs/experiment/tiny.yaml", ["eval.prior=0.5"]))
     source_of(run, load_config(REPO / "configs/experiment/tiny.yaml", ["eval.batch_size=64"]))  # not protocol

@@ -59,3 +59,62 @@ def test_history_buckets_and_paired_bootstrap():
     paired = paired_bootstrap(b + spread + 0.05, b + spread, resamples=500, seed=1)
     assert paired["ci95"][1] - paired["ci95"][0] < 1e-9
     assert paired_bootstrap(b, b + 0.01, resamples=100, seed=3) == paired_bootstrap(b, b + 0.01, resamples=100, seed=3)
+
+
+def _shard_samples(folder, split):
+    import json
+    import tarfile
+    from pathlib import Path
+    for tar in sorted(Path(folder).glob(f"*/{split}-*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".json"):
+                    yield json.load(t.extractfile(m))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from conftest import prepared_synthetic
+    return prepared_synthetic(tmp_path_factory.mktemp("prep"), n_users=60, shard_samples=25)
+
+
+def test_observed_counts_are_every_users_events_before_the_split_target(prepared):
+    from train.evaluate import observed_counts
+    manifest, folder = prepared
+    n = sum(d["n_items"] for d in manifest["domains"]) + 1
+    # read from the train shards instead: a user's train samples hold its events but the last two
+    train = {s["user"]: s["items"] for s in _shard_samples(folder, "train")}
+    assert len(train) == manifest["n_users"]
+    before_valid = np.bincount(np.concatenate([np.asarray(v) for v in train.values()]), minlength=n)
+    valid_targets = np.bincount([s["target"] for s in _shard_samples(folder, "valid")], minlength=n)
+    assert np.array_equal(observed_counts(manifest, folder, "valid"), before_valid)
+    assert np.array_equal(observed_counts(manifest, folder, "test"), before_valid + valid_targets)
+
+
+def test_the_prior_adds_its_weight_times_log_count_to_the_scores_only_when_asked(prepared):
+    from train.config import EvalConfig
+    from train.data.stream import eval_batches
+    from train.evaluate import Evaluator, observed_counts
+    manifest, folder = prepared
+    d = manifest["domains"][1]
+    lo, k = d["offset"] + 1, 20
+    ev = Evaluator(manifest, folder, EvalConfig(num_negatives=k, prior=0.7), max_len=20)
+    ramp = 0.3 * (np.arange(d["n_items"]) % 7)  # model scores on the scale of the prior, so its weight matters
+    score_fn = lambda items, dom: torch.from_numpy(np.tile(ramp, (items.shape[0], 1)))
+    total = ramp + 0.7 * np.log1p(observed_counts(manifest, folder, "test"))[lo:lo + d["n_items"]]
+    want_full, want_sampled, users, targets = [], [], [], []
+    for b in eval_batches(manifest, folder, d["name"], "test", batch_size=512, max_len=20):
+        t = (b["target"] - lo).numpy()
+        negs = ev._negs(d["name"], "test", b["user"], b["exclude"]) - lo
+        for r in range(len(t)):  # ties count against the target (the full count includes it)
+            want_full.append(int((total >= total[t[r]]).sum()))
+            want_sampled.append(1 + int((total[negs[r]] >= total[t[r]]).sum()))
+        users += b["user"].tolist()
+        targets += t.tolist()
+    order = np.argsort(users, kind="stable")
+    got = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu")
+    assert np.array_equal(got["full"], np.array(want_full)[order])
+    assert np.array_equal(got["sampled999"], np.array(want_sampled)[order])
+    raw = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu", prior=False)
+    want_raw = np.array([int((ramp >= ramp[t]).sum()) for t in targets])[order]  # the model's scores alone
+    assert np.array_equal(raw["full"], want_raw) and not np.array_equal(want_raw, got["full"])

@@ -60,8 +60,8 @@ def test_runs_of_different_sampled_protocols_are_refused_and_one_protocol_is_nam
     a = _run(tmp_path, "a", 0.2, 0.1, [0.05, 0.15], p999)
     b = _run(tmp_path, "b", 0.2, 0.1, [0.05, 0.15], p99)
     c = _run(tmp_path, "c", 0.2, 0.1, [0.05, 0.15], {"num_negatives": 999, "seed": 7})
-    with pytest.raises(ReportError, match=r"num_negatives=999, seed=2025 in \[.*/a'\]; num_negatives=99, seed=2025 in "
-                                          r"\[.*/b'\]\); report runs of one protocol"):
+    with pytest.raises(ReportError, match=r"num_negatives=999, prior=0.0, seed=2025 in \[.*/a'\]; num_negatives=99, "
+                                          r"prior=0.0, seed=2025 in \[.*/b'\]\); report runs of one protocol"):
         aggregate([a, b])
     with pytest.raises(ReportError, match="different protocols"):
         aggregate([a, c])  # same N, other negatives
@@ -69,6 +69,15 @@ def test_runs_of_different_sampled_protocols_are_refused_and_one_protocol_is_nam
     agg = aggregate([a, d])
     assert agg["num_negatives"] == 999
     assert "transfer B sampled (999 negatives) ndcg@10" in format_report(agg)
+    assert agg["prior"] == 0.0 and "eval.prior" not in format_report(agg)
+    # eval.prior changes the scores: refused beside runs without it (recorded before the field: 0)
+    g = _run(tmp_path, "g", 0.3, 0.1, [0.05, 0.15], {**p999, "prior": 0.5})
+    with pytest.raises(ReportError, match="different protocols"):
+        aggregate([a, g])
+    assert aggregate([a, _run(tmp_path, "h", 0.3, 0.1, [0.05, 0.15], {**p999, "prior": 0.0})])["prior"] == 0.0
+    with_prior = aggregate([g, _run(tmp_path, "i", 0.3, 0.1, [0.05, 0.15], {**p999, "prior": 0.5})])
+    assert with_prior["prior"] == 0.5
+    assert "2 run(s) (scores + 0.5 x log(1 + item count), eval.prior): " in format_report(with_prior)
     # metrics.json from before the protocol was recorded: not checked, named by its key
     old = aggregate([_run(tmp_path, "e", 0.2, 0.1, [0.05, 0.15]), _run(tmp_path, "f", 0.2, 0.1, [0.05, 0.15])])
     assert old["num_negatives"] is None and "transfer B sampled999 ndcg@10" in format_report(old)

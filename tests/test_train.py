@@ -50,7 +50,7 @@ def test_metrics_json_has_the_agreed_shape(tiny_run):
                     r = m[stage][split][d][proto]
                     assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and 0.0 < r["mrr"] <= 1.0
                     assert r["n_users"] > 0
-    assert m["_meta"]["eval"] == {"num_negatives": 50, "seed": 2025}  # the tiny experiment's sampled protocol
+    assert m["_meta"]["eval"] == {"num_negatives": 50, "seed": 2025, "prior": 0.0}  # the tiny experiment's protocol
 
 
 def test_report_names_the_recorded_sampled_protocol(tiny_run):
@@ -154,10 +154,36 @@ def test_resume_under_another_sampled_protocol_is_refused_before_work(tmp_path):
                            capture_output=True, text=True)
     assert again.returncode == 2
     assert (f"{tmp_path / 'tiny' / 'metrics.json'}: its stages were evaluated with {{'num_negatives': 50, "
-            "'seed': 2025}, this run with {'num_negatives': 20, 'seed': 2025}") in again.stderr
+            "'seed': 2025, 'prior': 0.0}, this run with {'num_negatives': 20, 'seed': 2025, 'prior': 0.0}") in again.stderr
     assert (tmp_path / "tiny" / "config.yaml").read_text() == config  # refused before the run was touched
     same = subprocess.run([*base, "--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True)
     assert same.returncode == 0 and "finished in the run being resumed" in same.stdout, same.stderr[-2000:]
+
+
+def test_reevaluate_scores_the_best_weights_again_under_a_new_prior_and_trains_nothing(tmp_path):
+    import hashlib
+    base = ["train.stages=[source]", "train.source.epochs=2"]
+    train_tiny(tmp_path, *base)
+    run = tmp_path / "tiny"
+    first = json.loads((run / "metrics.json").read_text())
+    ckpt = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (run / "source" / "checkpoints").rglob("*") if p.is_file()}
+    refused = run_tiny(tmp_path, *base, "eval.prior=1.0", "--resume", "auto")
+    assert refused.returncode == 2 and "re-evaluate with --reevaluate" in refused.stderr, refused.stderr[-2000:]
+
+    p = train_tiny(tmp_path, *base, "eval.prior=1.0", "--reevaluate")
+    assert "evaluating its best weights again" in p.stdout and "epoch 1/2" not in p.stdout  # nothing trained
+    second = json.loads((run / "metrics.json").read_text())
+    assert second["_meta"]["eval"]["prior"] == 1.0
+    assert {k: v for k, v in second["_meta"]["source"].items() if k != "reevaluated_s"} == first["_meta"]["source"]
+    assert second["source"]["test"]["A"]["full"] != first["source"]["test"]["A"]["full"]
+    assert ckpt == {p: hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in (run / "source" / "checkpoints").rglob("*") if p.is_file()}
+
+    train_tiny(tmp_path, *base, "--reevaluate")  # back to the model's scores alone: the first metrics exactly
+    assert json.loads((run / "metrics.json").read_text())["source"] == first["source"]
+    other = run_tiny(tmp_path, *base, "model.d_model=48", "--reevaluate")
+    assert other.returncode == 2 and f"{run / 'config.yaml'} has model.d_model=16, this run 48" in other.stderr, \
+        other.stderr[-2000:]
 
 
 def test_sigusr1_checkpoints_and_exits_75_for_a_requeue(tmp_path):

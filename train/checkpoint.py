@@ -114,14 +114,21 @@ def source_of(run: Path, cfg) -> tuple[Path, dict]:
     prev = json.loads(metrics.read_text())
     if not prev.get("_meta", {}).get("source", {}).get("done"):
         raise ResumeError(f"train.init_from: {metrics} has no finished source stage")
+    check_same_config(conf, cfg, "train.init_from", protocol=True)
+    return ckpt, {"source": prev["source"], "_meta": prev["_meta"]["source"]}
+
+
+def check_same_config(conf: Path, cfg, what: str, *, protocol: bool) -> None:
+    """ResumeError naming ``conf`` (a run's saved config.yaml) and the first key where it differs
+    from ``cfg`` in what its weights depend on (model and data) or, with ``protocol``, in what its
+    metrics depend on (``eval.num_negatives``, ``eval.seed``, ``eval.prior``)."""
     theirs, ours = flatten(yaml.safe_load(conf.read_text()), sep="."), flatten(to_dict(cfg), sep=".")
     # a key added to the config tree after that run was made: it ran with the key's default
     theirs = {**flatten(to_dict(type(cfg)()), sep="."), **theirs}
     for key in sorted(ours):
         if key.startswith(_WEIGHTS_KEYS) and theirs.get(key) != ours[key]:
-            raise ResumeError(f"train.init_from: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "
-                              "the source weights need the same model and data")
-        if key in _PROTOCOL_KEYS and theirs.get(key) != ours[key]:
-            raise ResumeError(f"train.init_from: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "
-                              "its source metrics were measured under another evaluation protocol")
-    return ckpt, {"source": prev["source"], "_meta": prev["_meta"]["source"]}
+            raise ResumeError(f"{what}: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "
+                              "its weights need the same model and data")
+        if protocol and key in _PROTOCOL_KEYS and theirs.get(key) != ours[key]:
+            raise ResumeError(f"{what}: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "
+                              "its metrics were measured under another evaluation protocol")

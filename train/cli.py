@@ -1,7 +1,7 @@
 """``xdrec`` command line: thin entry points over the library.
 
     xdrec prepare configs/experiment/<x>.yaml [a.b=value ...]
-    xdrec train   configs/experiment/<x>.yaml [a.b=value ...] [--resume auto]
+    xdrec train   configs/experiment/<x>.yaml [a.b=value ...] [--resume auto | --reevaluate]
     xdrec data verify|stats data/prepared/<name>
     xdrec export  runs/<name> [--stage joint]          -> runs/<name>/export-joint/model.safetensors
     xdrec evaluate runs/<name>/export-joint [--split test]
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", choices=("auto", "never"), default="never",
                            help="auto: skip finished stages and continue the latest resume checkpoint "
                                 "of runs/<name>/ (same world size); never: start afresh (default)")
+            s.add_argument("--reevaluate", action="store_true",
+                           help="train nothing: evaluate the finished stages of runs/<name>/ again from their "
+                                "best weights under this config's eval keys (e.g. a new eval.prior) and rewrite "
+                                "their metrics, test ranks and the transfer interval")
     d = sub.add_parser("data", help="inspect a prepared folder")
     d.add_argument("action", choices=("verify", "stats"), help="verify: re-hash and re-count every shard; "
                    "stats: users/items/events per domain, overlap, sequence lengths")
@@ -148,7 +152,7 @@ def cmd_train(args) -> int:
     from train.stages import Experiment, format_table
 
     cfg = load_config(args.config, args.overrides)
-    exp = Experiment(cfg, log=_log, resume=args.resume == "auto")
+    exp = Experiment(cfg, log=_log, resume=args.resume == "auto", reevaluate=args.reevaluate)
     # On a clean end (finished or stopped on request) every rank tears the process group down
     # together: left to exit-time destructors, a gloo rank sometimes aborted ("terminate called
     # without an active exception"). On an error no barrier is attempted: the launcher stops the rest.

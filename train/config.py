@@ -220,6 +220,11 @@ class EvalConfig:
     seed: int = 2025  # negatives are a function of (seed, split, user): same for every model
     cold_start: list[int] = field(default_factory=lambda: [5, 10])  # buckets of target training events: 0, 1-5, 6-10, >10
     bootstrap: int = 1000  # paired bootstrap resamples over test users (source-then-joint vs target-only)
+    # > 0: rank by score + prior * log(1 + n), n = the item's events observed before the split's
+    # targets (every user's events but its last two for valid, but its last one for test), in
+    # every domain; 0 = the model's scores alone. Epoch selection always ranks by the model's
+    # scores, so the prior never changes what is trained or kept.
+    prior: float = 0.0
 
 
 @dataclass
@@ -315,6 +320,8 @@ class ExperimentConfig:
         if self.model.d_model % self.model.n_heads:
             raise ConfigError(f"{origin}: model.d_model={self.model.d_model} is not divisible by "
                               f"model.n_heads={self.model.n_heads}")
+        if self.eval.prior < 0:
+            raise ConfigError(f"{origin}: eval.prior must be >= 0 (0 = the model's scores alone), got {self.eval.prior}")
         if self.eval.select_metric.split("@")[0] not in ("hr", "ndcg", "mrr"):
             raise ConfigError(f"{origin}: eval.select_metric={self.eval.select_metric!r} is not hr@k, ndcg@k or mrr")
         if self.train.zero_stage not in (0, 1, 2, 3):

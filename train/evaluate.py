@@ -5,6 +5,10 @@
   domain, excluding every item of the user's sequence (ABXI, WWW'25). Negatives depend only on
   (eval seed, split, user), so every model and stage is ranked against the same ones.
 
+With ``eval.prior`` = w > 0, both rank by score + w * log(1 + n_i), n_i the events of item i
+observed before the split's targets (:func:`observed_counts`): a popularity prior added after the
+model, never seen by training or by epoch selection.
+
 Rank 1 = best; ties count against the target (a constant scorer gets the worst rank).
 HR@k = [rank <= k], NDCG@k = 1/log2(rank + 1) if rank <= k, MRR = 1/rank, averaged over users.
 """
@@ -14,18 +18,18 @@ import numpy as np
 import torch
 
 from train.config import EvalConfig
-from train.data.stream import ReaderOptions, eval_batches
-from train.engine import any_rank, gather_arrays
+from train.data.stream import DomainIndex, ReaderOptions, eval_batches, eval_samples
+from train.engine import any_rank, gather_arrays, world_size
 
 SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives`` is
 PROTOCOLS = ("full", SAMPLED)  # every result holds both, in this order
 # The eval.* fields the sampled numbers depend on, recorded in metrics.json as ``_meta.eval``: runs,
 # resumed stages and a carried-over source stage compare only when these agree.
-PROTOCOL_FIELDS = ("num_negatives", "seed")
+PROTOCOL_FIELDS = ("num_negatives", "seed", "prior")
 
 
 def sampled_protocol(ev: EvalConfig) -> dict:
-    """``{"num_negatives": N, "seed": S}``: the sampled protocol of an eval config."""
+    """``{"num_negatives": N, "seed": S, "prior": W}``: what an eval config's metrics depend on."""
     return {k: getattr(ev, k) for k in PROTOCOL_FIELDS}
 
 
@@ -79,6 +83,18 @@ def sample_negatives(*, n_items: int, offset: int, exclude: np.ndarray, k: int, 
     return cand + offset + 1
 
 
+def observed_counts(manifest: dict, folder, split: str, reader: ReaderOptions = ReaderOptions()) -> np.ndarray:
+    """``[n_items + 1]`` int64 (by global id, 0 = padding): each item's events among the inputs of
+    every ``split`` sample of every domain. A user has one valid and one test sample, whose inputs
+    are its events before that target, so valid counts every user's events but the last two, test
+    every user's events but the last one. Summed over ranks (each reads its share of the shards)."""
+    counts = np.zeros(DomainIndex(manifest).n_items + 1, np.int64)
+    for d in manifest["domains"]:
+        for sample in eval_samples(manifest, folder, d["name"], split, reader):
+            np.add.at(counts, np.asarray(sample["items"], np.int64), 1)
+    return gather_arrays({"c": counts})["c"].reshape(world_size(), -1).sum(0)
+
+
 class Evaluator:
     """Evaluates one prepared dataset; caches sampled negatives across calls."""
 
@@ -86,6 +102,16 @@ class Evaluator:
         self.manifest, self.folder, self.cfg, self.max_len, self.reader = manifest, folder, cfg, max_len, reader
         self.domains = {d["name"]: d for d in manifest["domains"]}
         self._negatives: dict = {}
+        self._log_counts: dict = {}
+
+    def prior(self, domain: str, split: str, device) -> torch.Tensor:
+        """``[n_items of domain]``: ``eval.prior * log(1 + observed count)`` of its items for ``split``."""
+        if split not in self._log_counts:
+            counts = observed_counts(self.manifest, self.folder, split, self.reader)
+            self._log_counts[split] = torch.from_numpy(np.log1p(counts)).float()
+        d = self.domains[domain]
+        lo = d["offset"] + 1
+        return (self.cfg.prior * self._log_counts[split][lo:lo + d["n_items"]]).to(device)
 
     def _negs(self, domain: str, split: str, users, excludes) -> np.ndarray:
         d = self.domains[domain]
@@ -100,15 +126,17 @@ class Evaluator:
         return np.stack(rows)
 
     @torch.no_grad()
-    def ranks(self, score_fn, domain: str, split: str, *, only_domain: bool, device) -> dict:
+    def ranks(self, score_fn, domain: str, split: str, *, only_domain: bool, device, prior: bool = True) -> dict:
         """Per-user ranks ``{"user", "full", SAMPLED, "n_train"}`` (numpy, by user id; ``n_train``: the
         user's training events in ``domain``) for ``split`` users of
         ``domain``: each rank scores its own users, then all ranks gather every user's ranks, so
         the metrics equal a single-process evaluation (never an average of per-rank metrics).
 
-        ``score_fn(items [B, L], domain index) -> [B, n_items of domain]``.
+        ``score_fn(items [B, L], domain index) -> [B, n_items of domain]``; ``prior``: add
+        ``eval.prior``'s term to the scores (when it is > 0), False ranks by the scores alone.
         """
         d = self.domains[domain]
+        bias = self.prior(domain, split, device) if prior and self.cfg.prior else None
         users, full, sampled, n_train = [], [], [], []
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
                                     max_len=self.max_len, only_domain=only_domain, reader=self.reader))
@@ -122,6 +150,8 @@ class Evaluator:
                 score_fn(torch.zeros(1, self.max_len, dtype=torch.long, device=device), d["index"])
                 continue
             scores = score_fn(b["items"].to(device), d["index"]).float()
+            if bias is not None:
+                scores = scores + bias
             tcol = (b["target"] - d["offset"] - 1).to(device)
             negs = torch.from_numpy(self._negs(domain, split, b["user"], b["exclude"]) - d["offset"] - 1)
             full.append(ranks_of_targets(scores, tcol).cpu())
@@ -133,9 +163,9 @@ class Evaluator:
         order = np.argsort(out["user"], kind="stable")
         return {k: v[order] for k, v in out.items()}
 
-    def evaluate(self, score_fn, domain: str, split: str, *, only_domain: bool, device) -> dict:
+    def evaluate(self, score_fn, domain: str, split: str, *, only_domain: bool, device, prior: bool = True) -> dict:
         """``{"full": {...metrics}, "sampled999": {...}}`` for one domain and split."""
-        return self.metrics(self.ranks(score_fn, domain, split, only_domain=only_domain, device=device))
+        return self.metrics(self.ranks(score_fn, domain, split, only_domain=only_domain, device=device, prior=prior))
 
     def metrics(self, r: dict) -> dict:
         """``{"full": {...}, "sampled999": {...}}`` of per-user ranks from :meth:`ranks`."""

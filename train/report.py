@@ -1,7 +1,7 @@
 """``xdrec report runs/<name>-seed0 runs/<name>-seed1 ...``: mean and std over runs (seeds) of the
 test metrics each run's ``metrics.json`` holds, and each run's paired-bootstrap transfer interval.
 
-    {"runs": [...], "num_negatives": N or None, "test": {stage: {domain: {protocol: {metric: {...}}}}},
+    {"runs": [...], "num_negatives": N or None, "prior": eval.prior, "test": {stage: {domain: {protocol: {metric: {...}}}}},
      "transfer": {protocol: {"diff": {...mean/std...}, "ci95": [[lo, hi] per run], "runs_ci_above_0": k}},
      "wall_s": {stage: {...mean/std...}, "total": {...}}}
 
@@ -9,9 +9,10 @@ test metrics each run's ``metrics.json`` holds, and each run's paired-bootstrap 
 run started from another run's source stage, that run's source time) for the stages every run
 records, and ``total``, their sum per run.
 
-Runs whose metrics.json record different sampled protocols (``_meta.eval``: the number of
-negatives and their seed) are refused: their sampled numbers are not comparable. A metrics.json
-written before the protocol was recorded is not checked; ``num_negatives`` is None when no run
+Runs whose metrics.json record different protocols (``_meta.eval``: the number of negatives,
+their seed and ``eval.prior``; a field recorded after a run was made counts as its default) are
+refused: their numbers are not comparable. A metrics.json written before the protocol was
+recorded is not checked; ``num_negatives`` is None when no run
 records it, and the transfer line then names the sampled protocol by its key ``sampled999``.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from train.evaluate import PROTOCOLS, protocol_label
+from train.config import EvalConfig
+from train.evaluate import PROTOCOLS, protocol_label, sampled_protocol
 
 STAGES = ("target_only", "source", "joint")
 METRICS = ("hr@10", "ndcg@10", "mrr")
@@ -44,6 +46,7 @@ def _protocol(runs: list[tuple[str, dict]]) -> dict:
     for d, m in runs:
         ev = m.get("_meta", {}).get("eval")
         if ev is not None:
+            ev = {**sampled_protocol(EvalConfig()), **ev}  # a field recorded later: the run had its default
             seen.setdefault(tuple(sorted(ev.items())), []).append(d)
     if len(seen) > 1:
         groups = "; ".join(", ".join(f"{k}={v}" for k, v in ev) + f" in {ds}" for ev, ds in seen.items())
@@ -60,7 +63,9 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
         runs.append((str(d), json.loads(path.read_text())))
     if not runs:
         raise ReportError("no run folders given")
-    out: dict = {"runs": [d for d, _ in runs], "num_negatives": _protocol(runs).get("num_negatives"), "test": {}}
+    protocol = _protocol(runs)
+    out: dict = {"runs": [d for d, _ in runs], "num_negatives": protocol.get("num_negatives"),
+                 "prior": protocol.get("prior", 0.0), "test": {}}
     for stage in STAGES:
         domains = sorted({dom for _, m in runs for dom in m.get(stage, {}).get("test", {})})
         for dom in domains:
@@ -86,7 +91,8 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
 def format_report(agg: dict) -> str:
     cols = [(p, k) for p in PROTOCOLS for k in METRICS]
     head = f"{'stage':<14}{'domain':<13}" + "".join(f"{p[:4] + ' ' + k:>20}" for p, k in cols)
-    lines = [f"{len(agg['runs'])} run(s): " + ", ".join(agg["runs"]), head, "-" * len(head)]
+    prior = f" (scores + {agg['prior']:g} x log(1 + item count), eval.prior)" if agg.get("prior") else ""
+    lines = [f"{len(agg['runs'])} run(s){prior}: " + ", ".join(agg["runs"]), head, "-" * len(head)]
     for stage, doms in agg["test"].items():
         for dom, res in doms.items():
             lines.append(f"{stage:<14}{dom:<13}" + "".join(

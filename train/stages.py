@@ -8,7 +8,9 @@
   target-domain events alone (source items removed from its inputs and evaluation histories).
 
 Each stage selects its best epoch on valid (sampled protocol by default) of its selection domain
-(source for ``source``, target otherwise) and reports valid and test metrics of those weights.
+(source for ``source``, target otherwise), ranking by the model's scores alone, and reports valid
+and test metrics of those weights (with ``eval.prior``'s popularity term where it is set).
+``Experiment(reevaluate=True)`` trains nothing and reports a finished run's stages again.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batc
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label, sampled_protocol
 from launch.signals import install as install_signal_handlers
-from train.checkpoint import ResumeError, load_resume, source_of
+from train.checkpoint import ResumeError, check_same_config, load_resume, source_of
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
 from train.tracking import Tracker
 
@@ -85,8 +87,10 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
 class Experiment:
     """Everything a run shares across its stages: config, data, evaluator, tracker, device."""
 
-    def __init__(self, cfg: ExperimentConfig, log=print, resume: bool = False):
-        self.cfg, self.resume = cfg, resume
+    def __init__(self, cfg: ExperimentConfig, log=print, resume: bool = False, reevaluate: bool = False):
+        """``reevaluate``: :meth:`run` trains nothing and evaluates the run's finished stages again
+        (their best weights) under ``cfg.eval``; the run's saved model and data config must match."""
+        self.cfg, self.resume, self.reevaluate = cfg, resume or reevaluate, reevaluate
         self.stopper = Stopper(cfg.train.stop_after_steps)
         install_signal_handlers()
         check_launcher_settings(cfg.train)
@@ -94,12 +98,19 @@ class Experiment:
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = cfg.run_dir()
         # --resume auto keeps finished stages' metrics: they must be of this run's sampled protocol
-        self.prev = self._previous_metrics() if resume else {}
-        recorded, ours = self.prev.get("_meta", {}).get("eval"), sampled_protocol(cfg.eval)
-        if recorded is not None and recorded != ours:
+        self.prev = self._previous_metrics() if self.resume else {}
+        if reevaluate:
+            if not any(v.get("done") for v in self.prev.get("_meta", {}).values() if isinstance(v, dict)):
+                raise ResumeError(f"--reevaluate: {self.run_dir / 'metrics.json'} is missing or has no finished stage")
+            check_same_config(self.run_dir / "config.yaml", cfg, "--reevaluate", protocol=False)
+        # metrics.json written before a protocol field existed was measured under its default
+        recorded = self.prev.get("_meta", {}).get("eval")
+        recorded = recorded and {**sampled_protocol(type(cfg.eval)()), **recorded}
+        ours = sampled_protocol(cfg.eval)
+        if recorded and recorded != ours and not reevaluate:
             raise ResumeError(f"{self.run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, "
-                              f"this run with {ours}; resume with the same eval.num_negatives "
-                              "and eval.seed, or start the run afresh")
+                              f"this run with {ours}; resume with the same eval.num_negatives, eval.seed "
+                              "and eval.prior, re-evaluate with --reevaluate, or start the run afresh")
         manifest = None
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,12 +166,13 @@ class Experiment:
     def _select(self, engine, stage: str) -> float:
         """The valid number a stage keeps its best epoch by: ``eval.select_metric`` under
         ``eval.select_protocol`` on the stage's selection domain, or with ``eval.select_domains=all``
-        the unweighted mean of it over the stage's evaluation domains."""
+        the unweighted mean of it over the stage's evaluation domains; ranked by the model's scores
+        alone (no ``eval.prior``), so the prior never changes the weights kept."""
         spec, ev = SPECS[stage], self.cfg.eval
         roles = spec.eval_domains if ev.select_domains == "all" else (spec.select_domain,)
         values = [self.evaluator.evaluate(score_fn(engine), self.names[r], "valid",
-                                          only_domain=self._own_domain_only(stage),
-                                          device=self.device)[ev.select_protocol][ev.select_metric]
+                                          only_domain=self._own_domain_only(stage), device=self.device,
+                                          prior=False)[ev.select_protocol][ev.select_metric]
                   for r in roles]
         return sum(values) / len(values)
 
@@ -199,17 +211,36 @@ class Experiment:
         return out
 
     # -- stages -----------------------------------------------------------------------------
+    def _engine(self, stage: str):
+        """The stage's model (fresh weights) wrapped in its DeepSpeed engine."""
+        sc = self.cfg.train.stage(stage)
+        model = build_model(self.cfg, self.manifest, domains=[self.names[r] for r in SPECS[stage].eval_domains])
+        engine = build_engine(model, train=self.cfg.train.for_stage(stage), stage=sc,
+                              total_steps=sc.epochs * self._steps_per_epoch(stage), world_size=self.env.world_size)
+        return model, engine
+
+    def reevaluate_stage(self, stage: str) -> dict:
+        """Valid and test metrics (and test ranks) of the stage's best weights in this run folder."""
+        ckpt = self.run_dir / stage / "checkpoints"
+        if not (ckpt / "best").is_dir():
+            carried = self.prev["_meta"][stage].get("init_from")
+            raise ResumeError(f"--reevaluate: {ckpt / 'best'} does not exist"
+                              + (f" (stage {stage} was carried over from {carried}: re-evaluate that run)"
+                                 if carried else ""))
+        _, engine = self._engine(stage)
+        engine.load_checkpoint(str(ckpt), tag="best", load_module_only=True, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+        engine.eval()
+        return self.evaluate_stage(engine, stage)
+
     def run_stage(self, stage: str) -> tuple[dict, dict]:
         cfg = self.cfg
         sc = cfg.train.stage(stage)
         weights = [0.0] * len(self.dom.names)
         weights[self.dom.index(self.names["source"])] = sc.source_weight
         weights[self.dom.index(self.names["target"])] = sc.target_weight
-        model = build_model(cfg, self.manifest, domains=[self.names[r] for r in SPECS[stage].eval_domains])
-        total = sc.epochs * self._steps_per_epoch(stage)
+        model, engine = self._engine(stage)
         train = cfg.train.for_stage(stage)
-        engine = build_engine(model, train=train, stage=sc, total_steps=total,
-                              world_size=self.env.world_size)
         ckpt_dir = self.run_dir / stage / "checkpoints"
         state = load_resume(engine, ckpt_dir, stage=stage) if self.resume else None
         if state is None and self.env.is_main and ckpt_dir.exists():
@@ -276,7 +307,15 @@ class Experiment:
         if self.init:  # the source stage of another run: its metrics stand in for this run's
             results["source"] = self.init[1]["source"]
             meta["source"] = {**self.init[1]["_meta"], "init_from": self.cfg.train.init_from}
+        if self.reevaluate:  # the stages this run folder finished, their training records kept
+            order = [s for s in ("target_only", "source", "joint") if self.prev["_meta"].get(s, {}).get("done")]
+            meta = {**self.prev["_meta"], "eval": meta["eval"]}
         for stage in order:
+            if self.reevaluate:
+                self.log(f"== stage {stage}: evaluating its best weights again ==")
+                results[stage] = self.reevaluate_stage(stage)
+                self.write_metrics(results, meta)
+                continue
             if self.prev.get("_meta", {}).get(stage, {}).get("done"):
                 self.log(f"== stage {stage}: finished in the run being resumed; keeping its metrics ==")
                 results[stage], meta[stage] = self.prev[stage], self.prev["_meta"][stage]
@@ -291,7 +330,7 @@ class Experiment:
                 raise
             meta[stage]["done"] = True
             self.write_metrics(results, meta)
-        meta["wall_s"] = time.time() - t0
+        meta["reevaluated_s" if self.reevaluate else "wall_s"] = time.time() - t0
         if self.env.is_main and {"joint", "target_only"} <= set(results):
             results["transfer"] = self.transfer()
             tr = results["transfer"]

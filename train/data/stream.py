@@ -443,15 +443,21 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
         yield {k: torch.cat([sb[k], tb[k]]) for k in tb}
 
 
+def eval_samples(manifest: dict, folder: str | Path, domain: str, split: str,
+                 reader: ReaderOptions = ReaderOptions()) -> wds.DataPipeline:
+    """The decoded ``split`` samples of ``domain`` (held-out item in it) of this process, in shard order."""
+    reader = ReaderOptions(remote=reader.remote, on_error=reader.on_error)
+    return sample_stream(shard_urls(manifest, folder, domain, split, reader.remote), shuffle=False, seed=0, epoch=0,
+                         buffer=0, reader=reader, n_items=DomainIndex(manifest).n_items, eval_fields=True,
+                         sizes=shard_sizes(manifest, domain, split))
+
+
 def eval_batches(manifest: dict, folder: str | Path, domain: str, split: str, *, batch_size: int,
                  max_len: int, only_domain: bool = False, reader: ReaderOptions = ReaderOptions()):
     """All ``split`` users whose held-out item is in ``domain``, in shard order (in this process)."""
     dom = DomainIndex(manifest)
     d = dom.index(domain) if only_domain else None
-    reader = ReaderOptions(remote=reader.remote, on_error=reader.on_error)
-    pipe = sample_stream(shard_urls(manifest, folder, domain, split, reader.remote), shuffle=False, seed=0, epoch=0,
-                         buffer=0, reader=reader, n_items=dom.n_items, eval_fields=True,
-                         sizes=shard_sizes(manifest, domain, split))
+    pipe = eval_samples(manifest, folder, domain, split, reader)
     pipe.append(_eval_batches_stage(partial(eval_example, dom=dom, max_len=max_len, only_domain=d,
                                             domain=dom.index(domain), history_tail=int(split == "test")), batch_size))
     return pipe
