@@ -23,7 +23,7 @@ class Recommender(nn.Module):
                  mask_id: int | None = None, mask_prob: float = 0.2, view_domains: list[int] | None = None,
                  view_encoders: nn.ModuleDict | None = None, exclude_own_items: bool = False,
                  loss_mean: str = "target", temperature: float = 0.0, label_smoothing: float = 0.0,
-                 uniform_aux: float = 0.0, uniform_aux_domains: list[int] | None = None):
+                 uniform_aux: float = 0.0, uniform_aux_domains: list[int] | None = None, item_bias: bool = False):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query before scoring, residually: q_d = h + heads[d](h).
         ``loss`` (training only; scoring stays full): "full" softmax over the target's domain,
@@ -56,7 +56,11 @@ class Recommender(nn.Module):
         ``uniform_aux`` > 0 (full loss only): a target of a domain in ``uniform_aux_domains`` (None =
         every domain) adds that weight times its CE against ``num_sampled`` uniform draws of its
         domain (``model.losses.domain_uniform_ce_sums``, the ranking the sampled evaluation
-        measures) to its full-softmax CE; the other domains draw nothing."""
+        measures) to its full-softmax CE; the other domains draw nothing.
+        ``item_bias``: every score (training and evaluation) adds a learned bias of the item,
+        zero at the start: the cosine scores' range cannot carry popularity, a bias can. Built as
+        one more item-table column (the bias) met by a constant 1 in the query, so every loss
+        and scoring path sees it unchanged."""
         super().__init__()
         if loss != "full" and loss not in _SAMPLED_LOSSES:
             raise ValueError(f"loss must be 'full' or one of {sorted(_SAMPLED_LOSSES)}, got {loss!r}")
@@ -90,6 +94,8 @@ class Recommender(nn.Module):
         self.ranges = [tuple(r) for r in ranges]
         self.heads = heads
         self.view_encoders = view_encoders
+        rows = embedding.item.weight.shape[0]
+        self.item_bias = nn.Parameter(torch.zeros(rows)) if item_bias else None
 
     def queries(self, h: torch.Tensor, views: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per-domain query states [..., D]; ``views[d]`` (same shape), where given, is added to
@@ -139,6 +145,8 @@ class Recommender(nn.Module):
         table = self.embedding.item.weight
         if self.temperature:
             table = F.normalize(table, dim=-1)
+        if self.item_bias is not None:
+            table = torch.cat([table, self.item_bias[:, None]], 1)
         if targets is not None:
             q = [self.scaled(x) for x in self.queries(h, {d: self.domain_view(items, d) for d in self.view_domains})]
             if self.loss == "full":
@@ -160,8 +168,10 @@ class Recommender(nn.Module):
 
     def scaled(self, q: torch.Tensor) -> torch.Tensor:
         """A query as scored: itself (dot product) or, with a temperature, L2-normalised and
-        divided by it (the item table is normalised beside it in ``forward``)."""
-        return F.normalize(q, dim=-1) / self.temperature if self.temperature else q
+        divided by it (the item table is normalised beside it in ``forward``); with ``item_bias``
+        a last column of ones, which meets the table's bias column."""
+        q = F.normalize(q, dim=-1) / self.temperature if self.temperature else q
+        return torch.cat([q, q.new_ones(q.shape[:-1] + (1,))], -1) if self.item_bias is not None else q
 
     def cloze(self, items: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a random ``mask_prob`` share of the labelled positions (targets > 0; for the cloze
@@ -188,10 +198,10 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                       view_layers: int = 0, view_encoder_domains: list[int] | None = None,
                       exclude_own_items: bool = False, loss_mean: str = "target", temperature: float = 0.0,
                       label_smoothing: float = 0.0, uniform_aux: float = 0.0,
-                      uniform_aux_domains: list[int] | None = None) -> Recommender:
+                      uniform_aux_domains: list[int] | None = None, item_bias: bool = False) -> Recommender:
     """``masked``: cloze objective; id ``n_items + 1`` is the [MASK] token (no domain).
-    ``loss``/``num_sampled``/``loss_mean``/``temperature``/``label_smoothing``/``uniform_aux``: the
-    training softmax, its mean and the scoring, see :class:`Recommender`.
+    ``loss``/``num_sampled``/``loss_mean``/``temperature``/``label_smoothing``/``uniform_aux``/
+    ``item_bias``: the training softmax, its mean and the scoring, see :class:`Recommender`.
     ``view_layers`` > 0: each domain of ``view_encoder_domains`` (default ``view_domains``) gets
     its own encoder of that many blocks (same width and heads) for its own-domain view; 0: the
     views run through the shared encoder. The encoders of domains outside ``view_domains`` stay
@@ -223,4 +233,4 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                        mask_id=n_items + 1 if masked else None, mask_prob=mask_prob, view_domains=view_domains,
                        view_encoders=views, exclude_own_items=exclude_own_items, loss_mean=loss_mean,
                        temperature=temperature, label_smoothing=label_smoothing, uniform_aux=uniform_aux,
-                       uniform_aux_domains=uniform_aux_domains)
+                       uniform_aux_domains=uniform_aux_domains, item_bias=item_bias)

@@ -233,12 +233,12 @@ def test_a_stage_trains_with_its_own_micro_batch(tmp_path):
     assert "; micro batch 16\n" in p.stdout and "; micro batch 64\n" in p.stdout
 
 
-@pytest.mark.parametrize("loss, sequence, views, view_layers, zero, mean, temp, smooth",
-                         [("sampled", "per_domain", "[]", 0, 0, "row", 0.1, 0),
-                          ("uniform", "dual", "[B]", 0, 3, "target", 0, 0),
-                          ("full", "dual", "[]", 1, 3, "row", 0.2, 0.1)])
+@pytest.mark.parametrize("loss, sequence, views, view_layers, zero, mean, temp, smooth, bias",
+                         [("sampled", "per_domain", "[]", 0, 0, "row", 0.1, 0, False),
+                          ("uniform", "dual", "[B]", 0, 3, "target", 0, 0, True),
+                          ("full", "dual", "[]", 1, 3, "row", 0.2, 0.1, True)])
 def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, views, view_layers, zero, mean,
-                                                              temp, smooth):
+                                                              temp, smooth, bias):
     """dual runs an encoder once more per domain view in a forward: under ZeRO-3 too. With
     view_layers the views have encoders of their own; the source stage leaves B's idle (its
     parameters are still in the checkpoint the joint stage loads)."""
@@ -246,7 +246,7 @@ def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, se
                    f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
                    f"model.view_domains={views}", f"model.view_layers={view_layers}", f"train.zero_stage={zero}",
                    f"model.loss_mean={mean}", f"model.temperature={temp}", f"model.label_smoothing={smooth}",
-                   "train.source.epochs=4")
+                   f"model.item_bias={str(bias).lower()}", "train.source.epochs=4")
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     losses = m["_meta"]["source"]["epoch_losses"]
     assert losses[-1] < losses[0] - 0.05
@@ -265,8 +265,14 @@ def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, se
     per = {"row": "its rows, each row's mean first (every user weighs the same)", "target": "its targets"}[mean]
     softmax += ", label smoothing 0.1" if smooth else ""
     scores = f"cos(query, item) / {temp:g}" if temp else "dot(query, item)"
+    scores += " + a learned bias per item" if bias else ""
     assert f"[joint] loss: {softmax}; a domain's loss is the mean over {per}; scores: {scores}\n" in p.stdout
     assert m["joint"]["test"]["B"]["sampled999"]["hr@10"] > 0
+    if bias:  # the bias, a parameter of the model itself, is gathered and trained under ZeRO-3 as well
+        from safetensors.torch import load_file
+        from train.export import export
+        learned = load_file(str(export(tmp_path / "tiny", tmp_path / "export", stage="joint") / "model.safetensors"))
+        assert learned["item_bias"][1:].abs().min() > 0
 
 
 def test_masked_item_objective_trains_end_to_end(tmp_path):

@@ -56,6 +56,8 @@ class ModelConfig:
     # > 0: cosine scoring, cos(query, item) / temperature, in training and evaluation (query and
     # item vectors L2-normalised); 0: dot product
     temperature: float = 0.0
+    # every score (training and evaluation) adds a learned per-item bias, zero at the start
+    item_bias: bool = False
     # full loss only (not with exclude_own_items): share of the training target's mass spread
     # uniformly over its domain's items
     label_smoothing: float = 0.0

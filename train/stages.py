@@ -80,7 +80,7 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
                              masked=m.objective == "masked", mask_prob=m.mask_prob,
                              exclude_own_items=m.exclude_own_items, loss_mean=m.loss_mean,
                              temperature=m.temperature, label_smoothing=m.label_smoothing,
-                             uniform_aux=m.uniform_aux,
+                             uniform_aux=m.uniform_aux, item_bias=m.item_bias,
                              uniform_aux_domains=listed_domains(m.uniform_aux_domains, dom, domains or dom.names))
 
 
@@ -275,6 +275,8 @@ class Experiment:
             softmax += (f", plus {model.uniform_aux:g} x the CE against {n} uniform negatives of the domain for "
                         + ", ".join(self.dom.names[d] for d in model.uniform_aux_domains))
         scores = f"cos(query, item) / {model.temperature:g}" if model.temperature else "dot(query, item)"
+        if model.item_bias is not None:
+            scores += " + a learned bias per item"
         self.log(f"[{stage}] loss: {softmax}; a domain's loss is the mean over {per}; scores: {scores}")
         self.log(f"[{stage}] {n_shards} {domain} train shards, {self.env.world_size} rank(s) x "
                  f"{max(workers, 1)} reader(s) ({workers} DataLoader workers): {how}; micro batch "
