@@ -33,6 +33,12 @@ def sampled_protocol(ev: EvalConfig) -> dict:
     return {k: getattr(ev, k) for k in PROTOCOL_FIELDS}
 
 
+def recorded_protocol(recorded: dict) -> dict:
+    """A metrics.json's ``_meta.eval`` with every protocol field: one recorded after that run was
+    made counts as its default (the run was evaluated with it)."""
+    return {**sampled_protocol(EvalConfig()), **recorded}
+
+
 def protocol_label(protocol: str, num_negatives: int) -> str:
     """How logs name a protocol: ``full``, or ``sampled (N negatives)`` with the configured N (the
     metrics.json key ``sampled999`` keeps its name for every N)."""

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.config import EvalConfig
-from train.evaluate import PROTOCOLS, protocol_label, sampled_protocol
+from train.evaluate import PROTOCOLS, protocol_label, recorded_protocol
 
 STAGES = ("target_only", "source", "joint")
 METRICS = ("hr@10", "ndcg@10", "mrr")
@@ -46,7 +45,7 @@ def _protocol(runs: list[tuple[str, dict]]) -> dict:
     for d, m in runs:
         ev = m.get("_meta", {}).get("eval")
         if ev is not None:
-            ev = {**sampled_protocol(EvalConfig()), **ev}  # a field recorded later: the run had its default
+            ev = recorded_protocol(ev)
             seen.setdefault(tuple(sorted(ev.items())), []).append(d)
     if len(seen) > 1:
         groups = "; ".join(", ".join(f"{k}={v}" for k, v in ev) + f" in {ds}" for ev, ds in seen.items())

@@ -30,7 +30,8 @@ from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batches, split_mode, train_batches
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
-from train.evaluate import PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label, sampled_protocol
+from train.evaluate import (PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label, recorded_protocol,
+                            sampled_protocol)
 from launch.signals import install as install_signal_handlers
 from train.checkpoint import ResumeError, check_same_config, load_resume, source_of
 from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
@@ -103,9 +104,8 @@ class Experiment:
             if not any(v.get("done") for v in self.prev.get("_meta", {}).values() if isinstance(v, dict)):
                 raise ResumeError(f"--reevaluate: {self.run_dir / 'metrics.json'} is missing or has no finished stage")
             check_same_config(self.run_dir / "config.yaml", cfg, "--reevaluate", protocol=False)
-        # metrics.json written before a protocol field existed was measured under its default
         recorded = self.prev.get("_meta", {}).get("eval")
-        recorded = recorded and {**sampled_protocol(type(cfg.eval)()), **recorded}
+        recorded = recorded and recorded_protocol(recorded)
         ours = sampled_protocol(cfg.eval)
         if recorded and recorded != ours and not reevaluate:
             raise ResumeError(f"{self.run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, "
