@@ -45,14 +45,15 @@ def test_torchrun_two_ranks_source_then_joint(tmp_path, zero_stage, extra):
     if zero_stage == 2:  # whole weights in the checkpoint: one process can score them as well
         again = ["-m", "train.cli", "train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path / 'runs'}",
                  f"data.out_dir={tmp_path / 'data'}", f"train.zero_stage={zero_stage}", "train.micro_batch_size=32",
-                 extra, "eval.prior=1.0", "--reevaluate"]
+                 extra, "eval.prior=1.0", "eval.transition=1.0", "--reevaluate"]
         torchrun(again, tmp_path)
         two = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
         p1 = subprocess.run([sys.executable, *again], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert p1.returncode == 0, p1.stderr[-3000:]
         one = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
-        # the prior's item counts are summed over the ranks' shares of the shards: 2 ranks rank as 1
+        # the prior's item counts and the transition pairs are summed over the ranks' shares of the
+        # shards: 2 ranks rank as 1
         assert two["joint"]["test"] == one["joint"]["test"] != m["joint"]["test"]
         assert two["transfer"] == one["transfer"]
 

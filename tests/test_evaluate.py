@@ -115,6 +115,75 @@ def test_the_prior_adds_its_weight_times_log_count_to_the_scores_only_when_asked
     got = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu")
     assert np.array_equal(got["full"], np.array(want_full)[order])
     assert np.array_equal(got["sampled999"], np.array(want_sampled)[order])
-    raw = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu", prior=False)
+    raw = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu", eval_terms=False)
     want_raw = np.array([int((ramp >= ramp[t]).sum()) for t in targets])[order]  # the model's scores alone
     assert np.array_equal(raw["full"], want_raw) and not np.array_equal(want_raw, got["full"])
+
+
+def _hand_transitions(manifest, folder, split):
+    """Counter of (j, i) pairs, i right after j among a user's events of one domain, read from the
+    train shards (events but the last two) plus, for test, the valid target (the next event)."""
+    from collections import Counter
+    ends = np.cumsum([d["n_items"] for d in manifest["domains"]])
+    seqs = {s["user"]: list(s["items"]) for s in _shard_samples(folder, "train")}
+    if split == "test":
+        for s in _shard_samples(folder, "valid"):
+            seqs[s["user"]].append(s["target"])
+    pairs = Counter()
+    for seq in seqs.values():
+        last = {}
+        for i in seq:
+            d = int(np.searchsorted(ends, i))
+            if d in last:
+                pairs[last[d], i] += 1
+            last[d] = i
+    return pairs
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_observed_transitions_count_next_items_within_a_domain_before_the_split_target(prepared, split):
+    from train.evaluate import observed_transitions
+    manifest, folder = prepared
+    want = _hand_transitions(manifest, folder, split)
+    got = observed_transitions(manifest, folder, split)
+    assert len(want) > 50 and max(want.values()) > 1  # the check covers repeated pairs
+    assert all(got.count(j, i) == c for (j, i), c in want.items())
+    assert int(got.counts.sum()) == sum(want.values())  # and no pair beyond them
+
+
+def test_last_of_domain_skips_other_domains_and_padding():
+    from train.evaluate import last_of_domain
+    items = torch.tensor([[0, 3, 12, 5, 14],   # domain = ids 1..10: last is 5
+                          [0, 0, 0, 11, 12],   # none of the domain
+                          [7, 2, 9, 1, 10]])
+    assert last_of_domain(items, 0, 10).tolist() == [5, 0, 10]
+    assert last_of_domain(items, 10, 5).tolist() == [14, 12, 0]
+
+
+def test_the_transition_term_adds_its_weight_times_log_count_from_the_last_item_of_the_domain(prepared):
+    from train.config import EvalConfig
+    from train.data.stream import eval_batches
+    from train.evaluate import Evaluator
+    manifest, folder = prepared
+    d = manifest["domains"][0]
+    lo, k = d["offset"] + 1, 20
+    pairs = _hand_transitions(manifest, folder, "test")
+    ev = Evaluator(manifest, folder, EvalConfig(num_negatives=k, transition=0.9), max_len=20)
+    ramp = 0.3 * (np.arange(d["n_items"]) % 7)
+    score_fn = lambda items, dom: torch.from_numpy(np.tile(ramp, (items.shape[0], 1)))
+    want, ramp_only, users = [], [], []
+    for b in eval_batches(manifest, folder, d["name"], "test", batch_size=512, max_len=20):
+        t = (b["target"] - lo).numpy()
+        negs = ev._negs(d["name"], "test", b["user"], b["exclude"]) - lo
+        for r, row in enumerate(b["items"].tolist()):
+            mine = [i for i in row if lo <= i < lo + d["n_items"]]
+            total = ramp + 0.9 * np.log1p([pairs[mine[-1], lo + c] if mine else 0 for c in range(d["n_items"])])
+            want.append(1 + int((total[negs[r]] >= total[t[r]]).sum()))
+            ramp_only.append(1 + int((ramp[negs[r]] >= ramp[t[r]]).sum()))
+        users += b["user"].tolist()
+    order = np.argsort(users, kind="stable")
+    got = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu")
+    assert np.array_equal(got["sampled999"], np.array(want)[order])
+    assert not np.array_equal(got["sampled999"], np.array(ramp_only)[order])  # the term moved ranks
+    alone = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu", eval_terms=False)
+    assert np.array_equal(alone["sampled999"], np.array(ramp_only)[order])

@@ -60,8 +60,8 @@ def test_runs_of_different_sampled_protocols_are_refused_and_one_protocol_is_nam
     a = _run(tmp_path, "a", 0.2, 0.1, [0.05, 0.15], p999)
     b = _run(tmp_path, "b", 0.2, 0.1, [0.05, 0.15], p99)
     c = _run(tmp_path, "c", 0.2, 0.1, [0.05, 0.15], {"num_negatives": 999, "seed": 7})
-    with pytest.raises(ReportError, match=r"num_negatives=999, prior=0.0, seed=2025 in \[.*/a'\]; num_negatives=99, "
-                                          r"prior=0.0, seed=2025 in \[.*/b'\]\); report runs of one protocol"):
+    with pytest.raises(ReportError, match=r"num_negatives=999, prior=0.0, seed=2025, transition=0.0 in \[.*/a'\]; "
+                                          r"num_negatives=99, prior=0.0, seed=2025, transition=0.0 in \[.*/b'\]\); report runs of one protocol"):
         aggregate([a, b])
     with pytest.raises(ReportError, match="different protocols"):
         aggregate([a, c])  # same N, other negatives
@@ -78,6 +78,12 @@ def test_runs_of_different_sampled_protocols_are_refused_and_one_protocol_is_nam
     with_prior = aggregate([g, _run(tmp_path, "i", 0.3, 0.1, [0.05, 0.15], {**p999, "prior": 0.5})])
     assert with_prior["prior"] == 0.5
     assert "2 run(s) (scores + 0.5 x log(1 + item count), eval.prior): " in format_report(with_prior)
+    both = aggregate([_run(tmp_path, n, 0.3, 0.1, [0.05, 0.15], {**p999, "prior": 0.5, "transition": 1.0}) for n in "jk"])
+    assert both["transition"] == 1.0
+    assert ("2 run(s) (scores + 0.5 x log(1 + item count), eval.prior + 1 x log(1 + last item -> item count), "
+            "eval.transition): ") in format_report(both)
+    with pytest.raises(ReportError, match="different protocols"):
+        aggregate([g, _run(tmp_path, "l", 0.3, 0.1, [0.05, 0.15], {**p999, "prior": 0.5, "transition": 1.0})])
     # metrics.json from before the protocol was recorded: not checked, named by its key
     old = aggregate([_run(tmp_path, "e", 0.2, 0.1, [0.05, 0.15]), _run(tmp_path, "f", 0.2, 0.1, [0.05, 0.15])])
     assert old["num_negatives"] is None and "transfer B sampled999 ndcg@10" in format_report(old)

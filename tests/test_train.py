@@ -50,7 +50,7 @@ def test_metrics_json_has_the_agreed_shape(tiny_run):
                     r = m[stage][split][d][proto]
                     assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and 0.0 < r["mrr"] <= 1.0
                     assert r["n_users"] > 0
-    assert m["_meta"]["eval"] == {"num_negatives": 50, "seed": 2025, "prior": 0.0}  # the tiny experiment's protocol
+    assert m["_meta"]["eval"] == {"num_negatives": 50, "seed": 2025, "prior": 0.0, "transition": 0.0}  # the tiny experiment's protocol
 
 
 def test_report_names_the_recorded_sampled_protocol(tiny_run):
@@ -154,7 +154,8 @@ def test_resume_under_another_sampled_protocol_is_refused_before_work(tmp_path):
                            capture_output=True, text=True)
     assert again.returncode == 2
     assert (f"{tmp_path / 'tiny' / 'metrics.json'}: its stages were evaluated with {{'num_negatives': 50, "
-            "'seed': 2025, 'prior': 0.0}, this run with {'num_negatives': 20, 'seed': 2025, 'prior': 0.0}") in again.stderr
+            "'seed': 2025, 'prior': 0.0, 'transition': 0.0}, this run with {'num_negatives': 20, 'seed': 2025, 'prior': 0.0, "
+            "'transition': 0.0}") in again.stderr
     assert (tmp_path / "tiny" / "config.yaml").read_text() == config  # refused before the run was touched
     same = subprocess.run([*base, "--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True)
     assert same.returncode == 0 and "finished in the run being resumed" in same.stdout, same.stderr[-2000:]

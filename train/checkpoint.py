@@ -121,7 +121,7 @@ def source_of(run: Path, cfg) -> tuple[Path, dict]:
 def check_same_config(conf: Path, cfg, what: str, *, protocol: bool) -> None:
     """ResumeError naming ``conf`` (a run's saved config.yaml) and the first key where it differs
     from ``cfg`` in what its weights depend on (model and data) or, with ``protocol``, in what its
-    metrics depend on (``eval.num_negatives``, ``eval.seed``, ``eval.prior``)."""
+    metrics depend on (``eval.num_negatives``, ``eval.seed``, ``eval.prior``, ``eval.transition``)."""
     theirs, ours = flatten(yaml.safe_load(conf.read_text()), sep="."), flatten(to_dict(cfg), sep=".")
     # a key added to the config tree after that run was made: it ran with the key's default
     theirs = {**flatten(to_dict(type(cfg)()), sep="."), **theirs}

@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "of runs/<name>/ (same world size); never: start afresh (default)")
             s.add_argument("--reevaluate", action="store_true",
                            help="train nothing: evaluate the finished stages of runs/<name>/ again from their "
-                                "best weights under this config's eval keys (e.g. a new eval.prior) and rewrite "
-                                "their metrics, test ranks and the transfer interval")
+                                "best weights under this config's eval keys (e.g. a new eval.prior or "
+                                "eval.transition) and rewrite their metrics, test ranks and the transfer interval")
     d = sub.add_parser("data", help="inspect a prepared folder")
     d.add_argument("action", choices=("verify", "stats"), help="verify: re-hash and re-count every shard; "
                    "stats: users/items/events per domain, overlap, sequence lengths")

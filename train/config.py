@@ -227,6 +227,10 @@ class EvalConfig:
     # every domain; 0 = the model's scores alone. Epoch selection always ranks by the model's
     # scores, so the prior never changes what is trained or kept.
     prior: float = 0.0
+    # > 0: also add transition * log(1 + n(j -> i)), n(j -> i) how often item i directly followed
+    # item j in a user's events of the domain observed before the split's targets (same events as
+    # the prior), j the user's last item of the domain; 0 = off. Like the prior, eval only.
+    transition: float = 0.0
 
 
 @dataclass
@@ -324,6 +328,8 @@ class ExperimentConfig:
                               f"model.n_heads={self.model.n_heads}")
         if self.eval.prior < 0:
             raise ConfigError(f"{origin}: eval.prior must be >= 0 (0 = the model's scores alone), got {self.eval.prior}")
+        if self.eval.transition < 0:
+            raise ConfigError(f"{origin}: eval.transition must be >= 0 (0 = off), got {self.eval.transition}")
         if self.eval.select_metric.split("@")[0] not in ("hr", "ndcg", "mrr"):
             raise ConfigError(f"{origin}: eval.select_metric={self.eval.select_metric!r} is not hr@k, ndcg@k or mrr")
         if self.train.zero_stage not in (0, 1, 2, 3):

@@ -7,7 +7,10 @@
 
 With ``eval.prior`` = w > 0, both rank by score + w * log(1 + n_i), n_i the events of item i
 observed before the split's targets (:func:`observed_counts`): a popularity prior added after the
-model, never seen by training or by epoch selection.
+model, never seen by training or by epoch selection. With ``eval.transition`` = v > 0 they also add
+v * log(1 + n_{j -> i}), n_{j -> i} how often item i directly followed item j in a user's events of
+the domain observed before the split's targets (:func:`observed_transitions`), j the user's last
+item of the domain: a first-order Markov term beside the sequence model, likewise eval only.
 
 Rank 1 = best; ties count against the target (a constant scorer gets the worst rank).
 HR@k = [rank <= k], NDCG@k = 1/log2(rank + 1) if rank <= k, MRR = 1/rank, averaged over users.
@@ -25,11 +28,12 @@ SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives
 PROTOCOLS = ("full", SAMPLED)  # every result holds both, in this order
 # The eval.* fields the sampled numbers depend on, recorded in metrics.json as ``_meta.eval``: runs,
 # resumed stages and a carried-over source stage compare only when these agree.
-PROTOCOL_FIELDS = ("num_negatives", "seed", "prior")
+PROTOCOL_FIELDS = ("num_negatives", "seed", "prior", "transition")
 
 
 def sampled_protocol(ev: EvalConfig) -> dict:
-    """``{"num_negatives": N, "seed": S, "prior": W}``: what an eval config's metrics depend on."""
+    """``{"num_negatives": N, "seed": S, "prior": W, "transition": V}``: what an eval config's
+    metrics depend on."""
     return {k: getattr(ev, k) for k in PROTOCOL_FIELDS}
 
 
@@ -89,16 +93,74 @@ def sample_negatives(*, n_items: int, offset: int, exclude: np.ndarray, k: int, 
     return cand + offset + 1
 
 
-def observed_counts(manifest: dict, folder, split: str, reader: ReaderOptions = ReaderOptions()) -> np.ndarray:
-    """``[n_items + 1]`` int64 (by global id, 0 = padding): each item's events among the inputs of
-    every ``split`` sample of every domain. A user has one valid and one test sample, whose inputs
-    are its events before that target, so valid counts every user's events but the last two, test
-    every user's events but the last one. Summed over ranks (each reads its share of the shards)."""
-    counts = np.zeros(DomainIndex(manifest).n_items + 1, np.int64)
+def _observed_inputs(manifest: dict, folder, split: str, reader: ReaderOptions):
+    """The input items (global ids, in time order) of every ``split`` sample of every domain in
+    this process's share of the shards. A user has one valid and one test sample, whose inputs are
+    its events before that target: every event but the last two for valid, but the last one for test."""
     for d in manifest["domains"]:
         for sample in eval_samples(manifest, folder, d["name"], split, reader):
-            np.add.at(counts, np.asarray(sample["items"], np.int64), 1)
+            yield np.asarray(sample["items"], np.int64)
+
+
+def observed_counts(manifest: dict, folder, split: str, reader: ReaderOptions = ReaderOptions()) -> np.ndarray:
+    """``[n_items + 1]`` int64 (by global id, 0 = padding): each item's events among the inputs of
+    every ``split`` sample of every domain (:func:`_observed_inputs`). Summed over ranks (each
+    reads its share of the shards)."""
+    counts = np.zeros(DomainIndex(manifest).n_items + 1, np.int64)
+    for items in _observed_inputs(manifest, folder, split, reader):
+        np.add.at(counts, items, 1)
     return gather_arrays({"c": counts})["c"].reshape(world_size(), -1).sum(0)
+
+
+class Transitions:
+    """Counts of item j -> item i: i directly followed j among a user's events of their domain
+    (events of other domains in between are skipped), over the inputs of every ``split`` sample
+    (:func:`_observed_inputs`, so never a split's target). Stored sparse: the sorted pair keys
+    ``j * (n_items + 1) + i`` with their counts, and where each j's row starts."""
+
+    def __init__(self, keys: np.ndarray, counts: np.ndarray, n_items: int):
+        self.base = n_items + 1
+        self.keys, self.counts = keys, counts
+        self.starts = np.searchsorted(keys, np.arange(self.base + 1, dtype=np.int64) * self.base)
+
+    def count(self, prev: int, item: int) -> int:
+        lo, hi = self.starts[prev], self.starts[prev + 1]
+        k = lo + np.searchsorted(self.keys[lo:hi], prev * self.base + item)
+        return int(self.counts[k]) if k < hi and self.keys[k] == prev * self.base + item else 0
+
+    def log_rows(self, prev: np.ndarray, offset: int, n_items: int) -> torch.Tensor:
+        """``[len(prev), n_items]`` float: log(1 + count(prev[r] -> item)) for the domain's items
+        (global ids offset + 1 ... offset + n_items); prev 0 (no item of the domain yet) gives 0."""
+        out = np.zeros((len(prev), n_items), np.float32)
+        for r, j in enumerate(prev.tolist()):
+            lo, hi = self.starts[j], self.starts[j + 1]
+            cols = self.keys[lo:hi] % self.base - offset - 1
+            keep = (cols >= 0) & (cols < n_items)
+            out[r, cols[keep]] = np.log1p(self.counts[lo:hi][keep])
+        return torch.from_numpy(out)
+
+
+def observed_transitions(manifest: dict, folder, split: str, reader: ReaderOptions = ReaderOptions()) -> Transitions:
+    """The :class:`Transitions` of ``split``'s inputs, the pairs of every rank's share of the shards."""
+    dom = DomainIndex(manifest)
+    base, pairs = dom.n_items + 1, []
+    for items in _observed_inputs(manifest, folder, split, reader):
+        of = dom.of(items)
+        for d in np.unique(of):
+            seq = items[of == d]
+            pairs.append(seq[:-1] * base + seq[1:])
+    local = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
+    keys, counts = np.unique(gather_arrays({"k": local})["k"], return_counts=True)
+    return Transitions(keys, counts, dom.n_items)
+
+
+def last_of_domain(items: torch.Tensor, offset: int, n_items: int) -> np.ndarray:
+    """``[B]``: each row's last item (global id) of the domain with ids offset + 1 ... offset +
+    n_items, 0 where the row holds none (rows are left-padded, time order)."""
+    inside = ((items > offset) & (items <= offset + n_items)).cpu()
+    pos = inside.shape[1] - 1 - inside.flip(1).to(torch.int8).argmax(1)
+    last = items.cpu().gather(1, pos[:, None])[:, 0]
+    return torch.where(inside.any(1), last, 0).numpy()
 
 
 class Evaluator:
@@ -109,6 +171,7 @@ class Evaluator:
         self.domains = {d["name"]: d for d in manifest["domains"]}
         self._negatives: dict = {}
         self._log_counts: dict = {}
+        self._transitions: dict = {}
 
     def prior(self, domain: str, split: str, device) -> torch.Tensor:
         """``[n_items of domain]``: ``eval.prior * log(1 + observed count)`` of its items for ``split``."""
@@ -118,6 +181,16 @@ class Evaluator:
         d = self.domains[domain]
         lo = d["offset"] + 1
         return (self.cfg.prior * self._log_counts[split][lo:lo + d["n_items"]]).to(device)
+
+    def transition(self, domain: str, split: str, items: torch.Tensor, device) -> torch.Tensor:
+        """``[B, n_items of domain]``: ``eval.transition * log(1 + count(last -> item))`` for each
+        row of ``items``, last its last item of the domain (:class:`Transitions` of ``split``)."""
+        if split not in self._transitions:
+            self._transitions[split] = observed_transitions(self.manifest, self.folder, split, self.reader)
+        d = self.domains[domain]
+        rows = self._transitions[split].log_rows(last_of_domain(items, d["offset"], d["n_items"]),
+                                                 d["offset"], d["n_items"])
+        return (self.cfg.transition * rows).to(device)
 
     def _negs(self, domain: str, split: str, users, excludes) -> np.ndarray:
         d = self.domains[domain]
@@ -132,17 +205,19 @@ class Evaluator:
         return np.stack(rows)
 
     @torch.no_grad()
-    def ranks(self, score_fn, domain: str, split: str, *, only_domain: bool, device, prior: bool = True) -> dict:
+    def ranks(self, score_fn, domain: str, split: str, *, only_domain: bool, device, eval_terms: bool = True) -> dict:
         """Per-user ranks ``{"user", "full", SAMPLED, "n_train"}`` (numpy, by user id; ``n_train``: the
         user's training events in ``domain``) for ``split`` users of
         ``domain``: each rank scores its own users, then all ranks gather every user's ranks, so
         the metrics equal a single-process evaluation (never an average of per-rank metrics).
 
-        ``score_fn(items [B, L], domain index) -> [B, n_items of domain]``; ``prior``: add
-        ``eval.prior``'s term to the scores (when it is > 0), False ranks by the scores alone.
+        ``score_fn(items [B, L], domain index) -> [B, n_items of domain]``; ``eval_terms``: add
+        ``eval.prior``'s and ``eval.transition``'s terms to the scores (where they are > 0), False
+        ranks by the scores alone.
         """
         d = self.domains[domain]
-        bias = self.prior(domain, split, device) if prior and self.cfg.prior else None
+        bias = self.prior(domain, split, device) if eval_terms and self.cfg.prior else None
+        markov = eval_terms and self.cfg.transition > 0
         users, full, sampled, n_train = [], [], [], []
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
                                     max_len=self.max_len, only_domain=only_domain, reader=self.reader))
@@ -158,6 +233,8 @@ class Evaluator:
             scores = score_fn(b["items"].to(device), d["index"]).float()
             if bias is not None:
                 scores = scores + bias
+            if markov:
+                scores = scores + self.transition(domain, split, b["items"], device)
             tcol = (b["target"] - d["offset"] - 1).to(device)
             negs = torch.from_numpy(self._negs(domain, split, b["user"], b["exclude"]) - d["offset"] - 1)
             full.append(ranks_of_targets(scores, tcol).cpu())
@@ -169,9 +246,9 @@ class Evaluator:
         order = np.argsort(out["user"], kind="stable")
         return {k: v[order] for k, v in out.items()}
 
-    def evaluate(self, score_fn, domain: str, split: str, *, only_domain: bool, device, prior: bool = True) -> dict:
+    def evaluate(self, score_fn, domain: str, split: str, *, only_domain: bool, device, eval_terms: bool = True) -> dict:
         """``{"full": {...metrics}, "sampled999": {...}}`` for one domain and split."""
-        return self.metrics(self.ranks(score_fn, domain, split, only_domain=only_domain, device=device, prior=prior))
+        return self.metrics(self.ranks(score_fn, domain, split, only_domain=only_domain, device=device, eval_terms=eval_terms))
 
     def metrics(self, r: dict) -> dict:
         """``{"full": {...}, "sampled999": {...}}`` of per-user ranks from :meth:`ranks`."""

@@ -1,7 +1,7 @@
 """``xdrec report runs/<name>-seed0 runs/<name>-seed1 ...``: mean and std over runs (seeds) of the
 test metrics each run's ``metrics.json`` holds, and each run's paired-bootstrap transfer interval.
 
-    {"runs": [...], "num_negatives": N or None, "prior": eval.prior, "test": {stage: {domain: {protocol: {metric: {...}}}}},
+    {"runs": [...], "num_negatives": N or None, "prior": eval.prior, "transition": eval.transition, "test": {stage: {domain: {protocol: {metric: {...}}}}},
      "transfer": {protocol: {"diff": {...mean/std...}, "ci95": [[lo, hi] per run], "runs_ci_above_0": k}},
      "wall_s": {stage: {...mean/std...}, "total": {...}}}
 
@@ -10,7 +10,7 @@ run started from another run's source stage, that run's source time) for the sta
 records, and ``total``, their sum per run.
 
 Runs whose metrics.json record different protocols (``_meta.eval``: the number of negatives,
-their seed and ``eval.prior``; a field recorded after a run was made counts as its default) are
+their seed, ``eval.prior`` and ``eval.transition``; a field recorded after a run was made counts as its default) are
 refused: their numbers are not comparable. A metrics.json written before the protocol was
 recorded is not checked; ``num_negatives`` is None when no run
 records it, and the transfer line then names the sampled protocol by its key ``sampled999``.
@@ -64,7 +64,7 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
         raise ReportError("no run folders given")
     protocol = _protocol(runs)
     out: dict = {"runs": [d for d, _ in runs], "num_negatives": protocol.get("num_negatives"),
-                 "prior": protocol.get("prior", 0.0), "test": {}}
+                 "prior": protocol.get("prior", 0.0), "transition": protocol.get("transition", 0.0), "test": {}}
     for stage in STAGES:
         domains = sorted({dom for _, m in runs for dom in m.get(stage, {}).get("test", {})})
         for dom in domains:
@@ -90,7 +90,10 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
 def format_report(agg: dict) -> str:
     cols = [(p, k) for p in PROTOCOLS for k in METRICS]
     head = f"{'stage':<14}{'domain':<13}" + "".join(f"{p[:4] + ' ' + k:>20}" for p, k in cols)
-    prior = f" (scores + {agg['prior']:g} x log(1 + item count), eval.prior)" if agg.get("prior") else ""
+    terms = [f"{agg['prior']:g} x log(1 + item count), eval.prior"] if agg.get("prior") else []
+    if agg.get("transition"):
+        terms.append(f"{agg['transition']:g} x log(1 + last item -> item count), eval.transition")
+    prior = f" (scores + {' + '.join(terms)})" if terms else ""
     lines = [f"{len(agg['runs'])} run(s){prior}: " + ", ".join(agg["runs"]), head, "-" * len(head)]
     for stage, doms in agg["test"].items():
         for dom, res in doms.items():

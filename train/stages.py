@@ -9,7 +9,7 @@
 
 Each stage selects its best epoch on valid (sampled protocol by default) of its selection domain
 (source for ``source``, target otherwise), ranking by the model's scores alone, and reports valid
-and test metrics of those weights (with ``eval.prior``'s popularity term where it is set).
+and test metrics of those weights (with the ``eval.prior`` and ``eval.transition`` terms where they are set).
 ``Experiment(reevaluate=True)`` trains nothing and reports a finished run's stages again.
 """
 from __future__ import annotations
@@ -109,8 +109,8 @@ class Experiment:
         ours = sampled_protocol(cfg.eval)
         if recorded and recorded != ours and not reevaluate:
             raise ResumeError(f"{self.run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, "
-                              f"this run with {ours}; resume with the same eval.num_negatives, eval.seed "
-                              "and eval.prior, re-evaluate with --reevaluate, or start the run afresh")
+                              f"this run with {ours}; resume with the same eval.num_negatives, eval.seed, "
+                              "eval.prior and eval.transition, re-evaluate with --reevaluate, or start the run afresh")
         manifest = None
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,12 +167,12 @@ class Experiment:
         """The valid number a stage keeps its best epoch by: ``eval.select_metric`` under
         ``eval.select_protocol`` on the stage's selection domain, or with ``eval.select_domains=all``
         the unweighted mean of it over the stage's evaluation domains; ranked by the model's scores
-        alone (no ``eval.prior``), so the prior never changes the weights kept."""
+        alone (no ``eval.prior`` or ``eval.transition``), so those terms never change the weights kept."""
         spec, ev = SPECS[stage], self.cfg.eval
         roles = spec.eval_domains if ev.select_domains == "all" else (spec.select_domain,)
         values = [self.evaluator.evaluate(score_fn(engine), self.names[r], "valid",
                                           only_domain=self._own_domain_only(stage), device=self.device,
-                                          prior=False)[ev.select_protocol][ev.select_metric]
+                                          eval_terms=False)[ev.select_protocol][ev.select_metric]
                   for r in roles]
         return sum(values) / len(values)
 
