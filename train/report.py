@@ -93,8 +93,8 @@ def format_report(agg: dict) -> str:
     terms = [f"{agg['prior']:g} x log(1 + item count), eval.prior"] if agg.get("prior") else []
     if agg.get("transition"):
         terms.append(f"{agg['transition']:g} x log(1 + last item -> item count), eval.transition")
-    prior = f" (scores + {' + '.join(terms)})" if terms else ""
-    lines = [f"{len(agg['runs'])} run(s){prior}: " + ", ".join(agg["runs"]), head, "-" * len(head)]
+    added = f" (scores + {' + '.join(terms)})" if terms else ""
+    lines = [f"{len(agg['runs'])} run(s){added}: " + ", ".join(agg["runs"]), head, "-" * len(head)]
     for stage, doms in agg["test"].items():
         for dom, res in doms.items():
             lines.append(f"{stage:<14}{dom:<13}" + "".join(
