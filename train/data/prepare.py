@@ -34,18 +34,11 @@ from train.data.events import apply_filters, chronological, collect, id_sort_key
 from train.data.formats import DataFormatError, Event, read_abxi, read_files, table_files
 from train.data.stream import DomainIndex
 from train.data.synthetic import generate
+from train.files import sha256_file
 
 SCHEMA_VERSION = 2
 SPLITS = ("train", "valid", "test")
 _READ_ONLY_KEYS = ("remote", "on_error", "source", "target")  # no effect on the prepared shards
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _input_files(cfg: DataConfig) -> list[Path]:
