@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # dropout stays on: the restored RNG states must reproduce it
@@ -50,15 +49,15 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, n_procs, zero_stage, acc
     meta = json.loads((tmp_path / "cut" / "tiny" / "metrics.json").read_text())["_meta"]
     assert meta["stopped"]["stage"] == "source" and meta["stopped"]["step"] == 4
     # the seconds the first process spent in the stage travel in the checkpoint's loop state; set
-    # them to 1000 s in every rank's copy: the resumed stage's wall time must add its own to them
+    # them to 1000 s (and seal the checkpoint again): the resumed stage's wall time must add its own to them
+    from train.checkpoint import LOOP, LoopState, file_entries, write_manifest
     ckpt = Path(meta["stopped"]["checkpoint"])
-    states = sorted(ckpt.glob("*model_states.pt"))  # ZeRO-3 writes one per rank
-    assert states
-    for path in states:
-        client = torch.load(path, map_location="cpu", weights_only=False)
-        assert client["loop"]["train_s"] > 0
-        client["loop"]["train_s"] = 1000.0
-        torch.save(client, path)
+    loop = LoopState.from_json((ckpt / LOOP).read_text())
+    assert loop.train_s > 0
+    loop.train_s = 1000.0
+    (ckpt / LOOP).write_text(loop.to_json())
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    write_manifest(ckpt, file_entries(ckpt, list(manifest.pop("files"))), **manifest)
     t0 = time.time()
     second = launch(n_procs, [f"runs_dir={tmp_path / 'cut'}", *z, "--resume", "auto"], tmp_path)
     took = time.time() - t0

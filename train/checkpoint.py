@@ -1,18 +1,28 @@
-"""Resumable checkpoints: DeepSpeed's own (every rank saves its part) plus the loop position.
+"""Resumable checkpoints, written so that a kill or a full disk at any moment loses nothing.
 
-A resume checkpoint of a stage lives in ``runs/<name>/<stage>/checkpoints/step<N>/`` and holds
-the module, optimizer and LR-schedule state (DeepSpeed ``save_checkpoint``), the loop state
-(epoch, batches already trained in that epoch, step, best valid metric, patience, LR plateau
-scale, losses) as
-client state, each rank's RNG states (``rng_rank<r>.pt``) and the resolved config. The stream
-is deterministic per (seed, epoch), so skipping the batches already trained in the epoch puts
-every rank at the next unseen sample. DeepSpeed's ``latest`` file names the newest one; the
-``best`` tag (best valid weights) is saved beside it without touching ``latest``.
+A stage's checkpoints live in ``runs/<name>/<stage>/checkpoints/``::
+
+    latest                 the newest published tag (replaced atomically)
+    step00000040/          a published resume checkpoint:
+        *.pt                 DeepSpeed's files (module, optimizer, LR schedule; one per rank under ZeRO)
+        rng_rank<r>.pt       each rank's RNG states
+        loop.json            the loop position (epoch, batches trained in it, step, best, patience, ...)
+        manifest.json        every file above with its size and sha256, the world size, the stage
+    best/                  the best-by-valid weights (published the same way, swapped in atomically)
+
+A checkpoint is written to ``.tmp-<tag>/``, completed on every rank, sealed with its manifest and
+only then published by an atomic rename; ``latest`` follows. A tag is never overwritten in place.
+Loading validates the manifest (sizes and checksums; each rank checks the files it wrote) and
+falls back to the newest complete checkpoint, naming what it skipped and why; the skipped ones
+are moved aside as ``.bad-<tag>``. The stream is deterministic per (seed, epoch), so skipping the
+batches already trained in the epoch puts every rank at the next unseen sample.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +32,13 @@ import torch
 import yaml
 
 from train.config import flatten, to_dict
-from train.engine import barrier, rank, world_size
+from train.engine import all_gather_objects, barrier, max_over_ranks, rank, world_size
 from train.evaluate import PROTOCOL_FIELDS
+from train.files import disk_is_full, fault_point, finite_json, free_space, is_disk_full, sha256_file, write_atomic
 
-KEEP = 2  # resume checkpoints kept per stage
+MANIFEST = "manifest.json"
+LOOP = "loop.json"
+BEST = "best"
 
 
 @dataclass
@@ -42,6 +55,18 @@ class LoopState:
     ep_n: int = 0
     done: bool = False
     train_s: float = 0.0  # seconds the stage ran (training and evaluating) up to this checkpoint, all restarts summed
+    skipped: int = 0  # batches skipped for a non-finite loss or gradient (train.on_nonfinite=skip)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["best"] = None if d["best"] == float("-inf") else d["best"]  # strict JSON has no -inf
+        return finite_json(d, what="loop state")
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoopState":
+        d = json.loads(text)
+        d["best"] = float("-inf") if d.get("best") is None else d["best"]
+        return cls(**d)
 
 
 def _rng_state() -> dict:
@@ -57,41 +82,233 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_resume(engine, ckpt_dir: Path, state: LoopState, *, stage: str) -> str:
-    """Every rank calls this (ZeRO shards are per rank). Returns the tag."""
-    tag = f"step{state.step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": asdict(state), "stage": stage,
-                                                                 "world_size": world_size()})
-    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank()}.pt")
-    barrier()
+# -- manifests -------------------------------------------------------------------------------
+
+_RANK_OF = re.compile(r"(?:pp_rank_|rng_rank)(\d+)")
+
+
+def owner(name: str) -> int:
+    """The rank that writes (and checks) a checkpoint file: per-rank files name it, the rest are rank 0's."""
+    m = _RANK_OF.search(name)
+    return int(m.group(1)) if m else 0
+
+
+def file_entries(folder: Path, names: list[str]) -> dict:
+    """``{name: {"bytes", "sha256"}}`` of ``folder``'s files ``names``."""
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
+
+
+def write_manifest(folder: Path, files: dict, **info) -> None:
+    """Seal ``folder``: its manifest lists ``files`` (see :func:`file_entries`) and ``info``."""
+    write_atomic(folder / MANIFEST, finite_json({**info, "files": dict(sorted(files.items()))}, what=str(folder)),
+                 point="ckpt.manifest")
+
+
+def problem(folder: Path, *, me: int, full: bool = True) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (None: it is): its manifest is missing or a
+    file it lists is missing, of another size or (``full``; files rank ``me`` owns) of another sha256."""
+    try:
+        man = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"{MANIFEST} missing (the save did not complete)"
+    except ValueError as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for name, want in man.get("files", {}).items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} missing"
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, its manifest {want['bytes']} (truncated?)"
+        if full and owner(name) == me and sha256_file(p) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+# -- saving ----------------------------------------------------------------------------------
+
+
+def _write_tag(engine, ckpt_dir: Path, tmp: str, loop: LoopState | None, stage: str) -> None:
+    """Every rank: DeepSpeed's files, this rank's RNG states and (rank 0) the loop state into
+    ``ckpt_dir/tmp``; then the manifest. Any rank's failure (a full disk included) becomes the same
+    error on every rank, with the temporary folder removed."""
+    folder = ckpt_dir / tmp
+    failure, in_deepspeed = None, False
+    try:
+        in_deepspeed = True
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp, client_state={"stage": stage}, save_latest=False)
+        in_deepspeed = False
+        fault_point("ckpt.model")
+        if loop is not None:
+            torch.save(_rng_state(), folder / f"rng_rank{rank()}.pt")
+            fault_point("ckpt.rng")
+            if rank() == 0:
+                write_atomic(folder / LOOP, loop.to_json(), point="ckpt.loop")
+    except Exception as e:  # noqa: BLE001 - turned into one error on every rank below
+        full = is_disk_full(e) or disk_is_full(ckpt_dir)
+        failure = f"no space left on device ({free_space(folder)} free there)" if full else f"{type(e).__name__}: {e}"
+        if in_deepspeed and world_size() > 1:
+            barrier()  # the others wait in save_checkpoint's closing barrier
+    failed = max_over_ranks([int(failure is not None)])[0]
+    mine = {} if failed else file_entries(folder, [p.name for p in folder.iterdir()
+                                                     if p.is_file() and owner(p.name) == rank()])
+    parts = all_gather_objects((failure, mine))
+    if failed:
+        if rank() == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        barrier()
+        raise CheckpointError(f"saving {folder}: {next(f for f, _ in parts if f)}; the checkpoints before it are intact")
     if rank() == 0:
-        old = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())[:-KEEP]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+        files = {n: e for _, m in parts for n, e in m.items()}
+        write_manifest(folder, files, stage=stage, world_size=world_size(), step=loop.step if loop else None)
+    barrier()
+
+
+def _publish(ckpt_dir: Path, tmp: str, tag: str) -> None:
+    """Rank 0: the sealed ``tmp`` becomes ``tag`` by one rename (``best``: swapped with the old one)."""
+    src, dst = ckpt_dir / tmp, ckpt_dir / tag
+    if tag == BEST:
+        old = ckpt_dir / ".old-best"
+        shutil.rmtree(old, ignore_errors=True)
+        if dst.exists():
+            os.rename(dst, old)
+        fault_point("ckpt.best")
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    os.rename(src, dst)
+    fault_point("ckpt.publish")
+    write_atomic(ckpt_dir / "latest", tag, point="ckpt.latest")
+
+
+def _new_tag(ckpt_dir: Path, step: int) -> str:
+    """``step<N>``, or ``step<N>-<k>`` when that tag exists (an epoch end at a step a mid-epoch
+    checkpoint was written at): never the name of an existing checkpoint. Sorts in save order."""
+    tag, k = f"step{step:08d}", 0
+    while (ckpt_dir / tag).exists():
+        k += 1
+        tag = f"step{step:08d}-{k}"
     return tag
+
+
+def save_resume(engine, ckpt_dir: Path, state: LoopState, *, stage: str, keep: int = 2) -> str:
+    """Every rank calls this (ZeRO shards are per rank). Returns the published tag; keeps the
+    newest ``keep`` resume checkpoints."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tag = _new_tag(ckpt_dir, state.step) if rank() == 0 else None
+    tag = all_gather_objects(tag)[0]
+    _write_tag(engine, ckpt_dir, f".tmp-{tag}", state, stage)
+    if rank() == 0:
+        _publish(ckpt_dir, f".tmp-{tag}", tag)
+        for old in _published(ckpt_dir)[keep:]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    barrier()
+    return tag
+
+
+def save_best(engine, ckpt_dir: Path, *, stage: str) -> None:
+    """The current weights as ``best`` (the previous best stays complete until the swap)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _write_tag(engine, ckpt_dir, ".tmp-best", None, stage)
+    if rank() == 0:
+        _publish(ckpt_dir, ".tmp-best", BEST)
+    barrier()
+
+
+# -- loading ---------------------------------------------------------------------------------
 
 
 class ResumeError(ValueError):
     """A checkpoint cannot continue this run; the message names the file."""
 
 
-def load_resume(engine, ckpt_dir: Path, *, stage: str) -> LoopState | None:
-    """Load the newest resume checkpoint of ``stage`` into ``engine``; None if there is none."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    saved = sorted(p.name for p in (ckpt_dir / tag).glob("rng_rank*.pt"))
-    if len(saved) != world_size():
-        raise ResumeError(f"{ckpt_dir / tag}: written by {len(saved)} rank(s), this run has {world_size()}; "
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the folder and the cause."""
+
+
+def _published(ckpt_dir: Path) -> list[str]:
+    """Published resume checkpoints, newest first."""
+    return sorted((p.name for p in ckpt_dir.glob("step*") if p.is_dir()), reverse=True)
+
+
+def recover_best(ckpt_dir: Path) -> None:
+    """Rank 0: finish or undo a ``best`` swap a kill interrupted (the old best comes back, as the
+    loop state of the checkpoint resumed from knows it); drop temporary folders."""
+    if rank() == 0 and ckpt_dir.is_dir():
+        old, best = ckpt_dir / ".old-best", ckpt_dir / BEST
+        if old.is_dir() and not best.exists():
+            os.rename(old, best)
+        for p in ckpt_dir.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _legacy_problem(folder: Path) -> str | None:
+    """A checkpoint written before manifests: complete when every rank's RNG file is there."""
+    saved = len(list(folder.glob("rng_rank*.pt")))
+    if saved != world_size():
+        raise ResumeError(f"{folder}: written by {saved} rank(s), this run has {world_size()}; "
                           "resume with the same world size (or start the stage afresh without --resume)")
-    rng = ckpt_dir / tag / f"rng_rank{rank()}.pt"
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    return None
+
+
+def _check(folder: Path, stage: str) -> str | None:
+    """This rank's verdict on ``folder``; ResumeError for a checkpoint that is whole but of
+    another world size or stage (no fallback can help there)."""
+    if not (folder / MANIFEST).exists() and not (folder / LOOP).exists():  # published before manifests existed
+        return _legacy_problem(folder)
+    why = problem(folder, me=rank())
+    if why is None:
+        man = json.loads((folder / MANIFEST).read_text())
+        if man.get("world_size") != world_size():
+            raise ResumeError(f"{folder}: written by {man.get('world_size')} rank(s), this run has {world_size()}; "
+                              "resume with the same world size (or start the stage afresh without --resume)")
+        if man.get("stage") != stage:
+            raise ResumeError(f"{folder}: not a resume checkpoint of stage {stage!r}")
+    return why
+
+
+def newest_complete(ckpt_dir: Path, *, stage: str, log=print) -> str | None:
+    """The newest checkpoint every rank finds complete; the skipped ones named with their reason
+    and moved aside (``.bad-<tag>``). None when there is no checkpoint; ResumeError when none is complete."""
+    skipped = []
+    for tag in _published(ckpt_dir):
+        verdicts = [v for v in all_gather_objects(_check(ckpt_dir / tag, stage)) if v]
+        if not verdicts:
+            if skipped:
+                log(f"[{stage}] resuming from {ckpt_dir / tag}, the newest complete checkpoint; skipped "
+                    + "; ".join(f"{t} ({why})" for t, why in skipped))
+            return tag
+        skipped.append((tag, verdicts[0]))
+        if rank() == 0:
+            os.rename(ckpt_dir / tag, ckpt_dir / f".bad-{tag}")
+    barrier()
+    if skipped:
+        raise ResumeError(f"{ckpt_dir}: no complete checkpoint to resume from: "
+                          + "; ".join(f"{t} ({why})" for t, why in skipped)
+                          + " (moved aside as .bad-<tag>); start the stage afresh without --resume")
+    return None
+
+
+def load_resume(engine, ckpt_dir: Path, *, stage: str, log=print) -> LoopState | None:
+    """Load the newest complete resume checkpoint of ``stage`` into ``engine``; None if there is none."""
+    recover_best(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    tag = newest_complete(ckpt_dir, stage=stage, log=log)
+    if tag is None:
+        return None
+    folder = ckpt_dir / tag
+    try:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except Exception as e:  # noqa: BLE001 - a file the manifest vouched for still failed to load
+        raise ResumeError(f"{folder}: could not be loaded ({type(e).__name__}: {e})") from None
     if path is None or client is None or client.get("stage") != stage:
-        raise ResumeError(f"{ckpt_dir / tag}: not a resume checkpoint of stage {stage!r}")
-    _set_rng_state(torch.load(rng, weights_only=False))
-    return LoopState(**client["loop"])
+        raise ResumeError(f"{folder}: not a resume checkpoint of stage {stage!r}")
+    _set_rng_state(torch.load(folder / f"rng_rank{rank()}.pt", weights_only=False))
+    loop = folder / LOOP
+    return LoopState.from_json(loop.read_text()) if loop.is_file() else LoopState(**client["loop"])
 
 
 # The parts of a config the source weights depend on: a joint stage started from another run's
@@ -102,16 +319,26 @@ _WEIGHTS_KEYS = ("model", "data.name", "data.domains", "data.source")
 _PROTOCOL_KEYS = tuple(f"eval.{k}" for k in PROTOCOL_FIELDS)
 
 
+def read_metrics(path: Path) -> dict:
+    """A run's metrics.json ({} when absent); ResumeError naming it when it is not valid JSON."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ResumeError(f"{path}: not valid JSON ({e}); it cannot be resumed or reported") from None
+
+
 def source_of(run: Path, cfg) -> tuple[Path, dict]:
     """The best-weights folder of ``run``'s finished source stage, for ``cfg``'s joint stage, and
     that run's source metrics; ResumeError naming the file when it is missing, unfinished or built
     with another model or data config (checked before any training)."""
     ckpt = run / "source" / "checkpoints"
     metrics, conf = run / "metrics.json", run / "config.yaml"
-    for path in (ckpt / "best", metrics, conf):
+    for path in (ckpt / BEST, metrics, conf):
         if not path.exists():
             raise ResumeError(f"train.init_from: {path} does not exist (not a run folder with a source stage?)")
-    prev = json.loads(metrics.read_text())
+    prev = read_metrics(metrics)
     if not prev.get("_meta", {}).get("source", {}).get("done"):
         raise ResumeError(f"train.init_from: {metrics} has no finished source stage")
     check_same_config(conf, cfg, "train.init_from", protocol=True)
