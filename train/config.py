@@ -12,6 +12,7 @@ Derived values live as methods (``TrainConfig.global_batch_size``), never as ext
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, replace
@@ -195,6 +196,11 @@ class TrainConfig:
     target_only: StageConfig = field(default_factory=StageConfig)
     log_every: int = 20
     checkpoint_every: int = 0  # steps between resume checkpoints; 0: at epoch ends only
+    keep_checkpoints: int = 2  # resume checkpoints kept per stage (the newest; "best" is kept apart)
+    # a non-finite loss or gradient norm: "stop" training naming the stage, step and batch, or
+    # "skip" the batch (counted, logged) until more than max_nonfinite_skips were skipped in a stage
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = 10
     stop_after_steps: int = 0  # write a resume checkpoint and exit after this many steps (0: never)
 
     def global_batch_size(self, world_size: int) -> int:
@@ -360,10 +366,15 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: data.shard_samples must be >= 1 and data.shard_bytes >= 0")
         if self.train.num_workers < 0:
             raise ConfigError(f"{origin}: train.num_workers must be >= 0")
+        if self.train.keep_checkpoints < 1 or self.train.max_nonfinite_skips < 0:
+            raise ConfigError(f"{origin}: train.keep_checkpoints must be >= 1 and train.max_nonfinite_skips >= 0")
 
 
 # ----------------------------------------------------------------------------------------------
 # Typed construction from plain dicts
+
+
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -413,6 +424,8 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e6 as a string
             return float(value)
         raise bad
     if tp is str:
@@ -559,6 +572,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (reloadable with :func:`load_config`) and JSON."""
+    from train.files import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -19,10 +19,12 @@ from launch.env import DistEnv, detect, export
 from model.encoder import Encoder
 from model.losses import weighted_domain_mean
 from train.config import StageConfig, TrainConfig
+from train.ops import clear_stale_build_locks, use_venv_cache
 
 if not torch.cuda.is_available():
     # Must precede the first ``import deepspeed``: it picks its accelerator at import.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+use_venv_cache()
 
 
 class LaunchConflict(ValueError):
@@ -192,6 +194,7 @@ def build_engine(model: torch.nn.Module, *, train: TrainConfig, stage: StageConf
     """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and schedule inside)."""
     import deepspeed
 
+    clear_stale_build_locks()
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule(warmup=train.warmup_steps, total=total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
@@ -235,20 +238,24 @@ def all_ranks(flag: bool) -> bool:
     return not max_over_ranks([int(not flag)])[0]
 
 
-def any_rank(flag: bool) -> bool:
-    return bool(max_over_ranks([int(flag)])[0])
-
-
 def sum_over_ranks(value: int) -> int:
     return _reduce([value], dist.ReduceOp.SUM)[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; identical on all ranks."""
+    if world_size() == 1:
+        return [obj]
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def gather_arrays(local: dict) -> dict:
     """Concatenate every rank's numpy arrays key by key (rank order); identical on all ranks."""
     if world_size() == 1:
         return local
-    parts: list = [None] * world_size()
-    dist.all_gather_object(parts, local)
+    parts = all_gather_objects(local)
     import numpy as np
 
     return {k: np.concatenate([p[k] for p in parts]) for k in local}
@@ -275,9 +282,28 @@ def global_domain_loss(sums: list[torch.Tensor], counts: torch.Tensor, weights: 
     n = len(sums)
     g_sums, g_counts = stats[:n], stats[n:]
     loss = weighted_domain_mean(sums, g_counts.long(), weights, scale=world)
-    means = [float(s / c) if c > 0 else float("nan") for s, c in zip(g_sums, g_counts)]
-    value = sum(w * m for w, m in zip(weights, means) if m == m)
-    return loss, value, means
+    counts = [int(c) for c in g_counts.tolist()]
+    means = [float(s / c) if c > 0 else float("nan") for s, c in zip(g_sums.tolist(), counts)]
+    value = sum(w * m for w, m, c in zip(weights, means, counts) if c)
+    return loss, value, means, counts
+
+
+def grads_finite(engine) -> bool:
+    """Whether the accumulated gradients are finite, checked before an optimizer step where
+    DeepSpeed does not check them itself: ZeRO-0 (the gradients are the module's, identical on
+    every rank after the all-reduce). ZeRO 1-3 and fp16 skip a step with an invalid gradient
+    norm on their own (see :func:`step_skipped`)."""
+    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled():
+        return True
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+
+def step_skipped(engine, boundary: bool) -> bool:
+    """DeepSpeed skipped the optimizer step just taken at an accumulation ``boundary`` because
+    the gradient norm was not finite (not counted under fp16, whose loss scaling skips steps by
+    design)."""
+    return boundary and not engine.fp16_enabled() and not engine.was_step_applied()
 
 
 def warm_ops() -> None:

@@ -22,7 +22,7 @@ import torch
 
 from train.config import EvalConfig
 from train.data.stream import DomainIndex, ReaderOptions, eval_batches, eval_samples
-from train.engine import any_rank, gather_arrays, world_size
+from train.engine import gather_arrays, max_over_ranks, world_size
 
 SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives`` is
 PROTOCOLS = ("full", SAMPLED)  # every result holds both, in this order
@@ -74,9 +74,10 @@ def ranks_of_targets(scores: torch.Tensor, target_cols: torch.Tensor,
     Returns [B] ranks (1 = best), ties counted against the target.
     """
     t = scores.gather(1, target_cols[:, None])  # (B, 1)
+    # ~(s < t), not s >= t: a NaN anywhere counts against the target (a NaN target ranks last)
     if neg_cols is None:
-        return (scores >= t).sum(1)  # includes the target itself: rank >= 1
-    return 1 + (scores.gather(1, neg_cols) >= t).sum(1)
+        return (~(scores < t)).sum(1)  # includes the target itself: rank >= 1
+    return 1 + (~(scores.gather(1, neg_cols) < t)).sum(1)
 
 
 def sample_negatives(*, n_items: int, offset: int, exclude: np.ndarray, k: int, seed: int, split: int,
@@ -163,6 +164,10 @@ def last_of_domain(items: torch.Tensor, offset: int, n_items: int) -> np.ndarray
     return torch.where(inside.any(1), last, 0).numpy()
 
 
+class NonFiniteScores(RuntimeError):
+    """The model scored some users with NaN or infinity: ranking them would report nonsense."""
+
+
 class Evaluator:
     """Evaluates one prepared dataset; caches sampled negatives across calls."""
 
@@ -221,16 +226,22 @@ class Evaluator:
         users, full, sampled, n_train = [], [], [], []
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
                                     max_len=self.max_len, only_domain=only_domain, reader=self.reader))
+        bad = 0  # users of this rank whose scores were not finite, so far
         while True:
             b = next(batches, None)
             # Ranks hold about equal user counts; one with none left still runs the forward (on a
             # padding row) while others work, since ZeRO-3 gathers parameters collectively.
-            if not any_rank(b is not None):
+            more, nonfinite = max_over_ranks([int(b is not None), bad])
+            if nonfinite:
+                raise NonFiniteScores(f"evaluating {domain} {split}: the model's scores are not finite (NaN or "
+                                      "infinite) for some users: its weights have diverged; nothing is ranked")
+            if not more:
                 break
             if b is None:
                 score_fn(torch.zeros(1, self.max_len, dtype=torch.long, device=device), d["index"])
                 continue
             scores = score_fn(b["items"].to(device), d["index"]).float()
+            bad += int((~torch.isfinite(scores)).any(1).sum())
             if bias is not None:
                 scores = scores + bias
             if markov:

@@ -1,6 +1,7 @@
 """The training loop of one stage: step, log, evaluate on valid, keep the best, stop early."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,8 +10,10 @@ from typing import Callable, Iterator
 import torch
 
 from launch.signals import stop_requested
-from train.checkpoint import LoopState, save_resume
-from train.engine import all_ranks, global_domain_loss, max_over_ranks, set_lr_scale, sum_over_ranks
+from train.checkpoint import LoopState, save_best, save_resume
+from train.files import fault_point
+from train.engine import (all_ranks, global_domain_loss, grads_finite, max_over_ranks, set_lr_scale, step_skipped,
+                          sum_over_ranks)
 from train.tracking import Tracker
 
 
@@ -30,18 +33,76 @@ class StagePlan:
     grad_accum: int = 1  # stop and checkpoint only where accumulated gradients have been applied
     domain_names: list[str] = field(default_factory=list)
     plateau_decay: float = 1.0  # LR factor after each evaluation without gain (1.0: off)
+    keep_checkpoints: int = 2  # resume checkpoints kept
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" training, or "skip" the batch
+    max_nonfinite_skips: int = 10  # skip: stop once more batches than this were skipped in the stage
 
 
-def train_step(engine, batch: dict, weights: list[float], device) -> tuple[float, list[float]]:
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient norm (``train.on_nonfinite``); the message
+    names the stage, step, batch and domains."""
+
+
+@dataclass
+class Step:
+    """One training batch's outcome, the same on every rank (its statistics are all-reduced)."""
+
+    loss: float  # global-batch L = sum_d w_d * mean CE_d
+    means: list[float]  # per-domain mean CE (nan where the batch has no target of the domain)
+    counts: list[int]  # per-domain targets in the global batch
+    nonfinite: str = ""  # "loss" (not backpropagated) or "gradient norm"; "" when all was finite
+
+
+def train_step(engine, batch: dict, weights: list[float], device, *, skip: bool = False) -> Step:
     """Forward, backward, optimizer step (DeepSpeed applies accumulation and clipping).
 
-    Returns the global-batch loss value and per-domain mean CE (see ``global_domain_loss``).
+    A non-finite loss is not backpropagated. A non-finite gradient norm at an optimizer step:
+    with ``skip`` the step leaves the weights as they were (DeepSpeed's ZeRO 1-3 skip it
+    themselves; ZeRO-0 steps with zero gradients at LR 0), else the step is not taken.
     """
     sums, counts = engine(batch["items"].to(device), targets=batch["targets"].to(device))
-    loss, value, means = global_domain_loss(sums, counts, weights)
+    if fault_point("train.loss"):  # the fault tests' NaN batch
+        sums = [s * float("nan") for s in sums]
+    loss, value, means, n = global_domain_loss(sums, counts, weights)
+    out = Step(value, means, n)
+    if any(c and not math.isfinite(m) for m, c in zip(means, n)):
+        out.nonfinite = "loss"
+        return out
+    if fault_point("train.grad"):  # the fault tests' non-finite gradient (the loss value stays finite)
+        loss = loss * float("inf")
     engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    if boundary and not grads_finite(engine):
+        out.nonfinite = "gradient norm"
+        if not skip:
+            return out
+        for group in engine.optimizer.param_groups:  # the scheduler sets the LR again after the step
+            group["lr"] = 0.0
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
     engine.step()
-    return value, means
+    if step_skipped(engine, boundary):
+        out.nonfinite = "gradient norm"
+    return out
+
+
+def nonfinite_message(plan: StagePlan, st: LoopState, step: Step) -> str:
+    ce = ", ".join(f"{n} {m:.4g}" for n, m, c in zip(plan.domain_names, step.means, step.counts) if c)
+    return (f"stage {plan.name}, step {st.step + 1} (epoch {st.epoch + 1}, batch {st.batch_in_epoch + 1}): "
+            f"non-finite {step.nonfinite} (mean CE per domain of the batch: {ce})")
+
+
+def _on_nonfinite(plan: StagePlan, st: LoopState, step: Step, log) -> None:
+    """Stop (NonFiniteError) or count the skip, as ``train.on_nonfinite`` says."""
+    msg = nonfinite_message(plan, st, step)
+    if plan.on_nonfinite != "skip" or st.skipped >= plan.max_nonfinite_skips:
+        more = (f"; {st.skipped} batch(es) skipped before, train.max_nonfinite_skips={plan.max_nonfinite_skips}"
+                if plan.on_nonfinite == "skip" else "")
+        raise NonFiniteError(msg + more + "; training stopped (train.on_nonfinite), nothing saved after the "
+                             "last checkpoint: lower the learning rate, or set train.on_nonfinite=skip")
+    st.skipped += 1
+    log(f"[{plan.name}] skipped: {msg} ({st.skipped} skipped in this stage, at most {plan.max_nonfinite_skips})")
 
 
 def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "Stopper", resume: LoopState | None = None,
@@ -67,7 +128,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
 
     def checkpoint() -> str:
         st.train_s = elapsed()
-        return save_resume(engine, plan.ckpt_dir, st, stage=plan.name)
+        return save_resume(engine, plan.ckpt_dir, st, stage=plan.name, keep=plan.keep_checkpoints)
 
     if resume:
         log(f"[{plan.name}] resuming at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step} "
@@ -87,13 +148,19 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
                     log(f"[{plan.name}] epoch {st.epoch + 1}: {left} batches left on some ranks after the "
                         f"shortest rank ran dry; skipped to keep ranks in step")
                 break
-            loss, means = train_step(engine, batch, plan.weights, device)
+            step = train_step(engine, batch, plan.weights, device, skip=plan.on_nonfinite == "skip")
+            if step.nonfinite:
+                _on_nonfinite(plan, st, step, log)
+                if step.nonfinite == "loss":  # not backpropagated: no step taken, the next batch takes its place
+                    st.batch_in_epoch += 1
+                    continue
+            loss, means = step.loss, step.means
             st.step, st.batch_in_epoch = st.step + 1, st.batch_in_epoch + 1
             st.ep_loss, st.ep_n = st.ep_loss + loss, st.ep_n + 1
             if st.step % plan.log_every == 0:
                 rec = {"loss": loss, "lr": engine.get_lr()[0], "epoch": st.epoch, "stage_step": st.step}
-                for name, m in zip(plan.domain_names, means):
-                    if m == m:  # not nan: the domain had targets in this global batch
+                for name, m, c in zip(plan.domain_names, means, step.counts):
+                    if c:  # the domain had targets in this global batch
                         rec[f"ce_{name}"] = m
                 tracker.log({plan.name: rec}, step=tracker.step + 1)
             if st.step % plan.grad_accum:
@@ -111,8 +178,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
         improved = score > st.best
         if improved:
             st.best, st.best_epoch, st.bad = score, st.epoch, 0
-            engine.save_checkpoint(str(plan.ckpt_dir), tag="best", save_latest=False,
-                                   client_state={"epoch": st.epoch, "step": st.step})
+            save_best(engine, plan.ckpt_dir, stage=plan.name)
         else:
             st.bad += 1
         tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch,
@@ -132,7 +198,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
                            load_optimizer_states=False, load_lr_scheduler_states=False)
     engine.eval()
     return {"best_epoch": st.best_epoch, "best_valid_select": st.best, "steps": st.step, "epoch_losses": st.losses,
-            "wall_s": elapsed()}
+            "wall_s": elapsed(), "nonfinite_skipped": st.skipped}
 
 
 class StageInterrupted(Exception):
