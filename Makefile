@@ -1,9 +1,9 @@
 # xdrec: `make demo` and `make test` each set everything up on a fresh machine, then run.
-#   make demo                                         synthetic default experiment
+#   make demo                                         synthetic default experiment (an earlier demo run is moved aside)
 #   make demo DATA=../shared/data/amazon-food-kitchen real data: configs/experiment/<folder name>.yaml
 #   make demo EXP=configs/experiment/x.yaml ARGS="model.n_layers=4"
 #   make test                                         the test suite (CPU, gloo)
-#   make seeds EXP=configs/experiment/x.yaml [SEEDS="0 1 2"] [ARGS=...]   one run per seed, then xdrec report
+#   make seeds EXP=configs/experiment/x.yaml [SEEDS="0 1 2"] [ARGS=...]   one run per seed (resumed where one stopped), then xdrec report
 #   make bench [BENCH_EVENTS=10000000]                stream throughput vs raw tar; prepare time and peak RSS
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,10 +36,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/xdrec train $(EXP) $(DATA_ARG) $(ARGS)
+	$(BIN)/xdrec train $(EXP) $(DATA_ARG) $(ARGS) --overwrite
 
 seeds: setup
-	for s in $(SEEDS); do $(BIN)/xdrec train $(EXP) $(DATA_ARG) seed=$$s name=$(NAME)-seed$$s $(ARGS) || exit 1; done
+	for s in $(SEEDS); do $(BIN)/xdrec train $(EXP) $(DATA_ARG) seed=$$s name=$(NAME)-seed$$s $(ARGS) --resume auto || exit 1; done
 	$(BIN)/xdrec report $(foreach s,$(SEEDS),runs/$(NAME)-seed$(s)) --out runs/$(NAME)-report.json
 
 test: setup

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", choices=("auto", "never"), default="never",
                            help="auto: skip finished stages and continue the latest resume checkpoint "
                                 "of runs/<name>/ (same world size); never: start afresh (default)")
+            s.add_argument("--overwrite", action="store_true",
+                           help="start afresh even where runs/<name>/ holds an earlier run: it is moved aside "
+                                "to runs/<name>.old-<time> (without this flag such a folder is refused)")
             s.add_argument("--reevaluate", action="store_true",
                            help="train nothing: evaluate the finished stages of runs/<name>/ again from their "
                                 "best weights under this config's eval keys (e.g. a new eval.prior or "
@@ -152,7 +155,8 @@ def cmd_train(args) -> int:
     from train.stages import Experiment, format_table
 
     cfg = load_config(args.config, args.overrides)
-    exp = Experiment(cfg, log=_log, resume=args.resume == "auto", reevaluate=args.reevaluate)
+    exp = Experiment(cfg, log=_log, resume=args.resume == "auto", reevaluate=args.reevaluate,
+                     overwrite=args.overwrite)
     # On a clean end (finished or stopped on request) every rank tears the process group down
     # together: left to exit-time destructors, a gloo rank sometimes aborted ("terminate called
     # without an active exception"). On an error no barrier is attempted: the launcher stops the rest.
@@ -163,6 +167,8 @@ def cmd_train(args) -> int:
         if exp.env.is_main:
             print(f"{e}\ncontinue with: xdrec train {args.config} ... --resume auto", flush=True)
         return EXIT_PREEMPTED if e.preempted else 0
+    finally:
+        exp.close()
     teardown_distributed()
     if exp.env.is_main:
         print(f"\nTest metrics ({cfg.data.name}; source {cfg.data.source} -> target {cfg.data.target}):")
@@ -198,22 +204,50 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, after entry() installed the signal handler: importing torch and DeepSpeed
     # takes seconds, and a SIGUSR1 in that window would otherwise kill the process.
     from launch.env import LaunchError
-    from train.checkpoint import ResumeError
+    from train.checkpoint import CheckpointError, ResumeError
     from train.config import ConfigError
     from train.data.formats import DataFormatError
     from train.data.prepare import ManifestError
+    from train.data.stream import ShardError
     from train.engine import LaunchConflict
+    from train.evaluate import NonFiniteScores
     from train.export import ExportError
+    from train.files import DiskFullError, NonFiniteValue, free_space, is_disk_full
+    from train.loop import NonFiniteError
     from train.report import ReportError
+    from train.runlock import RunLocked
 
     try:
         return {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,
                 "evaluate": cmd_evaluate,
                 "recommend": cmd_recommend, "report": cmd_report}[args.cmd](args)
     except (ConfigError, DataFormatError, ManifestError, LaunchConflict, LaunchError, ResumeError,
-            ExportError, ReportError) as e:
-        print(f"xdrec: error: {e}", file=sys.stderr)
+            ExportError, ReportError, ShardError, NonFiniteError, NonFiniteScores, NonFiniteValue, CheckpointError,
+            DiskFullError, RunLocked) as e:
+        # every rank raises these alike: rank 0 says it once; other errors are each rank's own
+        collective = (ConfigError, LaunchConflict, ResumeError, RunLocked, NonFiniteError, NonFiniteScores,
+                      CheckpointError)
+        import os
+
+        if not isinstance(e, collective) or os.environ.get("RANK", "0") == "0":
+            print(f"xdrec: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"xdrec: error: no space left on device writing {e.filename} ({free_space(e.filename or '.')} free "
+              "there)", file=sys.stderr)
+        return 2
+
+
+def one_line(e: Exception) -> str:
+    """The error's own message on one line: an error re-raised from a DataLoader worker carries the
+    worker's traceback in its message; its last line is the original message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split("\n"))
 
 
 def entry() -> None:

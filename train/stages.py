@@ -14,7 +14,6 @@ and test metrics of those weights (with the ``eval.prior`` and ``eval.transition
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -33,8 +32,10 @@ from train.engine import barrier, build_engine, check_launcher_settings, setup_d
 from train.evaluate import (PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label, recorded_protocol,
                             sampled_protocol)
 from launch.signals import install as install_signal_handlers
-from train.checkpoint import ResumeError, check_same_config, load_resume, source_of
-from train.loop import StageInterrupted, StagePlan, Stopper, run_stage, score_fn
+from train.checkpoint import ResumeError, check_same_config, load_resume, read_metrics, source_of
+from train.files import finite_json, write_atomic
+from train.loop import NonFiniteError, StageInterrupted, StagePlan, Stopper, run_stage, score_fn
+from train.runlock import RunLock, RunLocked
 from train.tracking import Tracker
 
 
@@ -88,9 +89,12 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
 class Experiment:
     """Everything a run shares across its stages: config, data, evaluator, tracker, device."""
 
-    def __init__(self, cfg: ExperimentConfig, log=print, resume: bool = False, reevaluate: bool = False):
+    def __init__(self, cfg: ExperimentConfig, log=print, resume: bool = False, reevaluate: bool = False,
+                 overwrite: bool = False):
         """``reevaluate``: :meth:`run` trains nothing and evaluates the run's finished stages again
-        (their best weights) under ``cfg.eval``; the run's saved model and data config must match."""
+        (their best weights) under ``cfg.eval``; the run's saved model and data config must match.
+        ``overwrite``: a run folder that already holds a run is moved aside (``<name>.old-<time>``)
+        and the run starts afresh; without it (and without ``resume``) such a folder is refused."""
         self.cfg, self.resume, self.reevaluate = cfg, resume or reevaluate, reevaluate
         self.stopper = Stopper(cfg.train.stop_after_steps)
         install_signal_handlers()
@@ -98,12 +102,24 @@ class Experiment:
         self.env, self.device = setup_distributed()
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = cfg.run_dir()
+        self.lock = claim_run_dir(self.run_dir, resume=self.resume, overwrite=overwrite, is_main=self.env.is_main,
+                                  log=self.log)
+        try:
+            self._setup(cfg, reevaluate)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: ExperimentConfig, reevaluate: bool) -> None:
+        """Every check that can refuse the run, then data; config.yaml is written once they passed."""
         # --resume auto keeps finished stages' metrics: they must be of this run's sampled protocol
         self.prev = self._previous_metrics() if self.resume else {}
         if reevaluate:
             if not any(v.get("done") for v in self.prev.get("_meta", {}).values() if isinstance(v, dict)):
                 raise ResumeError(f"--reevaluate: {self.run_dir / 'metrics.json'} is missing or has no finished stage")
-            check_same_config(self.run_dir / "config.yaml", cfg, "--reevaluate", protocol=False)
+        if self.resume and (self.run_dir / "config.yaml").is_file():  # its checkpoints need the same model and data
+            check_same_config(self.run_dir / "config.yaml", cfg, "--reevaluate" if reevaluate else "--resume auto",
+                              protocol=False)
         recorded = self.prev.get("_meta", {}).get("eval")
         recorded = recorded and recorded_protocol(recorded)
         ours = sampled_protocol(cfg.eval)
@@ -111,28 +127,26 @@ class Experiment:
             raise ResumeError(f"{self.run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, "
                               f"this run with {ours}; resume with the same eval.num_negatives, eval.seed, "
                               "eval.prior and eval.transition, re-evaluate with --reevaluate, or start the run afresh")
-        manifest = None
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            manifest = ensure_prepared(cfg.data, log=self.log)  # rank 0 prepares; the others wait
+        # train.init_from: (the other run's source checkpoints, its source metrics), checked now
+        self.init = source_of(Path(cfg.train.init_from), cfg) if cfg.train.init_from else None
+        manifest = ensure_prepared(cfg.data, log=self.log) if self.env.is_main else None  # the others wait
         barrier()
         self.manifest = manifest or load_manifest(cfg.data.prepared_dir())
-        self.log(f"{self.env.launcher}: world size {self.env.world_size}, device {self.device}, "
-                 f"ZeRO stage {cfg.train.zero_stage}, global batch "
-                 f"{cfg.train.global_batch_size(self.env.world_size)}")
         self.folder = cfg.data.prepared_dir()
         for d in self.manifest["domains"]:
             if d["n_items"] <= cfg.eval.num_negatives:
                 raise ConfigError(f"eval.num_negatives={cfg.eval.num_negatives} but domain {d['name']!r} of "
                                   f"{self.folder} has only {d['n_items']} items; lower eval.num_negatives")
+        if self.env.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.log(f"{self.env.launcher}: world size {self.env.world_size}, device {self.device}, "
+                 f"ZeRO stage {cfg.train.zero_stage}, global batch "
+                 f"{cfg.train.global_batch_size(self.env.world_size)}")
         self.names = {"source": cfg.data.source, "target": cfg.data.target}
         self.dom = DomainIndex(self.manifest)
         self.reader = ReaderOptions.of(cfg)
         self.evaluator = Evaluator(self.manifest, self.folder, cfg.eval, max_len=cfg.model.max_len, reader=self.reader)
-        # train.init_from: (the other run's source checkpoints, its source metrics), checked now
-        self.init = source_of(Path(cfg.train.init_from), cfg) if cfg.train.init_from else None
-        self.tracker = Tracker(cfg, self.run_dir, is_main=self.env.is_main, resume=resume)
+        self.tracker = Tracker(cfg, self.run_dir, is_main=self.env.is_main, resume=self.resume and not reevaluate)
 
     # -- data -------------------------------------------------------------------------------
     def _driver(self, stage: str) -> str:
@@ -242,9 +256,11 @@ class Experiment:
         model, engine = self._engine(stage)
         train = cfg.train.for_stage(stage)
         ckpt_dir = self.run_dir / stage / "checkpoints"
-        state = load_resume(engine, ckpt_dir, stage=stage) if self.resume else None
+        state = load_resume(engine, ckpt_dir, stage=stage, log=self.log) if self.resume else None
         if state is None and self.env.is_main and ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)  # a fresh stage never mixes with an earlier run's checkpoints
+            # this run's own stage, stopped before its first resume checkpoint: it starts afresh
+            self.log(f"[{stage}] no resume checkpoint in {ckpt_dir}; the stage starts afresh")
+            shutil.rmtree(ckpt_dir)
         barrier()
         domain = self._driver(stage)
         n_shards = len(self.manifest["shards"][domain]["train"])
@@ -290,7 +306,9 @@ class Experiment:
                          patience=sc.patience, select=partial(self._select, engine, stage),
                          ckpt_dir=ckpt_dir, log_every=cfg.train.log_every,
                          checkpoint_every=cfg.train.checkpoint_every, grad_accum=cfg.train.grad_accum,
-                         domain_names=self.dom.names, plateau_decay=sc.plateau_decay)
+                         domain_names=self.dom.names, plateau_decay=sc.plateau_decay,
+                         keep_checkpoints=cfg.train.keep_checkpoints, on_nonfinite=cfg.train.on_nonfinite,
+                         max_nonfinite_skips=cfg.train.max_nonfinite_skips)
         if self.env.is_main:
             save_config(cfg, plan.ckpt_dir / "config.yaml")
         summary = run_stage(engine, plan, device=self.device, tracker=self.tracker, stopper=self.stopper,
@@ -330,6 +348,11 @@ class Experiment:
                 self.write_metrics(results, meta)
                 self.tracker.finish()
                 raise
+            except NonFiniteError as e:
+                meta["stopped"] = {"stage": stage, "reason": str(e)}
+                self.write_metrics(results, meta)
+                self.tracker.finish()
+                raise
             meta[stage]["done"] = True
             self.write_metrics(results, meta)
         meta["reevaluated_s" if self.reevaluate else "wall_s"] = time.time() - t0
@@ -347,12 +370,60 @@ class Experiment:
         return results
 
     def _previous_metrics(self) -> dict:
-        path = self.run_dir / "metrics.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_metrics(self.run_dir / "metrics.json")
 
     def write_metrics(self, results: dict, meta: dict) -> None:
+        """metrics.json, replaced atomically; strict JSON (a NaN or infinity is an error naming its key)."""
         if self.env.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps({**results, "_meta": meta}, indent=1))
+            path = self.run_dir / "metrics.json"
+            write_atomic(path, finite_json({**results, "_meta": meta}, what=str(path)), point="metrics.json")
+
+    def close(self) -> None:
+        """Release the run's lock (every rank may call it; rank 0 holds it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+_RUN_FILES = ("metrics.json", "config.yaml", "metrics.jsonl", "source", "joint", "target_only")
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool, log) -> RunLock | None:
+    """Rank 0 takes the run's lock (:class:`RunLock`) and checks that a fresh start does not land
+    on an earlier run: such a folder is refused (ResumeError) or, with ``overwrite``, moved aside.
+    Every rank raises the same error. Returns the held lock (rank 0) or None."""
+    from train.engine import all_gather_objects
+
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(run_dir, log=log)
+            lock.acquire()
+            held = [n for n in _RUN_FILES if (run_dir / n).exists()]
+            if held and not resume:
+                if not overwrite:
+                    raise ResumeError(f"{run_dir} already holds a run ({', '.join(held)}); continue it with "
+                                      "--resume auto, or start afresh with --overwrite (moves it aside)")
+                lock = _move_aside(run_dir, lock, log)
+        except (ResumeError, RunLocked) as e:
+            if lock is not None:
+                lock.release()
+            error = (type(e).__name__, str(e))
+    error = all_gather_objects(error)[0]
+    if error:
+        raise (RunLocked if error[0] == "RunLocked" else ResumeError)(error[1])
+    return lock
+
+
+def _move_aside(run_dir: Path, lock: RunLock, log) -> RunLock:
+    """``--overwrite``: the old run goes to ``<run_dir>.old-<time>`` (its lock with it); a new lock here."""
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    fresh = RunLock(run_dir, log=log)
+    fresh.acquire()
+    lock.release()
+    log(f"--overwrite: moved the earlier run {run_dir} to {aside}")
+    return fresh
 
 
 def format_table(results: dict, target: str, source: str | None = None) -> str:

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from train.config import ExperimentConfig, flatten, to_dict
+from train.files import DiskFullError, is_disk_full
 
 
 def _has_api_key() -> bool:
@@ -30,6 +31,18 @@ def wandb_mode(cfg: ExperimentConfig) -> str:
     if not cfg.tracking.wandb:
         return "disabled"
     return cfg.tracking.mode or os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a metrics.jsonl back to its last complete line (a kill mid-write leaves a torn one), so
+    appended records start on a line of their own."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def _last_step(path: Path) -> int:
@@ -58,7 +71,9 @@ class Tracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume:  # continue the step axis where the interrupted process left it (W&B needs it monotone)
             self.step = _last_step(run_dir / "metrics.jsonl")
-        self._file = open(run_dir / "metrics.jsonl", "a")
+        self._path = run_dir / "metrics.jsonl"
+        drop_torn_tail(self._path)
+        self._file = open(self._path, "a")
         mode = wandb_mode(cfg)
         if mode != "disabled":
             import wandb
@@ -75,8 +90,13 @@ class Tracker:
         if step is not None:
             self.step = max(self.step, step)
         flat = flatten(record, sep="/")
-        self._file.write(json.dumps({"time": time.time(), "step": self.step, **flat}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({"time": time.time(), "step": self.step, **flat}) + "\n")
+            self._file.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(self._path) from None
+            raise
         if self.run is not None:
             self.run.log(flat, step=self.step)
 
