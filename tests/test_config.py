@@ -129,3 +129,14 @@ def test_amazon_pairs_add_cosine_scoring_and_a_source_view_of_its_own_to_the_pre
         assert model.temperature == 0.1, name
         assert {k: getattr(model, k) for k in keys} == keys, name
         assert dataclasses.replace(model, temperature=0.0, **{k: getattr(preset, k) for k in keys}) == preset, name
+
+
+def test_float_settings_accept_exponent_notation_from_files_and_the_command_line(tmp_path):
+    """YAML 1.1 reads 1e6 (no dot) as a string; a float key takes it as the number it spells."""
+    cfg = load_config(_write(tmp_path, "train:\n  source: {lr: 1e-3}\n"), ["train.joint.lr=1e6", "eval.prior=.5"])
+    assert cfg.train.source.lr == 0.001 and cfg.train.joint.lr == 1e6 and cfg.eval.prior == 0.5
+    for bad in ("inf", "nan", "1e", "ten"):  # not finite, or not a number
+        with pytest.raises(ConfigError, match=f"key 'train.joint.lr' expects float, got '{bad}'"):
+            load_config(_write(tmp_path, "name: x\n"), [f"train.joint.lr={bad}"])
+    with pytest.raises(ConfigError, match="key 'train.micro_batch_size' expects int"):  # ints stay strict
+        load_config(_write(tmp_path, "name: x\n"), ["train.micro_batch_size=1e2"])

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -187,3 +188,32 @@ def test_the_transition_term_adds_its_weight_times_log_count_from_the_last_item_
     assert not np.array_equal(got["sampled999"], np.array(ramp_only)[order])  # the term moved ranks
     alone = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu", eval_terms=False)
     assert np.array_equal(alone["sampled999"], np.array(ramp_only)[order])
+
+
+def test_nan_scores_rank_the_target_last_and_evaluation_refuses_them(prepared):
+    """A NaN target score must never rank first (a diverged model reported as perfect); the
+    evaluator refuses non-finite scores outright."""
+    from train.config import EvalConfig
+    from train.evaluate import Evaluator, NonFiniteScores
+    scores = torch.tensor([[float("nan"), 0.2, 0.3], [0.5, float("nan"), 0.1]])
+    assert ranks_of_targets(scores, torch.tensor([0, 0])).tolist() == [3, 2]  # a NaN counts against the target
+    assert ranks_of_targets(scores, torch.tensor([0, 0]), torch.tensor([[1, 2], [1, 2]])).tolist() == [3, 2]
+    manifest, folder = prepared
+    ev = Evaluator(manifest, folder, EvalConfig(num_negatives=5, batch_size=16), max_len=10)
+    n = manifest["domains"][0]["n_items"]
+    finite = ev.evaluate(lambda items, d: torch.zeros(len(items), n), "A", "valid", only_domain=False, device="cpu")
+    assert finite["full"]["hr@10"] == 0.0  # a constant scorer ranks every target last, not first
+
+    def diverged(items, d):
+        s = torch.zeros(len(items), n)
+        s[-1, 3] = float("inf")
+        return s
+    with pytest.raises(NonFiniteScores, match="evaluating A valid: the model's scores are not finite"):
+        ev.evaluate(diverged, "A", "valid", only_domain=False, device="cpu")
+
+
+def test_records_are_strict_json_naming_a_non_finite_key():
+    from train.files import NonFiniteValue, finite_json
+    assert json.loads(finite_json({"a": [1.0, {"b": 2}]}, what="x")) == {"a": [1.0, {"b": 2}]}
+    with pytest.raises(NonFiniteValue, match=r"metrics.json: joint.test.B.full.ndcg@10 is not a finite number"):
+        finite_json({"joint": {"test": {"B": {"full": {"ndcg@10": float("inf")}}}}}, what="metrics.json")
