@@ -5,6 +5,22 @@ import torch
 from torch import nn
 
 
+class ItemTable(nn.Embedding):
+    """``[n_items + 1, D]`` item embeddings, N(0, 1/D), row 0 (padding) zero.
+
+    Initialised inside its own ``reset_parameters``: a module built under ``deepspeed.zero.Init``
+    is partitioned as soon as its ``__init__`` returns, and an init applied afterwards would land
+    on an empty partition."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=0)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.embedding_dim ** -0.5)
+        with torch.no_grad():
+            self.weight[0].zero_()
+
+
 class SequenceEmbedding(nn.Module):
     """``items [B, L] -> [B, L, D]``: item + position (+ domain) embeddings, scaled and dropped out.
 
@@ -15,15 +31,16 @@ class SequenceEmbedding(nn.Module):
     def __init__(self, *, n_items: int, n_domains: int, d_model: int, max_len: int,
                  item_domain: torch.Tensor, domain_embeddings: bool, dropout: float):
         super().__init__()
-        self.item = nn.Embedding(n_items + 1, d_model, padding_idx=0)
-        self.position = nn.Embedding(max_len, d_model)
-        self.domain = nn.Embedding(n_domains + 1, d_model, padding_idx=0) if domain_embeddings else None
+        # The random stream as it has always been: the table was first filled N(0, 1), then the
+        # position and domain tables drawn, then the table drawn again N(0, 1/D); registered in
+        # that order too (item, position, domain), which fixes the order ZeRO flattens them in.
+        torch.empty(n_items + 1, d_model).normal_()
+        position = nn.Embedding(max_len, d_model)
+        domain = nn.Embedding(n_domains + 1, d_model, padding_idx=0) if domain_embeddings else None
+        self.item, self.position, self.domain = ItemTable(n_items + 1, d_model), position, domain
         self.register_buffer("item_domain", item_domain.clone(), persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.scale = d_model ** 0.5
-        nn.init.normal_(self.item.weight, std=d_model ** -0.5)
-        with torch.no_grad():
-            self.item.weight[0].zero_()
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         L = items.shape[1]

@@ -17,6 +17,41 @@ from model.losses import domain_ce_sums, domain_sampled_ce_sums, domain_uniform_
 _SAMPLED_LOSSES = {"sampled": domain_sampled_ce_sums, "uniform": domain_uniform_ce_sums}
 
 
+class Scorer:
+    """Scores of a batch's queries ``[B, D']`` against the items of one domain (global ids
+    ``lo .. hi - 1``), a range of them at a time: ``columns(a, b)`` is ``[B, b - a]`` for the
+    domain's items ``a .. b - 1`` (0-based within the domain). Each range is normalised (cosine
+    scoring) and given its bias column by itself, so memory stays ``B x (b - a)`` whatever the
+    vocabulary, and a column's score is the same whichever range it is computed in."""
+
+    def __init__(self, query: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None, lo: int, hi: int,
+                 temperature: float):
+        self.query, self.table, self.bias, self.lo, self.temperature = query, table, bias, lo, temperature
+        self.n_items = hi - lo
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """The scored item vectors of the domain's items ``a .. b - 1``: ``[b - a, D']``."""
+        return self._scored(self.table[self.lo + a:self.lo + b],
+                            None if self.bias is None else self.bias[self.lo + a:self.lo + b])
+
+    def rows_at(self, cols: torch.Tensor) -> torch.Tensor:
+        """The scored item vectors of the domain's items ``cols`` (0-based): ``[len(cols), D']``."""
+        return self._scored(self.table[self.lo + cols], None if self.bias is None else self.bias[self.lo + cols])
+
+    def _scored(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.temperature:
+            rows = F.normalize(rows, dim=-1)
+        return rows if bias is None else torch.cat([rows, bias[:, None]], 1)
+
+    def columns(self, a: int, b: int) -> torch.Tensor:
+        return self.query @ self.rows(a, b).T
+
+    def at(self, cols: torch.Tensor) -> torch.Tensor:
+        """``[B]``: row r's score of the domain's item ``cols[r]``, as a ``[B, B]`` matrix product
+        (the kind of product ``columns`` uses) of which the diagonal is kept."""
+        return (self.query @ self.rows_at(cols).T).diagonal()
+
+
 class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]],
                  heads: nn.ModuleList | None = None, loss: str = "full", num_sampled: int = 0,
@@ -124,14 +159,17 @@ class Recommender(nn.Module):
         view = hd.gather(1, latest.clamp(min=0)[..., None].expand(-1, -1, hd.shape[-1])) * (latest >= 0)[..., None]
         return view[:, 0] if last_only else view
 
-    def forward(self, items: torch.Tensor, targets: torch.Tensor | None = None, domain: int | None = None):
+    def forward(self, items: torch.Tensor, targets: torch.Tensor | None = None, domain: int | None = None,
+                consume=None):
         """One entry point, so a wrapping engine (DeepSpeed ZeRO-3 gathers parameters around
         module forwards) sees every use of the tied item table inside ``forward``.
 
         - ``targets`` given: ``(per-domain CE sums, per-domain target counts)``, see
           ``model.losses.domain_ce_sums``; ``weighted_domain_mean`` makes the loss of them.
         - ``domain`` given: ``[B, n_items of domain]`` next-item scores at the last position
-          (column j = global id ``lo + j``; left padding puts the latest event last).
+          (column j = global id ``lo + j``; left padding puts the latest event last); with
+          ``consume``, ``consume(scorer)`` instead, a :class:`Scorer` that scores a range of the
+          domain's items at a time (bounded memory for any vocabulary).
         - neither: hidden states ``[B, L, D]``.
         items: [B, L] int64, 0 = padding.
         """
@@ -142,12 +180,12 @@ class Recommender(nn.Module):
             elif domain is not None:
                 items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], self.mask_id)], 1)
         h = self.encoder(self.embedding(items), items)  # (B, L, D)
-        table = self.embedding.item.weight
-        if self.temperature:
-            table = F.normalize(table, dim=-1)
-        if self.item_bias is not None:
-            table = torch.cat([table, self.item_bias[:, None]], 1)
         if targets is not None:
+            table = self.embedding.item.weight
+            if self.temperature:
+                table = F.normalize(table, dim=-1)
+            if self.item_bias is not None:
+                table = torch.cat([table, self.item_bias[:, None]], 1)
             q = [self.scaled(x) for x in self.queries(h, {d: self.domain_view(items, d) for d in self.view_domains})]
             if self.loss == "full":
                 sums, counts = domain_ce_sums(q, targets, table, self.ranges, exclude=own, per_row=self.per_row,
@@ -163,7 +201,8 @@ class Recommender(nn.Module):
             q = self.queries(h[:, -1])[domain]
             if domain in self.view_domains:
                 q = q + self.domain_view(items, domain, last_only=True)
-            return self.scaled(q) @ table[lo:hi].T
+            scorer = Scorer(self.scaled(q), self.embedding.item.weight, self.item_bias, lo, hi, self.temperature)
+            return consume(scorer) if consume is not None else scorer.columns(0, hi - lo)
         return h
 
     def scaled(self, q: torch.Tensor) -> torch.Tensor:
@@ -190,6 +229,17 @@ class Recommender(nn.Module):
         return self(items, domain=domain).topk(k, dim=-1).indices + self.ranges[domain][0]
 
 
+class ZeroLinear(nn.Linear):
+    """A linear map that starts at zero (a domain head starts as the shared query: q_d = h). Zeroed
+    in ``reset_parameters``, after nn.Linear's own draw (the random stream stays as it was), so it
+    holds under ``deepspeed.zero.Init`` too."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
 def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domain: torch.Tensor,
                       d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
                       emb_dropout: float, max_len: int, causal: bool, domain_embeddings: bool,
@@ -212,12 +262,7 @@ def build_recommender(*, n_items: int, ranges: list[tuple[int, int]], item_domai
                             item_domain=item_domain, domain_embeddings=domain_embeddings, dropout=emb_dropout)
     enc = Encoder(d_model=d_model, n_layers=n_layers, n_heads=n_heads, ff_mult=ff_mult, dropout=dropout,
                   causal=causal)
-    heads = None
-    if domain_heads:
-        heads = nn.ModuleList(nn.Linear(d_model, d_model) for _ in ranges)
-        for h in heads:  # start as the shared query: q_d = h
-            nn.init.zeros_(h.weight)
-            nn.init.zeros_(h.bias)
+    heads = nn.ModuleList(ZeroLinear(d_model, d_model) for _ in ranges) if domain_heads else None
     views = None
     if view_layers > 0:
         used = set(view_domains or [])

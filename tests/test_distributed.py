@@ -114,11 +114,16 @@ def test_two_rank_zero3_loss_curve_matches_one_rank_with_the_same_global_batch(t
 
 def test_zero_partitions_measured_per_rank(tmp_path):
     """ZeRO-3 leaves each of 2 ranks about half of every parameter; ZeRO-1 keeps the optimizer
-    state of half the parameters; ZeRO-0 replicates everything. Measured by train.memory on real engines."""
+    state of half the parameters; ZeRO-0 replicates everything. Measured by train.memory on real
+    engines, each stage in processes of its own."""
     out = tmp_path / "mem.json"
-    torchrun(["-m", "train.memory", "configs/experiment/tiny.yaml", "--zero", "0,1,3", "--out", str(out),
-              f"data.out_dir={tmp_path / 'data'}"], tmp_path)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "-m", "train.memory", "configs/experiment/tiny.yaml", "--zero", "0,1,3",
+                        "--nproc", "2", "--out", str(out), f"data.out_dir={tmp_path / 'data'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
     rows = {(r["zero_stage"], r["rank"]): r for r in json.loads(out.read_text())}
+    assert sorted(rows) == [(z, r) for z in (0, 1, 3) for r in (0, 1)]
     total = rows[(0, 0)]["model_elements"]
     for rank in (0, 1):
         assert rows[(0, rank)]["param_elements_held"] == total
@@ -128,7 +133,19 @@ def test_zero_partitions_measured_per_rank(tmp_path):
         # moments and the fp32 master copy of this rank's half only
         assert rows[(0, rank)]["optimizer_bytes"] == 2 * 4 * total
         assert 3 * 4 * total / 2 <= rows[(1, rank)]["optimizer_bytes"] <= 3 * 4 * (total / 2 + 64)
-    assert rows[(3, 0)]["live_tensor_bytes"] < 64 * 2 ** 20  # buckets are capped at the model size
+    assert rows[(3, 0)]["live_tensor_bytes"] < 64 * 2 ** 20  # buckets sized from the (small) model
+
+
+def test_zero3_builds_the_model_partitioned_from_the_start(tmp_path):
+    """Under ZeRO-3 the model is constructed inside deepspeed.zero.Init: right after construction
+    each of 2 ranks holds half of every parameter and nothing gathered (its live tensors are half
+    the model's fp32 bytes), and the halves are the weights a plain build draws."""
+    out = tmp_path / "init.json"
+    torchrun([str(REPO / "tests" / "dist_zero_init.py"), str(out)], tmp_path)
+    for r in json.loads(out.read_text()):
+        assert r["partitioned"] and r["gathered"] == 0 and r["same_as_plain_build"]
+        assert r["total"] / 2 <= r["held"] <= r["total"] / 2 + 1024
+        assert 2 * r["total"] <= r["live_bytes"] < 2.1 * r["total"], r  # half of 4 bytes a parameter
 
 
 def test_two_torchrun_agents_as_two_nodes_on_localhost(tmp_path):

@@ -3,18 +3,39 @@ import json
 import pytest
 
 from train.config import ConfigError, TrainConfig
-from train.engine import deepspeed_config, warmup_cosine
+from train.engine import ModelSize, deepspeed_config, warmup_cosine
+
+SMALL = ModelSize(params=10_000, largest_param=4_000, largest_block=3_000)
 
 
 def test_generated_config_is_the_one_source_of_batch_sizes():
     t = TrainConfig(micro_batch_size=16, grad_accum=4, zero_stage=3, precision="bf16")
-    c = deepspeed_config(t, world_size=8, n_params=10_000)
+    c = deepspeed_config(t, world_size=8, size=SMALL)
     assert c["train_batch_size"] == 16 * 4 * 8 == t.global_batch_size(8)
     assert c["zero_optimization"]["stage"] == 3 and c["bf16"]["enabled"] and not c["fp16"]["enabled"]
-    assert c["zero_optimization"]["reduce_bucket_size"] == 1_000_000  # capped near the model size
+    assert c["zero_optimization"]["reduce_bucket_size"] == 999_424  # the floor 1e6 for a small model, a multiple of 4096
     assert "offload_optimizer" not in c["zero_optimization"]
     t.offload_optimizer = True
-    assert deepspeed_config(t, world_size=1)["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert deepspeed_config(t, world_size=1, size=SMALL)["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+
+
+def test_zero_buffers_are_sized_from_the_partition_and_the_blocks_not_the_model():
+    """A 156M-parameter model (12 blocks of 12.6M) on 2 ranks: buckets of a tenth of the 78M
+    partition; ZeRO-3 keeps at most two blocks gathered, one across forward and backward, and
+    steps the optimizer a quarter of the partition at a time; on 8 ranks the buckets shrink."""
+    from train.engine import zero_settings
+    big = ModelSize(params=156_309_504, largest_param=4_194_304, largest_block=12_596_224)
+    two = zero_settings(big, stage=3, world_size=2, cuda=False)
+    assert two["reduce_bucket_size"] == two["allgather_bucket_size"] == 156_309_504 // 2 // 10 // 4096 * 4096
+    assert two["stage3_max_live_parameters"] == 2 * 12_596_224 and two["stage3_max_reuse_distance"] == 12_596_224
+    assert two["sub_group_size"] == 156_309_504 // 2 // 4 and two["stage3_model_persistence_threshold"] == 781_547
+    assert two["overlap_comm"] is False and two["stage3_prefetch_bucket_size"] == 0  # gloo: no overlap, no prefetch
+    gpu = zero_settings(big, stage=3, world_size=8, cuda=True)
+    assert gpu["reduce_bucket_size"] == 156_309_504 // 8 // 10 // 4096 * 4096 and gpu["overlap_comm"] is True
+    assert gpu["stage3_prefetch_bucket_size"] == 2 * 12_596_224
+    assert "stage3_max_live_parameters" not in zero_settings(big, stage=2, world_size=2, cuda=False)
+    huge = ModelSize(params=10 ** 11, largest_param=10 ** 9, largest_block=10 ** 9)
+    assert zero_settings(huge, stage=2, world_size=2, cuda=True)["reduce_bucket_size"] == 499_998_720  # DeepSpeed's cap
 
 
 def test_user_json_adds_tuning_but_cannot_contradict(tmp_path):
@@ -22,15 +43,15 @@ def test_user_json_adds_tuning_but_cannot_contradict(tmp_path):
     good.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {
         "stage": 2, "contiguous_gradients": False}, "gradient_clipping": 1.0}))
     t = TrainConfig(zero_stage=2, deepspeed_config=str(good))
-    c = deepspeed_config(t, world_size=2)
+    c = deepspeed_config(t, world_size=2, size=SMALL)
     assert c["zero_optimization"]["contiguous_gradients"] is False
     assert c["train_micro_batch_size_per_gpu"] == t.micro_batch_size
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match=r"bad.json: 'zero_optimization.stage' is 3 but train.zero_stage gives 2"):
-        deepspeed_config(TrainConfig(zero_stage=2, deepspeed_config=str(bad)), world_size=2)
+        deepspeed_config(TrainConfig(zero_stage=2, deepspeed_config=str(bad)), world_size=2, size=SMALL)
     with pytest.raises(ConfigError, match=r"does not exist"):
-        deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "none.json")), world_size=1)
+        deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "none.json")), world_size=1, size=SMALL)
 
 
 def test_warmup_then_cosine_to_a_tenth():

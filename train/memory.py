@@ -1,22 +1,33 @@
 """Per-rank memory of the training state under ZeRO 0-3, measured (not derived).
 
-    torchrun --standalone --nproc_per_node 2 -m train.memory configs/experiment/amazon-food-kitchen.yaml \\
-        --zero 0,1,2,3 [--out report.json] [a.b=value ...]
+    python -m train.memory configs/experiment/demo.yaml --zero 0,1,2,3 --nproc 2 [--out report.json] [a.b=value ...]
 
-For each ZeRO stage it builds the experiment's model over the prepared data's vocabulary, wraps it
-in the DeepSpeed engine, takes one training step on a batch of the real training stream, and
-reports per rank: parameter elements the module holds (``ds_tensor`` under ZeRO-3), optimizer
-state bytes (the AdamW moments, plus the fp32 partitions the base optimizer steps where they are
-not the module's own parameters and are attached at the time of measuring), gradient bytes (live
-tensor storage after backward minus before forward: gradients and reduce buckets), and all live tensor
-storage of the process (every CPU/GPU tensor reachable by the garbage collector, deduplicated by
-storage), which is what the rank really holds.
+Each ZeRO stage is measured in processes of its own (``torchrun --standalone``, ``--nproc``
+ranks): a DeepSpeed engine's optimizer hooks keep it reachable after ``del``, so a stage measured
+after another in the same process counts the earlier engine too (measured here: ZeRO-3 after
+ZeRO-2 at 156M parameters showed 2,684 MiB, alone 1,207). Under torchrun directly (one stage) it
+measures in place.
+
+For a stage it builds the experiment's model over the prepared data's vocabulary (through
+``build_engine``: partitioned at construction under ZeRO-3), takes one training step on a batch of
+the real training stream, and reports per rank: parameter elements the module holds
+(``ds_tensor`` under ZeRO-3), optimizer state bytes (the AdamW moments, plus the fp32 partitions
+the base optimizer steps where they are not the module's own parameters), gradient bytes (live
+tensor storage after backward minus before forward: gradients and reduce buckets), all live tensor
+storage of the process after the step (every tensor reachable by the garbage collector,
+deduplicated by storage) and the process's peak RSS (``ru_maxrss``: construction, the step's
+activations and the allocator's slack included).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import warnings
 
 import torch
@@ -24,7 +35,8 @@ import torch
 from train.config import load_config
 from train.data.prepare import ensure_prepared
 from train.data.stream import train_batches
-from train.engine import barrier, build_engine, global_domain_loss, setup_distributed, teardown_distributed
+from train.engine import all_gather_objects, barrier, build_engine, global_domain_loss, setup_distributed, \
+    teardown_distributed
 
 
 def _storage_bytes(tensors) -> int:
@@ -56,11 +68,11 @@ def measure(cfg, zero_stage: int, manifest: dict) -> dict:
 
     cfg.train.zero_stage = zero_stage
     env, device = setup_distributed()
-    model = build_model(cfg, manifest)
-    n_params = sum(p.numel() for p in model.parameters())
     train = cfg.train.for_stage("source")  # the measured step is a source-stage step
-    engine = build_engine(model, train=train, stage=cfg.train.source, total_steps=10,
-                          world_size=env.world_size)
+    model, engine = build_engine(lambda: build_model(cfg, manifest), train=train, stage=cfg.train.source,
+                                 total_steps=10, world_size=env.world_size)
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    built = _live_bytes()
     batch = next(iter(train_batches(manifest, cfg.data.prepared_dir(), cfg.data.source,
                                     batch_size=train.micro_batch_size, max_len=cfg.model.max_len,
                                     seed=0, epoch=0, buffer=100)))
@@ -79,50 +91,76 @@ def measure(cfg, zero_stage: int, manifest: dict) -> dict:
     # the tensors the base optimizer steps, when they are not the module's own (ZeRO 1/2 fp32 partitions)
     opt_params = [p for g in base.param_groups for p in g["params"]
                   if p.untyped_storage().data_ptr() not in module_storages]
-    out = {
+    return {
         "zero_stage": zero_stage, "rank": env.rank, "world_size": env.world_size, "model_elements": n_params,
-        "param_elements_held": sum(t.numel() for t in held),
+        "precision": train.precision, "param_elements_held": sum(t.numel() for t in held),
         "param_bytes": _storage_bytes(held),
         "optimizer_bytes": _storage_bytes(opt_state + [p for p in opt_params if p.numel() > 0]),
         "grad_bytes": grad_bytes,
+        "built_bytes": built,  # live tensors right after construction (before any step)
         "live_tensor_bytes": _live_bytes(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    del engine, model, base, opt_state, opt_params, params, held
-    gc.collect()
-    return out
+
+
+def print_rows(rows: list[dict]) -> None:
+    mib = 1 / 2 ** 20
+    print(f"{'zero':>4} {'rank':>4} {'params held':>12} {'param MiB':>10} {'grad MiB':>9} {'optim MiB':>10} "
+          f"{'live MiB':>9} {'peak RSS MiB':>13}   (model: {rows[0]['model_elements']:,} elements, "
+          f"{rows[0]['precision']})")
+    for r in rows:
+        print(f"{r['zero_stage']:>4} {r['rank']:>4} {r['param_elements_held']:>12} "
+              f"{r['param_bytes'] * mib:>10.2f} {r['grad_bytes'] * mib:>9.2f} "
+              f"{r['optimizer_bytes'] * mib:>10.2f} {r['live_tensor_bytes'] * mib:>9.2f} "
+              f"{r['peak_rss_bytes'] * mib:>13.0f}")
+
+
+def measure_apart(config: str, stages: list[int], nproc: int, overrides: list[str]) -> list[dict]:
+    """Each stage in ``nproc`` fresh processes under torchrun; the rows of every stage."""
+    rows = []
+    for z in stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rows.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   "-m", "train.memory", config, "--zero", str(z), "--out", out, *overrides]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"measuring ZeRO-{z}: {' '.join(cmd)} exited {done.returncode}:\n"
+                                   f"{done.stderr[-3000:]}")
+            with open(out) as f:
+                rows += json.load(f)
+    return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.memory")
     ap.add_argument("config")
     ap.add_argument("--zero", default="0,1,2,3", help="comma-separated ZeRO stages")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks per stage (when not started by torchrun)")
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    env, _ = setup_distributed()
-    manifest = ensure_prepared(cfg.data, log=lambda *a: None) if env.is_main else None
-    barrier()
-    if manifest is None:
-        manifest = ensure_prepared(cfg.data, log=lambda *a: None)
-    rows = []
-    for z in [int(x) for x in args.zero.split(",")]:
-        r = measure(cfg, z, manifest)
-        parts = [None] * env.world_size
-        torch.distributed.all_gather_object(parts, r)
-        rows += parts
-    if env.is_main:
-        mib = 1 / 2 ** 20
-        print(f"{'zero':>4} {'rank':>4} {'params held':>12} {'param MiB':>10} {'grad MiB':>9} "
-              f"{'optim MiB':>10} {'live MiB':>9}   (model: {rows[0]['model_elements']} elements)")
-        for r in rows:
-            print(f"{r['zero_stage']:>4} {r['rank']:>4} {r['param_elements_held']:>12} "
-                  f"{r['param_bytes'] * mib:>10.2f} {r['grad_bytes'] * mib:>9.2f} "
-                  f"{r['optimizer_bytes'] * mib:>10.2f} {r['live_tensor_bytes'] * mib:>9.2f}")
+    stages = [int(x) for x in args.zero.split(",")]
+    if "RANK" not in os.environ:
+        rows = measure_apart(args.config, stages, args.nproc, args.overrides)
+    else:
+        if len(stages) != 1:
+            raise SystemExit("under torchrun, measure one ZeRO stage (--zero Z): each stage needs fresh processes")
+        cfg = load_config(args.config, args.overrides)
+        env, _ = setup_distributed()
+        manifest = ensure_prepared(cfg.data, log=lambda *a: None) if env.is_main else None
+        barrier()
+        manifest = manifest or ensure_prepared(cfg.data, log=lambda *a: None)
+        rows = all_gather_objects(measure(cfg, stages[0], manifest))
+        if not env.is_main:
+            rows = []
+    if rows:
+        print_rows(rows)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
-    teardown_distributed()
+    if "RANK" in os.environ:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

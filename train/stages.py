@@ -228,10 +228,10 @@ class Experiment:
     def _engine(self, stage: str):
         """The stage's model (fresh weights) wrapped in its DeepSpeed engine."""
         sc = self.cfg.train.stage(stage)
-        model = build_model(self.cfg, self.manifest, domains=[self.names[r] for r in SPECS[stage].eval_domains])
-        engine = build_engine(model, train=self.cfg.train.for_stage(stage), stage=sc,
-                              total_steps=sc.epochs * self._steps_per_epoch(stage), world_size=self.env.world_size)
-        return model, engine
+        domains = [self.names[r] for r in SPECS[stage].eval_domains]
+        return build_engine(partial(build_model, self.cfg, self.manifest, domains=domains),
+                            train=self.cfg.train.for_stage(stage), stage=sc,
+                            total_steps=sc.epochs * self._steps_per_epoch(stage), world_size=self.env.world_size)
 
     def reevaluate_stage(self, stage: str) -> dict:
         """Valid and test metrics (and test ranks) of the stage's best weights in this run folder."""
