@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.evaluate import metrics_from_ranks, ranks_of_targets, sample_negatives
+from train.evaluate import matrix_score_fn, metrics_from_ranks, ranks_of_targets, sample_negatives
 
 
 def test_metrics_against_hand_computed_ranks():
@@ -101,7 +101,7 @@ def test_the_prior_adds_its_weight_times_log_count_to_the_scores_only_when_asked
     lo, k = d["offset"] + 1, 20
     ev = Evaluator(manifest, folder, EvalConfig(num_negatives=k, prior=0.7), max_len=20)
     ramp = 0.3 * (np.arange(d["n_items"]) % 7)  # model scores on the scale of the prior, so its weight matters
-    score_fn = lambda items, dom: torch.from_numpy(np.tile(ramp, (items.shape[0], 1)))
+    score_fn = matrix_score_fn(lambda items, dom: torch.from_numpy(np.tile(ramp, (items.shape[0], 1))))
     total = ramp + 0.7 * np.log1p(observed_counts(manifest, folder, "test"))[lo:lo + d["n_items"]]
     want_full, want_sampled, users, targets = [], [], [], []
     for b in eval_batches(manifest, folder, d["name"], "test", batch_size=512, max_len=20):
@@ -171,7 +171,7 @@ def test_the_transition_term_adds_its_weight_times_log_count_from_the_last_item_
     pairs = _hand_transitions(manifest, folder, "test")
     ev = Evaluator(manifest, folder, EvalConfig(num_negatives=k, transition=0.9), max_len=20)
     ramp = 0.3 * (np.arange(d["n_items"]) % 7)
-    score_fn = lambda items, dom: torch.from_numpy(np.tile(ramp, (items.shape[0], 1)))
+    score_fn = matrix_score_fn(lambda items, dom: torch.from_numpy(np.tile(ramp, (items.shape[0], 1))))
     want, ramp_only, users = [], [], []
     for b in eval_batches(manifest, folder, d["name"], "test", batch_size=512, max_len=20):
         t = (b["target"] - lo).numpy()
@@ -201,7 +201,8 @@ def test_nan_scores_rank_the_target_last_and_evaluation_refuses_them(prepared):
     manifest, folder = prepared
     ev = Evaluator(manifest, folder, EvalConfig(num_negatives=5, batch_size=16), max_len=10)
     n = manifest["domains"][0]["n_items"]
-    finite = ev.evaluate(lambda items, d: torch.zeros(len(items), n), "A", "valid", only_domain=False, device="cpu")
+    finite = ev.evaluate(matrix_score_fn(lambda items, d: torch.zeros(len(items), n)), "A", "valid", only_domain=False,
+                         device="cpu")
     assert finite["full"]["hr@10"] == 0.0  # a constant scorer ranks every target last, not first
 
     def diverged(items, d):
@@ -209,7 +210,7 @@ def test_nan_scores_rank_the_target_last_and_evaluation_refuses_them(prepared):
         s[-1, 3] = float("inf")
         return s
     with pytest.raises(NonFiniteScores, match="evaluating A valid: the model's scores are not finite"):
-        ev.evaluate(diverged, "A", "valid", only_domain=False, device="cpu")
+        ev.evaluate(matrix_score_fn(diverged), "A", "valid", only_domain=False, device="cpu")
 
 
 def test_records_are_strict_json_naming_a_non_finite_key():
@@ -217,3 +218,51 @@ def test_records_are_strict_json_naming_a_non_finite_key():
     assert json.loads(finite_json({"a": [1.0, {"b": 2}]}, what="x")) == {"a": [1.0, {"b": 2}]}
     with pytest.raises(NonFiniteValue, match=r"metrics.json: joint.test.B.full.ndcg@10 is not a finite number"):
         finite_json({"joint": {"test": {"B": {"full": {"ndcg@10": float("inf")}}}}}, what="metrics.json")
+
+
+@pytest.mark.parametrize("temperature, bias", [(0.0, False), (0.1, True)])
+def test_chunked_full_ranking_equals_scoring_every_item_at_once(temperature, bias):
+    """A model's scorer, 7 items at a time, ranks every target exactly as the whole [B, n] score
+    matrix does (ties against the target), for both protocols."""
+    from model import build_recommender
+    from train.evaluate import rank_in_chunks
+    torch.manual_seed(0)
+    ranges = [(1, 41), (41, 91)]
+    item_domain = torch.tensor([0] + [1] * 40 + [2] * 50)
+    m = build_recommender(n_items=90, ranges=ranges, item_domain=item_domain, d_model=16, n_layers=1, n_heads=2,
+                          ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=8, causal=True, domain_embeddings=True,
+                          temperature=temperature, item_bias=bias).eval()
+    if bias:
+        with torch.no_grad():
+            m.item_bias.copy_(torch.randn(91))
+    items = torch.randint(1, 91, (33, 8))
+    target = torch.randint(0, 50, (33,))
+    target[:3] = torch.tensor([0, 49, 7])  # the first and last items of the domain
+    negs = torch.stack([torch.randperm(50)[:20] for _ in range(33)])
+    with torch.no_grad():
+        scores = m(items, domain=1)
+        want_full, want_sampled = ranks_of_targets(scores, target), ranks_of_targets(scores, target, negs)
+        for chunk in (1, 7, 50, 1000):
+            full, sampled, bad = m(items, domain=1, consume=lambda s: rank_in_chunks(s, target, negs, None, chunk))
+            assert torch.equal(full, want_full) and torch.equal(sampled, want_sampled) and bad == 0, chunk
+    # ties count against the target however the items are split
+    tied = torch.zeros(2, 10)
+    from train.evaluate import MatrixScorer
+    full, sampled, _ = rank_in_chunks(MatrixScorer(tied), torch.tensor([0, 9]), torch.tensor([[1, 2], [3, 4]]), None, 3)
+    assert full.tolist() == [10, 10] and sampled.tolist() == [3, 3]
+
+
+def test_the_evaluator_ranks_the_same_in_small_item_chunks_with_both_eval_terms(prepared):
+    from train.config import EvalConfig
+    from train.evaluate import Evaluator
+    manifest, folder = prepared
+    n = manifest["domains"][1]["n_items"]
+    torch.manual_seed(3)
+    table = torch.randn(n)
+    score_fn = matrix_score_fn(lambda items, d: table[None].repeat(len(items), 1) + items[:, -1:].float() / 100)
+    base = dict(num_negatives=10, prior=0.5, transition=1.0)
+    one = Evaluator(manifest, folder, EvalConfig(**base, item_chunk=10 ** 6), max_len=10)
+    many = Evaluator(manifest, folder, EvalConfig(**base, item_chunk=3), max_len=10)
+    a = one.ranks(score_fn, "B", "test", only_domain=False, device="cpu")
+    b = many.ranks(score_fn, "B", "test", only_domain=False, device="cpu")
+    assert all(np.array_equal(a[k], b[k]) for k in a) and a["full"].max() > 1

@@ -219,6 +219,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     num_negatives: int = 999  # ABXI protocol: same-domain negatives, user's items excluded
     batch_size: int = 512
+    item_chunk: int = 65536  # items scored at a time in full ranking: memory batch_size x item_chunk, any vocabulary
     select_metric: str = "ndcg@10"  # on valid, under select_protocol, on the domains select_domains names
     select_protocol: Literal["full", "sampled999"] = "sampled999"
     # which valid domains pick a stage's best epoch: "stage" = its selection domain (joint and
@@ -336,6 +337,8 @@ class ExperimentConfig:
             raise ConfigError(f"{origin}: eval.prior must be >= 0 (0 = the model's scores alone), got {self.eval.prior}")
         if self.eval.transition < 0:
             raise ConfigError(f"{origin}: eval.transition must be >= 0 (0 = off), got {self.eval.transition}")
+        if self.eval.item_chunk < 1:
+            raise ConfigError(f"{origin}: eval.item_chunk must be >= 1, got {self.eval.item_chunk}")
         if self.eval.select_metric.split("@")[0] not in ("hr", "ndcg", "mrr"):
             raise ConfigError(f"{origin}: eval.select_metric={self.eval.select_metric!r} is not hr@k, ndcg@k or mrr")
         if self.train.zero_stage not in (0, 1, 2, 3):

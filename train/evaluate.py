@@ -17,6 +17,8 @@ HR@k = [rank <= k], NDCG@k = 1/log2(rank + 1) if rank <= k, MRR = 1/rank, averag
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -80,6 +82,83 @@ def ranks_of_targets(scores: torch.Tensor, target_cols: torch.Tensor,
     return 1 + (~(scores.gather(1, neg_cols) < t)).sum(1)
 
 
+class Terms:
+    """The evaluation-time terms of one batch (``eval.prior``, ``eval.transition``) for any range
+    of a domain's items: ``columns(a, b)`` ``[B, b - a]`` or None when there are none, and
+    ``at(cols)`` ``[B, K]`` at each row's own columns (0-based within the domain)."""
+
+    def __init__(self, prior: torch.Tensor | None, markov=None):
+        self.prior, self.markov = prior, markov  # markov(a, b) -> [B, b - a]; markov.at(cols) -> [B, K]
+
+    def columns(self, a: int, b: int) -> torch.Tensor | None:
+        out = self.prior[a:b] if self.prior is not None else None
+        if self.markov is not None:
+            rows = self.markov.columns(a, b)
+            out = rows if out is None else out + rows
+        return out
+
+    def at(self, cols: torch.Tensor) -> torch.Tensor | None:
+        out = self.prior[cols] if self.prior is not None else None
+        if self.markov is not None:
+            rows = self.markov.at(cols)
+            out = rows if out is None else out + rows
+        return out
+
+
+class MatrixScorer:
+    """The scorer protocol (``n_items``, ``columns(a, b)``, ``at(cols)``) over a ready ``[B, n]``
+    score matrix: for scorers that are not models (tests, baselines)."""
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores, self.n_items = scores, scores.shape[1]
+
+    def columns(self, a: int, b: int) -> torch.Tensor:
+        return self.scores[:, a:b]
+
+    def at(self, cols: torch.Tensor) -> torch.Tensor:
+        return self.scores.gather(1, cols[:, None])[:, 0]
+
+
+def _add(scores: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+    return scores if terms is None else scores + terms
+
+
+def rank_in_chunks(scorer, target_cols: torch.Tensor, neg_cols: torch.Tensor, terms: Terms | None,
+                   chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Full and sampled ranks (as :func:`ranks_of_targets`, ties against the target, a NaN never
+    in its favour) of each row's target, scoring ``chunk`` items at a time: memory ``B x chunk``
+    whatever the vocabulary, the same ranks as scoring every item at once. Returns ``(full [B],
+    sampled [B], rows with a non-finite score)``.
+
+    The target's score is taken first from a ``[B, B]`` product (the same matrix product, so on
+    the same kernels the same bits) and, exactly, from its own chunk during the pass; a row where
+    the two differ is counted again against the exact one."""
+    terms = terms or Terms(None)
+    at_target = terms.at(target_cols[:, None])
+    first = _add(scorer.at(target_cols).float(), None if at_target is None else at_target[:, 0])
+    exact, negs = torch.empty_like(first), torch.empty(neg_cols.shape, dtype=first.dtype, device=first.device)
+    full = torch.zeros(len(first), dtype=torch.long, device=first.device)
+    nonfinite = torch.zeros(len(first), dtype=torch.bool, device=first.device)
+    for a in range(0, scorer.n_items, chunk):
+        b = min(a + chunk, scorer.n_items)
+        s = _add(scorer.columns(a, b).float(), terms.columns(a, b))
+        nonfinite |= ~torch.isfinite(s).all(1)
+        full += (~(s < first[:, None])).sum(1)
+        mine = (target_cols >= a) & (target_cols < b)
+        exact[mine] = s[mine].gather(1, (target_cols[mine] - a)[:, None])[:, 0]
+        inside = (neg_cols >= a) & (neg_cols < b)
+        negs[inside] = s.gather(1, (neg_cols - a).clamp(0, b - a - 1))[inside]
+    again = (exact != first) & ~(exact.isnan() & first.isnan())
+    if again.any():  # the [B, B] product rounded differently: count those rows against the exact score
+        full[again] = 0
+        for a in range(0, scorer.n_items, chunk):
+            b = min(a + chunk, scorer.n_items)
+            s = _add(scorer.columns(a, b).float(), terms.columns(a, b))[again]
+            full[again] += (~(s < exact[again][:, None])).sum(1)
+    sampled = 1 + (~(negs < exact[:, None])).sum(1)
+    return full, sampled, int(nonfinite.sum())
+
+
 def sample_negatives(*, n_items: int, offset: int, exclude: np.ndarray, k: int, seed: int, split: int,
                      user: int) -> np.ndarray:
     """``k`` distinct global ids in ``(offset, offset + n_items]``, none of them in ``exclude``."""
@@ -141,6 +220,17 @@ class Transitions:
         return torch.from_numpy(out)
 
 
+    def log_at(self, prev: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        """``[B, K]`` float: log(1 + count(prev[r] -> items[r, k])) for global item ids ``items``
+        (prev 0: 0), the values :meth:`log_rows` puts in those columns."""
+        keys = prev[:, None].astype(np.int64) * self.base + items
+        at = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        found = (self.keys[at] == keys) & (prev[:, None] > 0) if len(self.keys) else np.zeros(keys.shape, bool)
+        out = np.zeros(keys.shape, np.float32)
+        out[found] = np.log1p(self.counts[at[found]])
+        return torch.from_numpy(out)
+
+
 def observed_transitions(manifest: dict, folder, split: str, reader: ReaderOptions = ReaderOptions()) -> Transitions:
     """The :class:`Transitions` of ``split``'s inputs, the pairs of every rank's share of the shards."""
     dom = DomainIndex(manifest)
@@ -168,6 +258,25 @@ class NonFiniteScores(RuntimeError):
     """The model scored some users with NaN or infinity: ranking them would report nonsense."""
 
 
+class Markov:
+    """``eval.transition`` x log(1 + count(last -> item)) of a batch, for any range of a domain's
+    items (``columns``) or each row's own items (``at``); see :class:`Transitions`."""
+
+    def __init__(self, transitions: Transitions, prev: np.ndarray, offset: int, weight: float, device):
+        self.t, self.prev, self.offset, self.weight, self.device = transitions, prev, offset, weight, device
+
+    def columns(self, a: int, b: int) -> torch.Tensor:
+        return (self.weight * self.t.log_rows(self.prev, self.offset + a, b - a)).to(self.device)
+
+    def at(self, cols: torch.Tensor) -> torch.Tensor:
+        return (self.weight * self.t.log_at(self.prev, cols.cpu().numpy() + self.offset + 1)).to(self.device)
+
+
+def matrix_score_fn(scores_of):
+    """``score_fn`` for :meth:`Evaluator.ranks` from ``scores_of(items, domain) -> [B, n_items]``."""
+    return lambda items, domain, consume: consume(MatrixScorer(scores_of(items, domain)))
+
+
 class Evaluator:
     """Evaluates one prepared dataset; caches sampled negatives across calls."""
 
@@ -187,15 +296,18 @@ class Evaluator:
         lo = d["offset"] + 1
         return (self.cfg.prior * self._log_counts[split][lo:lo + d["n_items"]]).to(device)
 
-    def transition(self, domain: str, split: str, items: torch.Tensor, device) -> torch.Tensor:
-        """``[B, n_items of domain]``: ``eval.transition * log(1 + count(last -> item))`` for each
-        row of ``items``, last its last item of the domain (:class:`Transitions` of ``split``)."""
+    def terms(self, domain: str, split: str, items: torch.Tensor, device) -> Terms | None:
+        """The batch's evaluation-time terms (None when ``eval.prior`` and ``eval.transition`` are 0)."""
+        prior = self.prior(domain, split, device) if self.cfg.prior else None
+        markov = self._markov(domain, split, items, device) if self.cfg.transition > 0 else None
+        return Terms(prior, markov) if prior is not None or markov is not None else None
+
+    def _markov(self, domain: str, split: str, items: torch.Tensor, device) -> "Markov":
         if split not in self._transitions:
             self._transitions[split] = observed_transitions(self.manifest, self.folder, split, self.reader)
         d = self.domains[domain]
-        rows = self._transitions[split].log_rows(last_of_domain(items, d["offset"], d["n_items"]),
-                                                 d["offset"], d["n_items"])
-        return (self.cfg.transition * rows).to(device)
+        return Markov(self._transitions[split], last_of_domain(items, d["offset"], d["n_items"]), d["offset"],
+                      self.cfg.transition, device)
 
     def _negs(self, domain: str, split: str, users, excludes) -> np.ndarray:
         d = self.domains[domain]
@@ -216,13 +328,13 @@ class Evaluator:
         ``domain``: each rank scores its own users, then all ranks gather every user's ranks, so
         the metrics equal a single-process evaluation (never an average of per-rank metrics).
 
-        ``score_fn(items [B, L], domain index) -> [B, n_items of domain]``; ``eval_terms``: add
-        ``eval.prior``'s and ``eval.transition``'s terms to the scores (where they are > 0), False
-        ranks by the scores alone.
+        ``score_fn(items [B, L], domain index, consume)`` returns ``consume(scorer)`` for the
+        batch's scorer (``Recommender.forward(..., consume=)``; :func:`matrix_score_fn` for a ready
+        matrix); items are scored ``eval.item_chunk`` at a time (:func:`rank_in_chunks`).
+        ``eval_terms``: add ``eval.prior``'s and ``eval.transition``'s terms to the scores (where
+        they are > 0), False ranks by the scores alone.
         """
         d = self.domains[domain]
-        bias = self.prior(domain, split, device) if eval_terms and self.cfg.prior else None
-        markov = eval_terms and self.cfg.transition > 0
         users, full, sampled, n_train = [], [], [], []
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
                                     max_len=self.max_len, only_domain=only_domain, reader=self.reader))
@@ -238,18 +350,17 @@ class Evaluator:
             if not more:
                 break
             if b is None:
-                score_fn(torch.zeros(1, self.max_len, dtype=torch.long, device=device), d["index"])
+                score_fn(torch.zeros(1, self.max_len, dtype=torch.long, device=device), d["index"], lambda s: None)
                 continue
-            scores = score_fn(b["items"].to(device), d["index"]).float()
-            bad += int((~torch.isfinite(scores)).any(1).sum())
-            if bias is not None:
-                scores = scores + bias
-            if markov:
-                scores = scores + self.transition(domain, split, b["items"], device)
             tcol = (b["target"] - d["offset"] - 1).to(device)
-            negs = torch.from_numpy(self._negs(domain, split, b["user"], b["exclude"]) - d["offset"] - 1)
-            full.append(ranks_of_targets(scores, tcol).cpu())
-            sampled.append(ranks_of_targets(scores, tcol, negs.to(device)).cpu())
+            negs = torch.from_numpy(self._negs(domain, split, b["user"], b["exclude"]) - d["offset"] - 1).to(device)
+            terms = self.terms(domain, split, b["items"], device) if eval_terms else None
+            f, s, n_bad = score_fn(b["items"].to(device), d["index"],
+                                   partial(rank_in_chunks, target_cols=tcol, neg_cols=negs, terms=terms,
+                                           chunk=self.cfg.item_chunk))
+            bad += n_bad
+            full.append(f.cpu())
+            sampled.append(s.cpu())
             users.append(b["user"])
             n_train.append(b["n_train"])
         cat = (lambda xs: torch.cat(xs).numpy()) if users else (lambda xs: np.zeros(0, dtype=np.int64))

@@ -89,5 +89,5 @@ def evaluate_exported(folder: str | Path, *, splits=("valid", "test")) -> dict:
     only = info["stage"] == "target_only"
     domains = [info["target"]] if only else [d["name"] for d in info["domains"]]
     with torch.no_grad():
-        return {split: {d: ev.evaluate(lambda items, dom: model(items, domain=dom), d, split, only_domain=only,
+        return {split: {d: ev.evaluate(lambda items, dom, consume: model(items, domain=dom, consume=consume), d, split, only_domain=only,
                                        device=torch.device("cpu")) for d in domains} for split in splits}

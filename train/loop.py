@@ -228,6 +228,7 @@ class Stopper:
         return bool(signal or budget)
 
 
-def score_fn(engine) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``(items, domain) -> scores`` through the engine (so ZeRO-3 gathers the parameters)."""
-    return lambda items, domain: engine(items, domain=domain)
+def score_fn(engine) -> Callable:
+    """``(items, domain, consume) -> consume(scorer)`` through the engine (so ZeRO-3 gathers the
+    parameters for the whole of the consumer's work)."""
+    return lambda items, domain, consume: engine(items, domain=domain, consume=consume)
