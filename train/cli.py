@@ -7,6 +7,7 @@
     xdrec evaluate runs/<name>/export-joint [--split test]
     xdrec recommend runs/<name>/export-joint --domain B --history 3 17 42 [-k 10]
     xdrec report  runs/<name>-seed0 runs/<name>-seed1 ... [--out report.json]
+    xdrec plan    configs/experiment/<x>.yaml [a.b=value ...] [--world-size N] [--memory-per-rank 80GiB]
 """
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--history", nargs="+", required=True, help="item ids, oldest first (raw ids with --raw)")
     r.add_argument("--raw", action="store_true", help="history and output use the raw ids of item_map.json")
     r.add_argument("-k", type=int, default=10)
+    pl = sub.add_parser("plan", help="parameters by part and predicted memory per rank under ZeRO 0-3",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("config", help="experiment YAML")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=1024")
+    pl.add_argument("--world-size", type=int, default=1, help="ranks the model is sharded over")
+    pl.add_argument("--memory-per-rank", default=None,
+                    help="e.g. 80GiB; default: the GPU's memory, or this machine's RAM / world size")
     rp = sub.add_parser("report", help="mean and std over runs (seeds) of the test metrics and transfer intervals")
     rp.add_argument("run_dirs", nargs="+", help="runs/<name> folders holding metrics.json")
     rp.add_argument("--out", default=None, help="also write the aggregate as JSON here")
@@ -76,6 +84,18 @@ def cmd_report(args) -> int:
     print(format_report(agg))
     if args.out:
         Path(args.out).write_text(json.dumps(agg, indent=1))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from train.config import load_config
+    from train.plan import default_memory, parse_bytes, plan, vocabulary
+
+    cfg = load_config(args.config, args.overrides)
+    memory, cpu = default_memory(args.world_size)
+    if args.memory_per_rank:
+        memory = parse_bytes(args.memory_per_rank)
+    print(plan(cfg, vocabulary(cfg), world=args.world_size, memory=memory, cpu=cpu))
     return 0
 
 
@@ -220,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,
                 "evaluate": cmd_evaluate,
-                "recommend": cmd_recommend, "report": cmd_report}[args.cmd](args)
+                "recommend": cmd_recommend, "report": cmd_report, "plan": cmd_plan}[args.cmd](args)
     except (ConfigError, DataFormatError, ManifestError, LaunchConflict, LaunchError, ResumeError,
             ExportError, ReportError, ShardError, NonFiniteError, NonFiniteScores, NonFiniteValue, CheckpointError,
             DiskFullError, RunLocked) as e:
@@ -238,6 +258,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xdrec: error: no space left on device writing {e.filename} ({free_space(e.filename or '.')} free "
               "there)", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        import os
+
+        print(f"xdrec: error: rank {os.environ.get('RANK', '0')} ran out of memory ({one_line(e)[:200]}); "
+              f"`xdrec plan {getattr(args, 'config', '<experiment>')} --world-size N` predicts the memory per rank "
+              "of each ZeRO stage", file=sys.stderr)
+        return 2
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failed: Python's MemoryError, torch's CPU allocator or a CUDA out-of-memory."""
+    text = str(e)
+    return isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def one_line(e: Exception) -> str:
