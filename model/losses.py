@@ -128,10 +128,17 @@ def domain_uniform_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: t
 
 def weighted_domain_mean(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float],
                          scale: float = 1.0) -> torch.Tensor:
-    """``scale * sum_d w_d * sums[d] / counts[d]`` (a domain with count 0 adds 0 * sums[d])."""
+    """``scale * sum_d w_d * sums[d] / counts[d]`` (a domain with count 0 adds 0 * sums[d]).
+
+    Computed where ``counts`` live, without reading them on the host: each factor
+    ``w_d * scale / counts[d]`` is formed in float64 and rounded once to the sums' dtype, as a
+    Python scalar multiplying them would be, so the loss is the same to the bit."""
+    c = counts.to(torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64, device=counts.device) * scale
+    factors = torch.where(c > 0, w / c.clamp(min=1), torch.zeros_like(c)).to(sums[0].dtype)
     loss = sums[0].new_zeros(())
-    for s, n, w in zip(sums, counts.tolist(), weights):
-        loss = loss + (w * scale / n) * s if n else loss + 0.0 * s
+    for d, s in enumerate(sums):
+        loss = loss + factors[d] * s
     return loss
 
 

@@ -24,7 +24,9 @@ def test_train_example_trims_pads_and_masks_other_domain():
     assert only["items"].tolist() == [0, 0, 11, 12] and only["targets"].tolist() == [0, 0, 12, 13]
     a = train_example({"user": 3, "items": [1, 2, 11]}, dom=dom, label_domain=0, max_len=4, only_domain=False)
     assert a["items"].tolist() == [0, 0, 1, 2] and a["targets"].tolist() == [0, 0, 2, 0]
-    assert train_example({"user": 3, "items": [11, 1]}, dom=dom, label_domain=1, max_len=4, only_domain=False) is None
+    # no target of the domain in the window: the row stays, with nothing to predict (no loss)
+    empty = train_example({"user": 3, "items": [11, 1]}, dom=dom, label_domain=1, max_len=4, only_domain=False)
+    assert empty["items"].tolist() == [0, 0, 0, 11] and not empty["targets"].any()
 
 
 def test_mixed_batches_hold_the_configured_ratio(synth):
@@ -67,10 +69,30 @@ def test_chunked_batches_equal_one_sample_at_a_time(synth):
         kw = dict(dom=dom, label_domain=1, max_len=6, only_domain=only)
         stream = sample_stream(shard_urls(m, folder, "B", "train"), shuffle=True, seed=4, epoch=2, buffer=30,
                                n_items=dom.n_items, sizes=shard_sizes(m, "B", "train"))
-        ref = [e for e in (train_example(s, **kw) for s in stream) if e is not None]
+        ref = [train_example(s, **kw) for s in stream]
         batches = list(train_batches(m, folder, "B", batch_size=7, max_len=6, seed=4, epoch=2, buffer=30,
                                      only_domain=only))
         assert all(len(b["user"]) == 7 for b in batches[:-1]) and 0 < len(batches[-1]["user"]) <= 7
         for key in ("items", "targets", "user"):
             got = torch.cat([b[key] for b in batches]).numpy()
             assert np.array_equal(got, np.stack([e[key] for e in ref])), key
+
+
+@pytest.mark.parametrize("world, workers, shard_samples", [(1, 0, 40), (2, 0, 40), (2, 0, 200), (3, 2, 40),
+                                                           (2, 2, 1000)])
+def test_batches_per_rank_from_the_manifest_match_the_stream(tmp_path, monkeypatch, world, workers, shard_samples):
+    """Each rank's batch count of an epoch, from the manifest alone, is what its stream yields:
+    whole shards per reader, or (fewer shards than readers) every R-th sample."""
+    from train.data.stream import ReaderOptions, batches_per_rank, split_mode
+    m, folder = prepared_synthetic(tmp_path, n_users=150, shard_samples=shard_samples)
+    n_shards = len(m["shards"]["B"]["train"])
+    for epoch in (0, 3):
+        want = batches_per_rank(m, "B", batch_size=9, seed=2, epoch=epoch, world=world, num_workers=workers)
+        got = []
+        for rank in range(world):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            got.append(sum(1 for _ in train_batches(m, folder, "B", batch_size=9, max_len=5, seed=2, epoch=epoch,
+                                                    buffer=20, only_domain=True,
+                                                    reader=ReaderOptions(num_workers=workers))))
+        assert got == want, (epoch, split_mode(n_shards, workers))

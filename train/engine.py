@@ -345,34 +345,45 @@ def barrier() -> None:
 def global_domain_loss(sums: list[torch.Tensor], counts: torch.Tensor, weights: list[float]):
     """The seed's L = sum_d w_d * mean CE_d with the means over the *global* batch.
 
-    Per-domain target counts (and, for logging, the detached CE sums) are all-reduced; each rank's
-    loss is ``world * sum_d w_d * local_sum_d / global_count_d``, so after DeepSpeed averages
-    gradients over ranks the step equals the single-process step on the global batch, even when a
-    rank's batch holds no row of a domain. Returns ``(loss to backprop, global L value,
-    global per-domain mean CE (nan where a domain has no target))``.
+    Per-domain target counts (and the detached CE sums) are all-reduced; each rank's loss is
+    ``world * sum_d w_d * local_sum_d / global_count_d``, so after DeepSpeed averages gradients
+    over ranks the step equals the single-process step on the global batch, even when a rank's
+    batch holds no row of a domain. Returns ``(loss to backprop, stats)``: ``stats`` ``[2, n]``,
+    the global per-domain CE sums and target counts, stay on the device (nothing is read on the
+    host here; see :func:`loss_value` and :func:`domain_means`).
     """
     world = world_size()
     stats = torch.cat([torch.stack([s.detach().float() for s in sums]), counts.float()])
     if world > 1:
         dist.all_reduce(stats)
     n = len(sums)
-    g_sums, g_counts = stats[:n], stats[n:]
-    loss = weighted_domain_mean(sums, g_counts.long(), weights, scale=world)
-    counts = [int(c) for c in g_counts.tolist()]
-    means = [float(s / c) if c > 0 else float("nan") for s, c in zip(g_sums.tolist(), counts)]
-    value = sum(w * m for w, m, c in zip(weights, means, counts) if c)
-    return loss, value, means, counts
+    loss = weighted_domain_mean(sums, stats[n:], weights, scale=world)
+    return loss, stats.view(2, n)
 
 
-def grads_finite(engine) -> bool:
-    """Whether the accumulated gradients are finite, checked before an optimizer step where
-    DeepSpeed does not check them itself: ZeRO-0 (the gradients are the module's, identical on
-    every rank after the all-reduce). ZeRO 1-3 and fp16 skip a step with an invalid gradient
-    norm on their own (see :func:`step_skipped`)."""
-    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled():
-        return True
+def domain_means(stats: torch.Tensor) -> torch.Tensor:
+    """``[n]`` float32: each domain's mean CE of a global batch (nan where it had no target)."""
+    return stats[0] / stats[1]
+
+
+def loss_value(stats: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """0-dim float64 on the device: sum_d w_d * mean CE_d over the domains with targets."""
+    means = domain_means(stats).double()
+    value = torch.zeros((), dtype=torch.float64, device=stats.device)
+    for d, w in enumerate(weights):
+        value = value + torch.where(stats[1, d] > 0, w * means[d], 0.0)
+    return value
+
+
+def grads_finite(engine) -> torch.Tensor | bool:
+    """Whether the accumulated gradients are finite (a 0-dim bool on the device, not read), where
+    DeepSpeed does not check them itself before an optimizer step: ZeRO-0 (the gradients are the
+    module's, identical on every rank after the all-reduce). ZeRO 1-3 and fp16 skip a step with an
+    invalid gradient norm on their own (see :func:`step_skipped`); for them this is True."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled() or not grads:
+        return True
+    return torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
 
 def step_skipped(engine, boundary: bool) -> bool:

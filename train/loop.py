@@ -1,4 +1,13 @@
-"""The training loop of one stage: step, log, evaluate on valid, keep the best, stop early."""
+"""The training loop of one stage: step, log, evaluate on valid, keep the best, stop early.
+
+Nothing is read back from the device at every step: every rank's batch count of an epoch is
+known up front (``StagePlan.steps``, from the manifest), so no per-batch agreement is needed; the
+loss statistics stay on the device and are read every ``log_every`` steps; the stop flags
+(preemption signal) and the finite check are settled at those sync points and before every
+checkpoint and evaluation. Exceptions: ``train.on_nonfinite=skip`` reads each step's finiteness
+(to skip the batch before it is applied), and streams whose batch counts are not known
+(``data.on_error=skip`` may drop samples) agree on each batch as before.
+"""
 from __future__ import annotations
 
 import math
@@ -11,9 +20,9 @@ import torch
 
 from launch.signals import stop_requested
 from train.checkpoint import LoopState, save_best, save_resume
+from train.engine import (all_ranks, domain_means, global_domain_loss, grads_finite, loss_value, max_over_ranks,
+                          set_lr_scale, step_skipped, sum_over_ranks)
 from train.files import fault_point
-from train.engine import (all_ranks, global_domain_loss, grads_finite, max_over_ranks, set_lr_scale, step_skipped,
-                          sum_over_ranks)
 from train.tracking import Tracker
 
 
@@ -28,7 +37,7 @@ class StagePlan:
     patience: int
     select: Callable[[], float]  # valid metric of the current weights; higher is better
     ckpt_dir: Path
-    log_every: int = 20
+    log_every: int = 20  # also the sync interval: loss read, stop signal and finite check settled
     checkpoint_every: int = 0  # steps between resume checkpoints (0: epoch ends only)
     grad_accum: int = 1  # stop and checkpoint only where accumulated gradients have been applied
     domain_names: list[str] = field(default_factory=list)
@@ -36,6 +45,8 @@ class StagePlan:
     keep_checkpoints: int = 2  # resume checkpoints kept
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" training, or "skip" the batch
     max_nonfinite_skips: int = 10  # skip: stop once more batches than this were skipped in the stage
+    # epoch -> (batches every rank trains, batches other ranks have beyond those); None: agree per batch
+    steps: Callable[[int], tuple[int, int] | None] = lambda epoch: None
 
 
 class NonFiniteError(RuntimeError):
@@ -45,64 +56,196 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class Step:
-    """One training batch's outcome, the same on every rank (its statistics are all-reduced)."""
+    """One training batch's outcome, the same on every rank (its statistics are all-reduced), on
+    the device."""
 
-    loss: float  # global-batch L = sum_d w_d * mean CE_d
-    means: list[float]  # per-domain mean CE (nan where the batch has no target of the domain)
-    counts: list[int]  # per-domain targets in the global batch
-    nonfinite: str = ""  # "loss" (not backpropagated) or "gradient norm"; "" when all was finite
+    stats: torch.Tensor  # [2, n_domains]: global CE sums and target counts
+    value: torch.Tensor  # 0-dim float64: the global-batch L = sum_d w_d * mean CE_d
+    finite: torch.Tensor  # 0-dim bool: loss and (at an optimizer step) gradients finite
+    skipped_by_deepspeed: bool = False  # ZeRO 1-3 skipped the step for a non-finite gradient norm
 
 
 def train_step(engine, batch: dict, weights: list[float], device, *, skip: bool = False) -> Step:
     """Forward, backward, optimizer step (DeepSpeed applies accumulation and clipping).
 
-    A non-finite loss is not backpropagated. A non-finite gradient norm at an optimizer step:
-    with ``skip`` the step leaves the weights as they were (DeepSpeed's ZeRO 1-3 skip it
-    themselves; ZeRO-0 steps with zero gradients at LR 0), else the step is not taken.
+    Nothing is read on the host here unless ``skip`` (``train.on_nonfinite=skip``): then a
+    non-finite loss is not backpropagated (the step returns before backward), and a non-finite
+    gradient norm leaves the weights as they were (ZeRO-0 steps with zero gradients at LR 0;
+    ZeRO 1-3 skip on their own). Otherwise a non-finite step shows in ``Step.finite`` and is
+    settled at the next sync point, before anything is saved.
     """
     sums, counts = engine(batch["items"].to(device), targets=batch["targets"].to(device))
     if fault_point("train.loss"):  # the fault tests' NaN batch
         sums = [s * float("nan") for s in sums]
-    loss, value, means, n = global_domain_loss(sums, counts, weights)
-    out = Step(value, means, n)
-    if any(c and not math.isfinite(m) for m, c in zip(means, n)):
-        out.nonfinite = "loss"
-        return out
+    loss, stats = global_domain_loss(sums, counts, weights)
+    value = loss_value(stats, weights)
+    finite = torch.isfinite(value)
+    if skip and not bool(finite):
+        return Step(stats, value, finite)
     if fault_point("train.grad"):  # the fault tests' non-finite gradient (the loss value stays finite)
         loss = loss * float("inf")
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
-    if boundary and not grads_finite(engine):
-        out.nonfinite = "gradient norm"
-        if not skip:
-            return out
-        for group in engine.optimizer.param_groups:  # the scheduler sets the LR again after the step
-            group["lr"] = 0.0
-        for p in engine.module.parameters():
-            if p.grad is not None:
-                p.grad.zero_()
+    if boundary:
+        finite = finite & grads_finite(engine)
+        if skip and not bool(finite):
+            for group in engine.optimizer.param_groups:  # the scheduler sets the LR again after the step
+                group["lr"] = 0.0
+            for p in engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
     engine.step()
-    if step_skipped(engine, boundary):
-        out.nonfinite = "gradient norm"
-    return out
+    if step_skipped(engine, boundary):  # DeepSpeed read the norm already: this costs no sync
+        finite = torch.zeros_like(finite)
+    return Step(stats, value, finite)
 
 
-def nonfinite_message(plan: StagePlan, st: LoopState, step: Step) -> str:
-    ce = ", ".join(f"{n} {m:.4g}" for n, m, c in zip(plan.domain_names, step.means, step.counts) if c)
-    return (f"stage {plan.name}, step {st.step + 1} (epoch {st.epoch + 1}, batch {st.batch_in_epoch + 1}): "
-            f"non-finite {step.nonfinite} (mean CE per domain of the batch: {ce})")
+class Monitor:
+    """A stage's step statistics on the device: the epoch's summed loss and the first
+    non-finite step (step, epoch, batch, whether the loss itself was finite, per-domain CE),
+    read on the host at sync points only."""
+
+    def __init__(self, plan: StagePlan, st: LoopState, device):
+        self.plan, self.st = plan, st
+        self.ep_loss = torch.tensor(st.ep_loss, dtype=torch.float64, device=device)
+        self.bad_at = torch.full((4,), -1, dtype=torch.long, device=device)  # step, epoch, batch, loss finite
+        self.bad_stats = torch.zeros(2, max(len(plan.domain_names), 1), device=device)
+
+    def add(self, step: Step) -> None:
+        st = self.st
+        self.ep_loss = self.ep_loss + step.value
+        first = ~step.finite & (self.bad_at[0] < 0)
+        where = torch.stack([torch.tensor(x, device=self.bad_at.device) for x in
+                             (st.step + 1, st.epoch + 1, st.batch_in_epoch + 1)] + [torch.isfinite(step.value).long()])
+        self.bad_at = torch.where(first, where, self.bad_at)
+        self.bad_stats = torch.where(first, step.stats, self.bad_stats)
+
+    def sync(self) -> None:
+        """Settle the epoch loss into the loop state; NonFiniteError at the first non-finite step."""
+        self.st.ep_loss = float(self.ep_loss)
+        step, epoch, batch, loss_finite = (int(x) for x in self.bad_at.tolist())
+        if step >= 0:
+            what = "gradient norm" if loss_finite else "loss"
+            raise NonFiniteError(_nonfinite_message(self.plan, step, epoch, batch, self.bad_stats, what)
+                                 + "; training stopped (train.on_nonfinite), nothing saved after the last checkpoint:"
+                                 " lower the learning rate, or set train.on_nonfinite=skip")
 
 
-def _on_nonfinite(plan: StagePlan, st: LoopState, step: Step, log) -> None:
-    """Stop (NonFiniteError) or count the skip, as ``train.on_nonfinite`` says."""
-    msg = nonfinite_message(plan, st, step)
-    if plan.on_nonfinite != "skip" or st.skipped >= plan.max_nonfinite_skips:
-        more = (f"; {st.skipped} batch(es) skipped before, train.max_nonfinite_skips={plan.max_nonfinite_skips}"
-                if plan.on_nonfinite == "skip" else "")
-        raise NonFiniteError(msg + more + "; training stopped (train.on_nonfinite), nothing saved after the "
-                             "last checkpoint: lower the learning rate, or set train.on_nonfinite=skip")
+def _nonfinite_message(plan: StagePlan, step: int, epoch: int, batch: int, stats: torch.Tensor, what: str) -> str:
+    means = domain_means(stats).tolist()
+    ce = ", ".join(f"{n} {m:.4g}" for n, m, c in zip(plan.domain_names, means, stats[1].tolist()) if c)
+    return (f"stage {plan.name}, step {step} (epoch {epoch}, batch {batch}): non-finite {what} "
+            f"(mean CE per domain of the batch: {ce})")
+
+
+def _skipped(plan: StagePlan, st: LoopState, step: Step, log) -> bool:
+    """``train.on_nonfinite=skip``: whether the step was not finite (then counted and logged, or
+    NonFiniteError past ``max_nonfinite_skips``)."""
+    if bool(step.finite):
+        return False
+    what = "gradient norm" if bool(torch.isfinite(step.value)) else "loss"
+    msg = _nonfinite_message(plan, st.step + 1, st.epoch + 1, st.batch_in_epoch + 1, step.stats, what)
+    if st.skipped >= plan.max_nonfinite_skips:
+        raise NonFiniteError(f"{msg}; {st.skipped} batch(es) skipped before, train.max_nonfinite_skips="
+                             f"{plan.max_nonfinite_skips}; training stopped (train.on_nonfinite), nothing saved after "
+                             "the last checkpoint: lower the learning rate")
     st.skipped += 1
     log(f"[{plan.name}] skipped: {msg} ({st.skipped} skipped in this stage, at most {plan.max_nonfinite_skips})")
+    return True
+
+
+def _log_step(plan: StagePlan, st: LoopState, step: Step, engine, tracker: Tracker) -> None:
+    rec = {"loss": float(step.value), "lr": engine.get_lr()[0], "epoch": st.epoch, "stage_step": st.step}
+    for name, m, c in zip(plan.domain_names, domain_means(step.stats).tolist(), step.stats[1].tolist()):
+        if c:  # the domain had targets in this global batch
+            rec[f"ce_{name}"] = m
+    tracker.log({plan.name: rec}, step=tracker.step + 1)
+
+
+def _next_batches(plan: StagePlan, st: LoopState, log) -> Iterator[dict]:
+    """This epoch's batches from the first not yet trained, as many as every rank has."""
+    batches = iter(plan.batches(st.epoch))
+    for _ in range(st.batch_in_epoch):  # already trained before the restart
+        next(batches, None)
+    known = plan.steps(st.epoch)
+    if known is not None:
+        n, left = known
+        for k in range(st.batch_in_epoch, n):
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(f"stage {plan.name} epoch {st.epoch + 1}: this rank's stream ended after {k} of the "
+                                   f"{n} batches its manifest counts (a shard changed since it was prepared?)")
+            yield batch
+        if left:
+            log(f"[{plan.name}] epoch {st.epoch + 1}: {left} batches left on some ranks after the shortest rank's "
+                f"{n}; skipped to keep ranks in step")
+        return
+    while True:  # counts not known: agree on each batch
+        batch = next(batches, None)
+        if not all_ranks(batch is not None):
+            left = sum_over_ranks((batch is not None) + sum(1 for _ in batches))
+            if left:
+                log(f"[{plan.name}] epoch {st.epoch + 1}: {left} batches left on some ranks after the shortest rank "
+                    "ran dry; skipped to keep ranks in step")
+            return
+        yield batch
+
+
+def run_epoch(engine, plan: StagePlan, st: LoopState, monitor: Monitor, *, device, tracker: Tracker,
+              stopper: "Stopper", checkpoint: Callable[[], str], log) -> None:
+    """Train the rest of ``st.epoch``; StageInterrupted after a resume checkpoint when asked to stop."""
+    skip = plan.on_nonfinite == "skip"
+    for batch in _next_batches(plan, st, log):
+        step = train_step(engine, batch, plan.weights, device, skip=skip)
+        if skip and _skipped(plan, st, step, log):
+            if not bool(torch.isfinite(step.value)):  # not backpropagated: no step taken
+                st.batch_in_epoch += 1
+                continue
+            step.finite = torch.ones_like(step.finite)  # the weights were left as they were
+        monitor.add(step)
+        st.step, st.batch_in_epoch, st.ep_n = st.step + 1, st.batch_in_epoch + 1, st.ep_n + 1
+        if st.step % plan.log_every == 0:
+            _log_step(plan, st, step, engine, tracker)
+        if st.step % plan.grad_accum:
+            continue  # mid-accumulation: gradients not yet applied are not checkpointed
+        sync = st.step % plan.log_every == 0
+        if sync:
+            monitor.sync()
+        if stopper.should_stop(plan.grad_accum, poll=sync):
+            monitor.sync()
+            raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / checkpoint(), preempted=stopper.signalled)
+        if plan.checkpoint_every and st.step % plan.checkpoint_every == 0:
+            monitor.sync()
+            checkpoint()
+    monitor.sync()
+
+
+def end_epoch(engine, plan: StagePlan, st: LoopState, *, tracker: Tracker, elapsed: Callable[[], float],
+              log) -> None:
+    """Evaluate on valid, keep the best weights, apply patience and the LR plateau decay."""
+    if st.ep_n == 0:
+        raise RuntimeError(f"stage {plan.name}: epoch {st.epoch} produced no training batch")
+    st.losses.append(st.ep_loss / st.ep_n)
+    engine.eval()
+    score = plan.select()
+    improved = score > st.best
+    if improved:
+        st.best, st.best_epoch, st.bad = score, st.epoch, 0
+        save_best(engine, plan.ckpt_dir, stage=plan.name)
+    else:
+        st.bad += 1
+    tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch,
+                             "lr_scale": st.lr_scale}})
+    log(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}  loss {st.losses[-1]:.4f}  valid {score:.4f}"
+        f"{'  *' if improved else ''}  ({elapsed():.0f}s)")
+    if st.bad >= plan.patience:
+        log(f"[{plan.name}] no better valid metric for {plan.patience} evaluations; stopping")
+        st.done = True
+    elif not improved and plan.plateau_decay < 1.0:
+        st.lr_scale *= plan.plateau_decay
+        set_lr_scale(engine.lr_scheduler, st.lr_scale)
+        log(f"[{plan.name}] no gain: LR scaled by {st.lr_scale:.4g} from now on")
+    st.epoch, st.batch_in_epoch, st.ep_loss, st.ep_n = st.epoch + 1, 0, 0.0, 0
 
 
 def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "Stopper", resume: LoopState | None = None,
@@ -136,63 +279,9 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
         set_lr_scale(engine.lr_scheduler, st.lr_scale)
     while not st.done and st.epoch < plan.epochs:
         engine.train()
-        batches = iter(plan.batches(st.epoch))
-        for _ in range(st.batch_in_epoch):  # already trained before the restart
-            next(batches, None)
-        while True:
-            batch = next(batches, None)
-            # Every rank runs the same number of steps: stop when any rank has run dry.
-            if not all_ranks(batch is not None):
-                left = sum_over_ranks((batch is not None) + sum(1 for _ in batches))
-                if left:
-                    log(f"[{plan.name}] epoch {st.epoch + 1}: {left} batches left on some ranks after the "
-                        f"shortest rank ran dry; skipped to keep ranks in step")
-                break
-            step = train_step(engine, batch, plan.weights, device, skip=plan.on_nonfinite == "skip")
-            if step.nonfinite:
-                _on_nonfinite(plan, st, step, log)
-                if step.nonfinite == "loss":  # not backpropagated: no step taken, the next batch takes its place
-                    st.batch_in_epoch += 1
-                    continue
-            loss, means = step.loss, step.means
-            st.step, st.batch_in_epoch = st.step + 1, st.batch_in_epoch + 1
-            st.ep_loss, st.ep_n = st.ep_loss + loss, st.ep_n + 1
-            if st.step % plan.log_every == 0:
-                rec = {"loss": loss, "lr": engine.get_lr()[0], "epoch": st.epoch, "stage_step": st.step}
-                for name, m, c in zip(plan.domain_names, means, step.counts):
-                    if c:  # the domain had targets in this global batch
-                        rec[f"ce_{name}"] = m
-                tracker.log({plan.name: rec}, step=tracker.step + 1)
-            if st.step % plan.grad_accum:
-                continue  # mid-accumulation: gradients not yet applied are not checkpointed
-            if stopper.should_stop(plan.grad_accum):
-                tag = checkpoint()
-                raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / tag, preempted=stopper.signalled)
-            if plan.checkpoint_every and st.step % plan.checkpoint_every == 0:
-                checkpoint()
-        if st.ep_n == 0:
-            raise RuntimeError(f"stage {plan.name}: epoch {st.epoch} produced no training batch")
-        st.losses.append(st.ep_loss / st.ep_n)
-        engine.eval()
-        score = plan.select()
-        improved = score > st.best
-        if improved:
-            st.best, st.best_epoch, st.bad = score, st.epoch, 0
-            save_best(engine, plan.ckpt_dir, stage=plan.name)
-        else:
-            st.bad += 1
-        tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch,
-                                 "lr_scale": st.lr_scale}})
-        log(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}  loss {st.losses[-1]:.4f}  valid {score:.4f}"
-            f"{'  *' if improved else ''}  ({elapsed():.0f}s)")
-        if st.bad >= plan.patience:
-            log(f"[{plan.name}] no better valid metric for {plan.patience} evaluations; stopping")
-            st.done = True
-        elif not improved and plan.plateau_decay < 1.0:
-            st.lr_scale *= plan.plateau_decay
-            set_lr_scale(engine.lr_scheduler, st.lr_scale)
-            log(f"[{plan.name}] no gain: LR scaled by {st.lr_scale:.4g} from now on")
-        st.epoch, st.batch_in_epoch, st.ep_loss, st.ep_n = st.epoch + 1, 0, 0.0, 0
+        run_epoch(engine, plan, st, Monitor(plan, st, device), device=device, tracker=tracker, stopper=stopper,
+                  checkpoint=checkpoint, log=log)
+        end_epoch(engine, plan, st, tracker=tracker, elapsed=elapsed, log=log)
         checkpoint()
     engine.load_checkpoint(str(plan.ckpt_dir), tag="best", load_module_only=True,
                            load_optimizer_states=False, load_lr_scheduler_states=False)
@@ -211,21 +300,24 @@ class StageInterrupted(Exception):
 
 
 class Stopper:
-    """Asks every rank to stop at the same optimizer-step boundary: on SIGUSR1 (see
-    ``launch.signals``) or once this process has taken ``stop_after_steps`` training batches
-    (0 = never; counted at accumulation boundaries)."""
+    """Asks every rank to stop at the same optimizer-step boundary: once this process has taken
+    ``stop_after_steps`` training batches (0 = never; counted at accumulation boundaries, the same
+    on every rank, so decided without communication) or, polled at sync points, on SIGUSR1 (see
+    ``launch.signals``) on any rank."""
 
     def __init__(self, stop_after_steps: int = 0):
         self.budget = stop_after_steps
         self.taken = 0
         self.signalled = False  # the stop came from a signal on some rank (a preemption)
 
-    def should_stop(self, batches: int = 1) -> bool:
-        """Called at each optimizer step with the batches it consumed; True on every rank at once."""
+    def should_stop(self, batches: int = 1, *, poll: bool = True) -> bool:
+        """Called at each optimizer step with the batches it consumed; ``poll``: also agree on
+        the signal flag (one all-reduce). True on every rank at once."""
         self.taken += batches
-        signal, budget = max_over_ranks([int(stop_requested()), int(self.budget > 0 and self.taken >= self.budget)])
-        self.signalled = bool(signal)
-        return bool(signal or budget)
+        budget = self.budget > 0 and self.taken >= self.budget
+        if poll:
+            self.signalled = bool(max_over_ranks([int(stop_requested())])[0])
+        return bool(self.signalled or budget)
 
 
 def score_fn(engine) -> Callable:

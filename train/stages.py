@@ -27,7 +27,8 @@ import torch
 from model import build_recommender
 from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
-from train.data.stream import DomainIndex, ReaderOptions, joint_rows, mixed_batches, split_mode, train_batches
+from train.data.stream import (DomainIndex, ReaderOptions, batches_per_rank, joint_rows, mixed_batches, split_mode,
+                               train_batches)
 from train.engine import barrier, build_engine, check_launcher_settings, setup_distributed
 from train.evaluate import (PROTOCOLS, SAMPLED, Evaluator, ndcg_at, paired_bootstrap, protocol_label, recorded_protocol,
                             sampled_protocol)
@@ -170,6 +171,18 @@ class Experiment:
         """Inputs hold only the row's own domain: the target-only baseline, or model.sequence=per_domain."""
         return SPECS[stage].only_target or self.cfg.model.sequence == "per_domain"
 
+    def _known_steps(self, stage: str, epoch: int) -> tuple[int, int] | None:
+        """(batches every rank trains in ``epoch``, batches other ranks have beyond those), from the
+        manifest (:func:`batches_per_rank`); None where a skipped bad sample could change a count."""
+        if self.reader.on_error != "raise":
+            return None
+        t = self.cfg.train.for_stage(stage)
+        rows = joint_rows(t.micro_batch_size, t.mix_ratio)[1] if stage == "joint" else t.micro_batch_size
+        per_rank = batches_per_rank(self.manifest, self._driver(stage), batch_size=rows, seed=self.cfg.seed,
+                                    epoch=epoch, world=self.env.world_size, num_workers=t.num_workers,
+                                    epoch_batches=self._steps_per_epoch(stage) * t.grad_accum if t.resampled else None)
+        return min(per_rank), sum(per_rank) - len(per_rank) * min(per_rank)
+
     def _steps_per_epoch(self, stage: str) -> int:
         t = self.cfg.train.for_stage(stage)
         rows = joint_rows(t.micro_batch_size, t.mix_ratio)[1] if stage == "joint" else t.micro_batch_size
@@ -308,7 +321,7 @@ class Experiment:
                          checkpoint_every=cfg.train.checkpoint_every, grad_accum=cfg.train.grad_accum,
                          domain_names=self.dom.names, plateau_decay=sc.plateau_decay,
                          keep_checkpoints=cfg.train.keep_checkpoints, on_nonfinite=cfg.train.on_nonfinite,
-                         max_nonfinite_skips=cfg.train.max_nonfinite_skips)
+                         max_nonfinite_skips=cfg.train.max_nonfinite_skips, steps=partial(self._known_steps, stage))
         if self.env.is_main:
             save_config(cfg, plan.ckpt_dir / "config.yaml")
         summary = run_stage(engine, plan, device=self.device, tracker=self.tracker, stopper=self.stopper,

@@ -281,7 +281,10 @@ def _left_pad(seq: np.ndarray, length: int) -> np.ndarray:
 
 def train_rows(samples: list[dict], *, dom: DomainIndex, label_domain: int, max_len: int,
                only_domain: bool, cloze: bool = False) -> dict[str, np.ndarray]:
-    """Training rows of ``samples`` that have at least one target in ``label_domain``, in order.
+    """One training row per sample, in order, its targets in ``label_domain``. A sample whose
+    window holds no target there (its sequence trimmed, or reduced to the domain, past its last
+    target) keeps an all-zero row that adds nothing to the loss: every sample is one row, so each
+    rank's batches per epoch follow from the manifest (:func:`batches_per_rank`).
 
     Each sequence (first reduced to the domain's items when ``only_domain``) is trimmed to its
     last ``max_len + 1`` events and right-aligned in one matrix, then inputs, next-item targets
@@ -306,15 +309,39 @@ def train_rows(samples: list[dict], *, dom: DomainIndex, label_domain: int, max_
     else:
         x, y = mat[:, :-1], mat[:, 1:]
         targets = np.where((x > 0) & (y > lo) & (y <= hi), y, 0)  # no target for a padded input
-    keep = targets.any(1)
     user = np.fromiter((s["user"] for s in samples), np.int64, len(samples))
-    return {"items": x[keep], "targets": targets[keep], "user": user[keep]}
+    return {"items": x, "targets": targets, "user": user}
 
 
-def train_example(sample: dict, **kw) -> dict | None:
-    """One sample's training row (see :func:`train_rows`), or None when it has no target."""
-    rows = train_rows([sample], **kw)
-    return {k: v[0] for k, v in rows.items()} if len(rows["user"]) else None
+def train_example(sample: dict, **kw) -> dict:
+    """One sample's training row (see :func:`train_rows`)."""
+    return {k: v[0] for k, v in train_rows([sample], **kw).items()}
+
+
+def batches_per_rank(manifest: dict, domain: str, *, batch_size: int, seed: int, epoch: int, world: int,
+                     num_workers: int = 0, epoch_batches: int | None = None) -> list[int]:
+    """The batches :func:`train_batches` yields on each of ``world`` ranks in ``epoch`` (one row a
+    sample, whole shards or every R-th sample per reader as :func:`split_mode` chooses, the shard
+    order of :func:`sample_stream`), from the manifest alone; ``epoch_batches`` for a resampled
+    stream. The training loop takes the smallest of them on every rank, with no per-step agreement."""
+    if epoch_batches is not None:
+        return [epoch_batches] * world
+    sizes = shard_sizes(manifest, domain, "train")
+    order = list(range(len(sizes)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)  # as sample_stream shuffles the shard list
+    workers = max(num_workers, 1)
+    readers = world * workers
+    out = []
+    for rank in range(world):
+        n = 0
+        for worker in range(workers):
+            if len(sizes) >= readers:  # whole shards: split_by_node, then split_by_worker
+                samples = sum(sizes[i] for i in order[rank::world][worker::workers])
+            else:  # every reader keeps every readers-th sample of all shards
+                samples = len(range(rank * workers + worker, sum(sizes), readers))
+            n += -(-samples // batch_size)
+        out.append(n)
+    return out
 
 
 def _train_batches_stage(batch_size: int, **kw):
