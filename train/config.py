@@ -95,6 +95,7 @@ class SyntheticConfig:
     events_per_domain: list[int] = field(default_factory=lambda: [16, 6])  # mean events a user has
     min_events_per_domain: int = 3
     taste_purity: float = 0.8  # probability an event follows the user's taste (else popularity)
+    popularity: Literal["zipf", "uniform"] = "zipf"  # item draws: Zipf within and across clusters, or uniform
     seed: int = 0
 
 

@@ -1,10 +1,12 @@
 """Synthetic cross-domain interactions with planted structure, the default that needs no files.
 
 Every user has one latent taste out of ``n_tastes``. Items of each domain are split into taste
-clusters, with Zipf popularity inside a cluster and overall. An event follows the user's taste
-with probability ``taste_purity`` and is a popularity draw otherwise, in both domains. So the
-source-domain history reveals the taste that drives the (short) target-domain history: a model
-that reads both domains should beat one that reads the target domain alone.
+clusters, with Zipf popularity inside a cluster and overall (``popularity: zipf``) or uniform
+draws (``uniform``: every item is about equally likely, so a few events per item cover a
+vocabulary of millions). An event follows the user's taste with probability ``taste_purity``
+and is a popularity draw otherwise, in both domains. So the source-domain history reveals the
+taste that drives the (short) target-domain history: a model that reads both domains should
+beat one that reads the target domain alone.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ def generate(cfg: SyntheticConfig, n_domains: int = 2) -> Iterator[Event]:
         perm = rng.permutation(n_items)
         clusters.append([perm[t::cfg.n_tastes] for t in range(cfg.n_tastes)])
         pop.append(_zipf_probs(n_items, 0.8)[np.argsort(rng.permutation(n_items))])
+    zipf = {len(c): _zipf_probs(len(c)) for cl in clusters for c in cl}  # by cluster size, computed once
+    uniform = cfg.popularity == "uniform"
     for u in range(cfg.n_users):
         taste = rng.integers(cfg.n_tastes)
         events = []
@@ -38,11 +42,11 @@ def generate(cfg: SyntheticConfig, n_domains: int = 2) -> Iterator[Event]:
             n = cfg.min_events_per_domain + rng.poisson(max(cfg.events_per_domain[d] - cfg.min_events_per_domain, 0))
             cl = clusters[d][taste]
             in_taste = rng.random(n) < cfg.taste_purity
-            picks = np.where(
-                in_taste,
-                cl[rng.choice(len(cl), size=n, p=_zipf_probs(len(cl)))],
-                rng.choice(len(pop[d]), size=n, p=pop[d]),
-            )
+            if uniform:
+                picks = np.where(in_taste, cl[rng.integers(len(cl), size=n)], rng.integers(len(pop[d]), size=n))
+            else:
+                picks = np.where(in_taste, cl[rng.choice(len(cl), size=n, p=zipf[len(cl)])],
+                                 rng.choice(len(pop[d]), size=n, p=pop[d]))
             events += [(d, int(i)) for i in picks]
         order = rng.permutation(len(events))
         days = np.sort(rng.integers(0, 3 * len(events), size=len(events)))
