@@ -4,7 +4,7 @@
 #   make demo EXP=configs/experiment/x.yaml ARGS="model.n_layers=4"
 #   make test                                         the test suite (CPU, gloo)
 #   make seeds EXP=configs/experiment/x.yaml [SEEDS="0 1 2"] [ARGS=...]   one run per seed (resumed where one stopped), then xdrec report
-#   make bench [BENCH_EVENTS=10000000]                stream throughput vs raw tar; prepare time and peak RSS
+#   make bench [BENCH_ARGS="--parts memory,xl"]       every performance goal as a ratio (about an hour): runs/bench/latest.json
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -46,8 +46,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m train.bench stream --dir $(BENCH_DIR)
-	$(BIN)/python -m train.bench prepare --events $(BENCH_EVENTS) --dir $(BENCH_DIR)
+	$(BIN)/python -m train.bench all --data $(BENCH_DIR) --events $(BENCH_EVENTS) $(BENCH_ARGS)
 
 clean:
 	rm -rf runs data/prepared wandb .pytest_cache

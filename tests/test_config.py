@@ -140,3 +140,30 @@ def test_float_settings_accept_exponent_notation_from_files_and_the_command_line
             load_config(_write(tmp_path, "name: x\n"), [f"train.joint.lr={bad}"])
     with pytest.raises(ConfigError, match="key 'train.micro_batch_size' expects int"):  # ints stay strict
         load_config(_write(tmp_path, "name: x\n"), ["train.micro_batch_size=1e2"])
+
+
+@pytest.mark.parametrize("preset", ["large", "xl"])
+def test_scale_presets_build_on_the_meta_device_with_the_parameter_counts_their_headers_state(preset):
+    """configs/model/<preset>.yaml states its parameters without the item table and per item;
+    its experiment builds (on the meta device: no memory) to exactly that count."""
+    import re
+
+    import torch
+
+    from train.plan import count_parts
+    from train.stages import build_model
+
+    header = (REPO / "configs" / "model" / f"{preset}.yaml").read_text()
+    base, per_item = (int(x.replace(",", "")) for x in
+                      re.search(r"# ([\d,]+) parameters of encoder, heads and position/domain tables, plus ([\d,]+) "
+                                r"per item", header).groups())
+    cfg = load_config(REPO / "configs" / "experiment" / f"{preset}.yaml")
+    assert cfg.model.d_model == per_item
+    for n_items in (2968, 28095):
+        manifest = {"domains": [{"name": "A", "offset": 0, "n_items": n_items // 2},
+                                {"name": "B", "offset": n_items // 2, "n_items": n_items - n_items // 2}]}
+        with torch.device("meta"):
+            parts = count_parts(build_model(cfg, manifest))
+        assert sum(parts.values()) == base + per_item * (n_items + 1)
+    assert (sum(parts.values()) >= 10 ** 9) == (preset == "xl")
+    assert 150e6 <= base + per_item * 2969 <= 300e6 or preset == "xl"

@@ -60,3 +60,23 @@ def test_warmup_then_cosine_to_a_tenth():
     assert warmup_cosine(10, warmup=10, total=100) == pytest.approx(1.0)
     assert warmup_cosine(55, warmup=10, total=100) == pytest.approx(0.55)
     assert warmup_cosine(100, warmup=10, total=100) == pytest.approx(0.1)
+
+
+def test_the_gpu_benchmark_script_dry_runs_on_the_cpu(tmp_path):
+    """bench/gpu.sh --dry-run: the same path as on a CUDA machine (models built, ZeRO-2 and ZeRO-3
+    engines stepped under torchrun, FLOPs counted), tiny sizes on the CPU; one row per case."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
+    p = subprocess.run(["bash", str(repo / "bench" / "gpu.sh"), "--dry-run", "--out", str(tmp_path),
+                        "--data", str(tmp_path / "data")], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu-latest.json").read_text())["gpu"]
+    assert sorted(res["cases"]) == [f"{m} zero{z}" for m in ("base", "large", "xl") for z in (2, 3)]
+    for case in res["cases"].values():
+        assert case["step_s"] > 0 and case["tokens_per_s"] > 0 and 0 < case["mfu"] < 1
+    assert "base zero3: MFU (recorded)" in p.stdout
