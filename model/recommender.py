@@ -129,7 +129,7 @@ class Recommender(nn.Module):
         self.ranges = [tuple(r) for r in ranges]
         self.heads = heads
         self.view_encoders = view_encoders
-        rows = embedding.item.weight.shape[0]
+        rows = embedding.item.num_embeddings  # not the weight's shape: under zero.Init it is partitioned by now
         self.item_bias = nn.Parameter(torch.zeros(rows)) if item_bias else None
 
     def queries(self, h: torch.Tensor, views: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ from train.stages import build_model
 
 env, _ = setup_distributed()
 cfg = load_config("configs/experiment/tiny.yaml", ["model.d_model=512", "model.n_layers=4", "model.n_heads=4",
+                                                    "model.item_bias=true", "model.sequence=dual", "model.view_layers=1",
                                                     "model.ff_mult=4", "train.zero_stage=3"])
 manifest = {"domains": [{"name": n, "offset": 2000 * i, "n_items": 2000} for i, n in enumerate(cfg.data.domains)]}
 model, _ = construct(lambda: build_model(cfg, manifest), train=cfg.train, world_size=env.world_size)
