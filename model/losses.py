@@ -10,6 +10,8 @@ domain's summed CE and target count on the local batch; ``weighted_domain_mean``
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -147,3 +149,76 @@ def domain_cross_entropy(hidden, targets: torch.Tensor, item_weight: torch.Tenso
     """Single-batch loss: ``(loss, detached per-domain CE sums, per-domain counts as a list)``."""
     sums, counts = domain_ce_sums(hidden, targets, item_weight, ranges)
     return weighted_domain_mean(sums, counts, weights), [s.detach() for s in sums], counts.tolist()
+
+
+# -- the training losses a Recommender is given ----------------------------------------------------
+# Each is called as ``loss(queries, targets, table, ranges, own)`` -> (per-domain CE sums,
+# per-domain counts): ``queries`` one [B, L, D'] tensor per domain, ``table`` the scored item
+# table, ``own`` (B, 2L) the row's inputs and targets (for exclude_own_items).
+
+
+@dataclass(frozen=True)
+class FullSoftmax:
+    """Softmax over every item of the target's domain (:func:`domain_ce_sums`)."""
+
+    per_row: bool = False
+    label_smoothing: float = 0.0
+    exclude_own_items: bool = False
+
+    def __call__(self, queries, targets, table, ranges, own):
+        return domain_ce_sums(queries, targets, table, ranges, exclude=own if self.exclude_own_items else None,
+                              per_row=self.per_row, label_smoothing=self.label_smoothing)
+
+    def describe(self) -> str:
+        return "full softmax over the target's domain" + (
+            f", label smoothing {self.label_smoothing:g}" if self.label_smoothing else "")
+
+
+@dataclass(frozen=True)
+class SampledSoftmax:
+    """In-batch targets + ``num_sampled`` uniform items, log-Q corrected (:func:`domain_sampled_ce_sums`)."""
+
+    num_sampled: int
+    per_row: bool = False
+
+    def __call__(self, queries, targets, table, ranges, own):
+        return domain_sampled_ce_sums(queries, targets, table, ranges, self.num_sampled, per_row=self.per_row)
+
+    def describe(self) -> str:
+        return f"sampled softmax (in-batch + {self.num_sampled} uniform negatives of the domain, log-Q corrected)"
+
+
+@dataclass(frozen=True)
+class UniformSoftmax:
+    """The target against ``num_sampled`` uniform items of its domain (:func:`domain_uniform_ce_sums`);
+    ``domains``: only these draw and score (None: every domain)."""
+
+    num_sampled: int
+    per_row: bool = False
+    domains: tuple[int, ...] | None = None
+
+    def __call__(self, queries, targets, table, ranges, own):
+        return domain_uniform_ce_sums(queries, targets, table, ranges, self.num_sampled, per_row=self.per_row,
+                                      domains=None if self.domains is None else list(self.domains))
+
+    def describe(self) -> str:
+        return f"softmax over the target and {self.num_sampled} uniform negatives of its domain"
+
+
+@dataclass(frozen=True)
+class WithUniformAux:
+    """A full softmax plus ``weight`` x the uniform-negative CE of the listed domains (ABXI's auxiliary)."""
+
+    base: FullSoftmax
+    aux: UniformSoftmax
+    weight: float
+
+    def __call__(self, queries, targets, table, ranges, own):
+        sums, counts = self.base(queries, targets, table, ranges, own)
+        aux, _ = self.aux(queries, targets, table, ranges, own)
+        return [s + self.weight * a for s, a in zip(sums, aux)], counts
+
+    def describe(self, names: list[str] | None = None) -> str:
+        doms = ", ".join(names[d] for d in self.aux.domains) if names and self.aux.domains else "its domains"
+        return (f"{self.base.describe()}, plus {self.weight:g} x the CE against {self.aux.num_sampled} uniform "
+                f"negatives of the domain for {doms}")

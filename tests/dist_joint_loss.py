@@ -7,16 +7,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-from model import build_recommender, domain_cross_entropy
+from model import ModelConfig, Vocabulary, build_recommender, domain_cross_entropy
 from train.engine import global_domain_loss, loss_value, setup_distributed
 
 
 def model():
     torch.manual_seed(0)
-    item_domain = torch.tensor([0] + [1] * 5 + [2] * 6)  # ids 1-5 domain 0, 6-11 domain 1
-    return build_recommender(n_items=11, ranges=[(1, 6), (6, 12)], item_domain=item_domain, d_model=8,
-                             n_layers=1, n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=5,
-                             causal=True, domain_embeddings=True, domain_heads=True)
+    cfg = ModelConfig(d_model=8, n_layers=1, n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=5)
+    return build_recommender(cfg, Vocabulary(("A", "B"), (5, 6)))  # ids 1-5 domain 0, 6-11 domain 1
 
 
 items = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 5, 1, 2],      # rank 0: source targets only

@@ -224,14 +224,12 @@ def test_records_are_strict_json_naming_a_non_finite_key():
 def test_chunked_full_ranking_equals_scoring_every_item_at_once(temperature, bias):
     """A model's scorer, 7 items at a time, ranks every target exactly as the whole [B, n] score
     matrix does (ties against the target), for both protocols."""
-    from model import build_recommender
+    from model import ModelConfig, Vocabulary, build_recommender
     from train.evaluate import rank_in_chunks
     torch.manual_seed(0)
-    ranges = [(1, 41), (41, 91)]
-    item_domain = torch.tensor([0] + [1] * 40 + [2] * 50)
-    m = build_recommender(n_items=90, ranges=ranges, item_domain=item_domain, d_model=16, n_layers=1, n_heads=2,
-                          ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=8, causal=True, domain_embeddings=True,
-                          temperature=temperature, item_bias=bias).eval()
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=8,
+                      temperature=temperature, item_bias=bias)
+    m = build_recommender(cfg, Vocabulary(("A", "B"), (40, 50))).eval()
     if bias:
         with torch.no_grad():
             m.item_bias.copy_(torch.randn(91))

@@ -3,16 +3,20 @@ import math
 import pytest
 import torch
 
-from model import build_recommender, domain_cross_entropy, weighted_domain_mean
+from model import ModelConfig, Vocabulary, build_recommender, domain_cross_entropy, weighted_domain_mean
+
+VOCAB = Vocabulary(("A", "B"), (3, 4))  # ids 1-3 domain 0 (A), 4-7 domain 1 (B)
+SMALL = dict(d_model=8, n_layers=1, n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, domain_heads=False)
+
+
+def make(seed=0, active=None, **kw):
+    """A small model (8 dims, no dropout) from ModelConfig fields ``kw``, built after seeding."""
+    torch.manual_seed(seed)
+    return build_recommender(ModelConfig(**{**SMALL, **kw}), VOCAB, active=active)
 
 
 def _model(causal=True, seed=0):
-    torch.manual_seed(seed)
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])  # ids 1-3 domain 0, 4-7 domain 1
-    m = build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=2,
-                          n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=causal,
-                          domain_embeddings=True)
-    return m.eval()
+    return make(seed, n_layers=2, causal=causal, objective="next_item" if causal else "masked").eval()
 
 
 def test_causal_mask_future_item_does_not_change_earlier_outputs():
@@ -88,11 +92,7 @@ def test_scores_and_recommend_cover_one_domain():
 
 
 def _headed(seed=0):
-    torch.manual_seed(seed)
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    return build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1,
-                             n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True,
-                             domain_embeddings=True, domain_heads=True).eval()
+    return make(seed, domain_heads=True).eval()
 
 
 def test_domain_heads_start_as_the_shared_query_then_specialise():
@@ -223,11 +223,7 @@ def test_excluding_own_items_leaves_the_rows_other_items_out_of_each_softmax():
     assert torch.allclose(full[1], sums[1])  # its one excluded id is its target, which stays
 
     # the model excludes its row's inputs and targets (earlier and later items alike)
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
-              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True)
-    torch.manual_seed(0)
-    m = build_recommender(**kw, exclude_own_items=True).eval()
+    m = make(exclude_own_items=True).eval()
     items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
     got, _ = m(items, targets=tgts)
     want, _ = domain_ce_sums(m.queries(m(items)), tgts, m.embedding.item.weight, m.ranges,
@@ -235,19 +231,15 @@ def test_excluding_own_items_leaves_the_rows_other_items_out_of_each_softmax():
     plain, _ = domain_ce_sums(m.queries(m(items)), tgts, m.embedding.item.weight, m.ranges)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
     assert not torch.allclose(got[0], plain[0])
-    with pytest.raises(ValueError, match="exclude_own_items needs loss 'full'"):
-        build_recommender(**kw, loss="uniform", num_sampled=4, exclude_own_items=True)
+    with pytest.raises(ValueError, match="exclude_own_items needs loss=full, got 'uniform'"):
+        make(loss="uniform", sampled_negatives=4, exclude_own_items=True)
 
 
 @pytest.mark.parametrize("loss", ["sampled", "uniform"])
 def test_model_trains_with_the_named_sampled_loss(loss):
     from model.losses import domain_sampled_ce_sums, domain_uniform_ce_sums
 
-    torch.manual_seed(0)
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    m = build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1,
-                          n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True,
-                          domain_embeddings=True, domain_heads=True, loss=loss, num_sampled=5).eval()
+    m = make(domain_heads=True, loss=loss, sampled_negatives=5).eval()
     items = torch.tensor([[0, 1, 4, 2, 5, 6]])
     targets = torch.tensor([[1, 4, 2, 5, 6, 3]])
     torch.manual_seed(3)
@@ -256,18 +248,12 @@ def test_model_trains_with_the_named_sampled_loss(loss):
     torch.manual_seed(3)
     ref, _ = fn(m.queries(m(items)), targets, m.embedding.item.weight, m.ranges, 5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sums, ref))
-    with pytest.raises(ValueError, match="loss must be 'full' or one of"):
-        build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1,
-                          n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True,
-                          domain_embeddings=True, loss="sampeld")
+    with pytest.raises(ValueError, match=r"loss must be one of \['full', 'sampled', 'uniform'\], got 'sampeld'"):
+        make(loss="sampeld")
 
 
 def _masked_model(seed=0):
-    torch.manual_seed(seed)
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    return build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1,
-                             n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=False,
-                             domain_embeddings=True, masked=True, mask_prob=0.5)
+    return make(seed, causal=False, objective="masked", mask_prob=0.5)
 
 
 def test_cloze_masks_labelled_positions_only_and_at_least_one_per_row():
@@ -277,13 +263,13 @@ def test_cloze_masks_labelled_positions_only_and_at_least_one_per_row():
     targets[2] = 0  # a row without labels stays unmasked
     for seed in range(20):
         torch.manual_seed(seed)
-        x, t = m.cloze(items, targets)
+        x, t = m.objective.training(items, targets)
         masked = x == 8  # the [MASK] id is n_items + 1
         assert not (masked & (targets == 0)).any() and masked[:2].any(1).all() and not masked[2].any()
         assert torch.equal(t, targets * masked) and torch.equal(x[~masked], items[~masked])
     # the share masked follows mask_prob over many draws
     big = torch.randint(4, 8, (400, 6))
-    x, _ = m.cloze(big, big)
+    x, _ = m.objective.training(big, big)
     assert 0.4 < (x == 8).float().mean() < 0.6
 
 
@@ -296,12 +282,12 @@ def test_cloze_scoring_appends_a_mask_after_the_history():
     assert torch.allclose(m(items, domain=1), m.queries(h)[1] @ m.embedding.item.weight[lo:hi].T, atol=1e-6)
 
 
-def _dual_model(seed=0, view_domains=(0, 1), **kw):
-    torch.manual_seed(seed)
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    return build_recommender(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=2,
-                             n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=7, causal=True,
-                             domain_embeddings=True, domain_heads=True, view_domains=list(view_domains), **kw).eval()
+def _dual_model(seed=0, view_domains=(0, 1), view_encoder_domains=None, **kw):
+    """Views of ``view_domains`` (indices); with ``view_layers``, encoders are built for
+    ``view_encoder_domains`` (the model views only ``view_domains`` of them: the others idle)."""
+    names = [VOCAB.names[d] for d in (view_encoder_domains or view_domains)]
+    return make(seed, n_layers=2, max_len=7, domain_heads=True, sequence="dual", view_domains=names,
+                active=[VOCAB.names[d] for d in view_domains], **kw).eval()
 
 
 def test_domain_view_is_the_own_domain_encoding_at_the_latest_own_event():
@@ -402,8 +388,6 @@ def test_a_view_with_an_encoder_of_its_own_leaves_the_shared_encoder_to_the_mixe
     sum(sums).backward()
     assert all(p.grad is None for p in m.view_encoders["0"].parameters())
     assert all(p.grad is not None for p in m.view_encoders["1"].parameters())
-    with pytest.raises(ValueError, match="needs one for each"):
-        _dual_model(view_domains=[0, 1], view_layers=1, view_encoder_domains=[1])
 
 
 def test_an_idle_view_encoder_leaves_the_random_stream_and_the_other_weights_as_without_it():
@@ -451,32 +435,24 @@ def test_row_mean_weighs_every_row_the_same_whatever_its_number_of_targets():
 
 
 def test_model_row_mean_option_and_its_check():
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
-              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True)
-    torch.manual_seed(0)
-    m = build_recommender(**kw, loss_mean="row").eval()
+    m = make(loss_mean="row").eval()
     items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6], [0, 0, 0, 0, 1, 2]]), torch.tensor([[1, 4, 2, 5, 6, 3], [0, 0, 0, 0, 2, 5]])
     sums, counts = m(items, targets=tgts)
     assert counts.tolist() == [2, 2]  # rows, not the 5 / 4 targets
     from model.losses import domain_ce_sums
     want, _ = domain_ce_sums(m.queries(m(items)), tgts, m.embedding.item.weight, m.ranges, per_row=True)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sums, want))
-    with pytest.raises(ValueError, match="loss_mean must be 'target' or 'row', got 'user'"):
-        build_recommender(**kw, loss_mean="user")
+    with pytest.raises(ValueError, match=r"loss_mean must be one of \['target', 'row'\], got 'user'"):
+        make(loss_mean="user")
 
 
 def test_cosine_scoring_and_label_smoothing_by_hand():
     """temperature > 0: training logits and evaluation scores are cos(query, item) / temperature;
     label smoothing: (1 - e) * CE + e * mean over the domain's items of -log p."""
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
-              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True,
-              domain_heads=True)
+    kw = dict(domain_heads=True)
     items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
-    torch.manual_seed(0)
-    dot = build_recommender(**kw).eval()
-    cos = build_recommender(**kw, temperature=0.25, label_smoothing=0.2).eval()
+    dot = make(**kw).eval()
+    cos = make(**kw, temperature=0.25, label_smoothing=0.2).eval()
     cos.load_state_dict(dot.state_dict())
     with torch.no_grad():
         for h in cos.heads:  # a head that is not the identity, so the query's norm is the head's
@@ -500,25 +476,21 @@ def test_cosine_scoring_and_label_smoothing_by_hand():
     assert counts.tolist() == [3, 3]
     assert torch.allclose(torch.stack(sums), torch.stack(want), atol=1e-4)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
-        build_recommender(**kw, temperature=-1.0)
+        make(**kw, temperature=-1.0)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
-        build_recommender(**kw, label_smoothing=1.0)
-    with pytest.raises(ValueError, match="label_smoothing needs loss 'full' without exclude_own_items"):
-        build_recommender(**kw, label_smoothing=0.1, exclude_own_items=True)
+        make(**kw, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="label_smoothing needs loss=full without exclude_own_items"):
+        make(**kw, label_smoothing=0.1, exclude_own_items=True)
 
 
 def test_uniform_aux_adds_the_uniform_negatives_ce_of_the_listed_domains_to_the_full_ce():
     """uniform_aux=w: a listed domain's loss is its full-softmax CE plus w times its CE against
     num_sampled uniform draws of the domain (cosine logits, by hand); an unlisted domain is the
     full CE alone and draws nothing, so an empty list leaves the random stream as without it."""
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
-              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True,
-              domain_heads=True, temperature=0.5, num_sampled=5)
+    kw = dict(domain_heads=True, temperature=0.5, sampled_negatives=5)
     items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
-    torch.manual_seed(0)
-    plain = build_recommender(**kw).eval()
-    aux = build_recommender(**kw, uniform_aux=0.5, uniform_aux_domains=[1]).eval()
+    plain = make(**kw).eval()
+    aux = make(**kw, uniform_aux=0.5, uniform_aux_domains=["B"]).eval()
     aux.load_state_dict(plain.state_dict())
     ref, ref_counts = plain(items, targets=tgts)
     torch.manual_seed(7)
@@ -539,29 +511,24 @@ def test_uniform_aux_adds_the_uniform_negatives_ce_of_the_listed_domains_to_the_
     assert counts.tolist() == ref_counts.tolist() == [3, 3]
     assert torch.allclose(sums[0], ref[0], atol=1e-6)
     assert torch.allclose(sums[1], ref[1] + 0.5 * want, atol=1e-4)
-    # an empty list: no draws, the plain model's loss and random stream
-    none = build_recommender(**kw, uniform_aux=0.5, uniform_aux_domains=[]).eval()
+    # no listed domain the model trains: no draws, the plain model's loss and random stream
+    none = make(**kw, uniform_aux=0.5, uniform_aux_domains=["A"], active=["B"]).eval()
     none.load_state_dict(plain.state_dict())
     torch.manual_seed(7)
     nsums, _ = none(items, targets=tgts)
     assert torch.equal(torch.stack(nsums), torch.stack(ref))
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state())
-    with pytest.raises(ValueError, match="uniform_aux must be >= 0 and needs loss 'full'"):
-        build_recommender(**{**kw, "loss": "sampled"}, uniform_aux=0.5)
+    with pytest.raises(ValueError, match="uniform_aux=0.5 needs loss=full, got 'sampled'"):
+        make(**{**kw, "loss": "sampled"}, uniform_aux=0.5)
 
 
 def test_item_bias_adds_a_learned_bias_to_every_score_by_hand():
     """item_bias: evaluation scores and training logits are cos(query, item) / t + bias[item]; the
     bias starts at zero (the model scores as without it, same random stream) and learns."""
-    item_domain = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
-    kw = dict(n_items=7, ranges=[(1, 4), (4, 8)], item_domain=item_domain, d_model=8, n_layers=1, n_heads=2,
-              ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=6, causal=True, domain_embeddings=True,
-              domain_heads=True, temperature=0.25)
+    kw = dict(domain_heads=True, temperature=0.25)
     items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
-    torch.manual_seed(0)
-    plain = build_recommender(**kw).eval()
-    torch.manual_seed(0)
-    biased = build_recommender(**kw, item_bias=True).eval()
+    plain = make(**kw).eval()
+    biased = make(**kw, item_bias=True).eval()
     # zero bias: the same weights (same random stream) and scores as without it
     assert all(torch.equal(v, biased.state_dict()[k]) for k, v in plain.state_dict().items())
     assert torch.allclose(biased(items, domain=1), plain(items, domain=1), atol=1e-6)
