@@ -41,31 +41,31 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("name: x\n", ["data.filter.min_events=2"], r"data.filter.min_events=2; leave-one-out needs >= 3"),
     ("name: x\n", ["data.filter.duplicates=drop"], r"key 'data.filter.duplicates' must be one of"),
     ("data:\n  format: amazon\n", [], r"data.format='amazon' needs data.files"),
-    ("name: x\n", ["model.causal=false"], r"model.objective='next_item' needs model.causal=True"),
-    ("name: x\n", ["model.objective=masked"], r"model.objective='masked' needs model.causal=False"),
+    ("name: x\n", ["model.causal=false"], r"model.objective='next_item' needs causal=True"),
+    ("name: x\n", ["model.objective=masked"], r"model.objective='masked' needs causal=False"),
     ("name: x\n", ["model.loss=uniform", "model.sampled_negatives=0"],
-     r"model.loss=uniform needs model.sampled_negatives >= 1"),
+     r"model.loss=uniform needs sampled_negatives >= 1"),
     ("name: x\n", ["train.init_from=runs/a"], r"train.init_from='runs/a' starts the joint stage from that run's"),
     ("name: x\n", ["train.stages=[target_only, joint]"], r"train.stages has 'joint' without 'source'"),
     ("name: x\n", ["train.joint.plateau_decay=0"], r"command line: train.joint.plateau_decay must be in \(0, 1\], got 0"),
-    ("name: x\n", ["model.view_domains=[B]"], r"model.view_domains=\['B'\] needs model.sequence=dual, got 'mixed'"),
+    ("name: x\n", ["model.view_domains=[B]"], r"model.view_domains=\['B'\] needs sequence=dual, got 'mixed'"),
     ("name: x\n", ["model.sequence=dual", "model.view_domains=[C]"], r"model.view_domains: 'C' is not one of data.domains"),
-    ("name: x\n", ["model.view_layers=1"], r"model.view_layers=1 needs model.sequence=dual, got 'mixed'"),
+    ("name: x\n", ["model.view_layers=1"], r"model.view_layers=1 needs sequence=dual, got 'mixed'"),
     ("name: x\n", ["model.sequence=dual", "model.view_layers=-1"], r"model.view_layers must be >= 0, got -1"),
     ("name: x\n", ["model.uniform_aux=0.5", "model.loss=uniform"],
-     r"command line: model.uniform_aux=0.5 needs model.loss=full, got 'uniform'"),
+     r"command line: model.uniform_aux=0.5 needs loss=full, got 'uniform'"),
     ("name: x\n", ["model.uniform_aux=0.5", "model.uniform_aux_domains=[C]"],
      r"model.uniform_aux_domains: 'C' is not one of data.domains"),
     ("name: x\n", ["model.exclude_own_items=true", "model.loss=sampled"],
-     r"command line: model.exclude_own_items needs model.loss=full, got 'sampled'"),
+     r"command line: model.exclude_own_items needs loss=full, got 'sampled'"),
     ("name: x\n", ["train.joint.micro_batch_size=-1"],
      r"command line: train.joint.micro_batch_size must be >= 0 \(0: train.micro_batch_size\), got -1"),
     ("name: x\n", ["model.temperature=-0.5"], r"command line: model.temperature must be >= 0 \(0 = dot product\), got -0.5"),
     ("name: x\n", ["model.label_smoothing=1.0"], r"command line: model.label_smoothing must be in \[0, 1\), got 1.0"),
     ("name: x\n", ["model.label_smoothing=0.1", "model.loss=sampled"],
-     r"command line: model.label_smoothing needs model.loss=full without model.exclude_own_items"),
+     r"command line: model.label_smoothing needs loss=full without exclude_own_items"),
     ("name: x\n", ["eval.prior=-0.5"], r"command line: eval.prior must be >= 0 \(0 = the model's scores alone\), got -0.5"),
-    ("name: x\n", ["eval.transition=-1"], r"command line: eval.transition must be >= 0 \(0 = off\), got -1.0"),
+    ("name: x\n", ["eval.transition=-1"], r"command line: eval.transition must be >= 0 \(0 = off\), got -1$"),
 ], ids=["type", "bool-not-int", "literal", "preset", "cross-field", "override-key", "override-type",
         "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files", "bidirectional-next-item",
         "causal-cloze", "no-negatives", "init-from-and-source", "joint-without-source", "plateau-decay",
@@ -167,3 +167,24 @@ def test_scale_presets_build_on_the_meta_device_with_the_parameter_counts_their_
         assert sum(parts.values()) == base + per_item * (n_items + 1)
     assert (sum(parts.values()) >= 10 ** 9) == (preset == "xl")
     assert 150e6 <= base + per_item * 2969 <= 300e6 or preset == "xl"
+
+
+def test_presets_resolve_from_anywhere_and_from_the_command_line(tmp_path):
+    """An experiment file outside configs/ finds presets in its own tree first, then in the
+    project's configs/; `model=<preset>` on the command line selects one; a misspelled preset
+    lists the ones there are."""
+    lone = tmp_path / "anywhere" / "exp.yaml"
+    lone.parent.mkdir()
+    lone.write_text("name: lone\nmodel: base\ndata: synthetic\n")
+    cfg = load_config(lone)
+    assert cfg.model.d_model == 64 and cfg.data.name == "synthetic"  # the project's base and synthetic presets
+    own = _write(tmp_path / "tree", "model: small\n")  # its own configs/model/small.yaml comes first
+    assert load_config(own).model.d_model == 32
+    wide = load_config(lone, ["model=wide", "model.n_layers=3"])
+    assert (wide.model.d_model, wide.model.dropout, wide.model.n_layers) == (128, 0.3, 3)
+    with pytest.raises(ConfigError, match=r"command line: key 'model' names preset 'wdie', which is not in .*; known: "
+                                          r"\[.*'base'.*'wide'.*\]"):
+        load_config(lone, ["model=wdie"])
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'data' names preset 'synthetc'.*known: \[.*'synthetic'"):
+        (tmp_path / "anywhere" / "bad.yaml").write_text("data: synthetc\n")
+        load_config(tmp_path / "anywhere" / "bad.yaml")

@@ -1,100 +1,66 @@
 """One typed config tree for xdrec.
 
-An experiment is a YAML file in ``configs/experiment/``. Its ``model`` and ``data`` sections may
-name a preset (``model: tiny`` loads ``configs/model/tiny.yaml``) or give ``{preset: tiny, ...}``
-to load a preset and override some of its keys. Dotted command-line overrides
-(``model.n_layers=4``) are applied last. Every key is checked against the dataclasses below:
-an unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and the
-file (or ``command line``) it came from, before any work starts.
+An experiment is a YAML file. Its ``model`` and ``data`` sections may name a preset
+(``model: tiny`` loads ``model/tiny.yaml`` from the experiment's own config tree, else from the
+project's ``configs/``), or give ``{preset: tiny, ...}`` to load a preset and override some of its
+keys; on the command line ``model=tiny`` selects one too. Dotted command-line overrides
+(``model.n_layers=4``) are applied last.
 
-Derived values live as methods (``TrainConfig.global_batch_size``), never as extra keys.
+The tree is plain dataclasses; ``ModelConfig`` lives with the model (``model.config``). Types,
+unknown keys and single-field ranges are checked by pydantic (v2, the version DeepSpeed already
+brings) against a strict mirror of each dataclass: an int is an int (not a bool, not "3"), a float
+may be written ``1e6``; ranges are declared beside their fields (``Annotated[int, Field(ge=0)]``).
+Cross-field invariants are each section's ``check()``, run when the tree is loaded
+(``ModelConfig`` checks itself on construction). Every error is one
+:class:`ConfigError` naming the key and the file (or ``command line``) it came from, before any
+work starts. Derived values live as methods (``TrainConfig.global_batch_size``), never as keys.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-STAGES = ("source", "joint", "target_only")
+from model.config import ModelConfig
+
+StageName = Literal["target_only", "source", "joint"]
+STAGES: tuple[str, ...] = typing.get_args(StageName)  # the one list of stage names, in run order
+Metric = Annotated[str, Field(pattern=r"^(hr@\d+|ndcg@\d+|mrr)$", description="hr@k, ndcg@k or mrr")]
+__all__ = ["ModelConfig", "ExperimentConfig", "ConfigError", "load_config", "save_config", "STAGES"]
 
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key and where it came from."""
 
 
-@dataclass
-class ModelConfig:
-    """SASRec-style encoder over the mixed-domain item sequence."""
+def _at_least(bound, note: str = "") -> Any:
+    return Field(ge=bound, description=f">= {bound}{note}")
 
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    ff_mult: int = 4  # feed-forward width = ff_mult * d_model
-    dropout: float = 0.2
-    emb_dropout: float = 0.2
-    max_len: int = 50  # sequences are trimmed to their last max_len events
-    causal: bool = True
-    domain_embeddings: bool = True
-    domain_heads: bool = True  # per-domain residual query projection before scoring
-    # training softmax: "full" over every item of the target's domain; "sampled": in-batch
-    # targets + sampled_negatives uniform items per domain, log-Q corrected (approximates full,
-    # large vocabularies); "uniform": the target against sampled_negatives uniform items of its
-    # domain only (what the sampled evaluation protocol measures; cheaper than full)
-    loss: Literal["full", "sampled", "uniform"] = "full"
-    sampled_negatives: int = 1024
-    # full loss only: each target's softmax leaves out the other items of its training row (the
-    # user's earlier and later items), which the sampled protocol never draws as negatives
-    exclude_own_items: bool = False
-    # a domain's loss: "target" = mean over its targets in the global batch; "row" = mean over
-    # the rows (users) with targets in it of each row's own mean (every user weighs the same)
-    loss_mean: Literal["target", "row"] = "target"
-    # > 0: cosine scoring, cos(query, item) / temperature, in training and evaluation (query and
-    # item vectors L2-normalised); 0: dot product
-    temperature: float = 0.0
-    # every score (training and evaluation) adds a learned per-item bias, zero at the start
-    item_bias: bool = False
-    # full loss only (not with exclude_own_items): share of the training target's mass spread
-    # uniformly over its domain's items
-    label_smoothing: float = 0.0
-    # full loss only, > 0: a target of a domain in uniform_aux_domains ([] = every domain) adds this
-    # weight times its CE against sampled_negatives uniform items of its domain (the ranking the
-    # sampled protocol measures) to its full-softmax CE; 0 = off
-    uniform_aux: float = 0.0
-    uniform_aux_domains: list[str] = field(default_factory=list)
-    # "mixed": one time-ordered sequence of every domain's events; "per_domain": a domain's rows
-    # (training and evaluation) see that domain's events alone, parameters still shared
-    # "dual": mixed inputs, and each domain's query adds the encoder's state over the row's
-    # events of that domain alone (costs one more encoder pass per domain)
-    sequence: Literal["mixed", "per_domain", "dual"] = "mixed"
-    # dual only: the domains whose query adds the own-domain view (the others score from the
-    # mixed sequence alone, one encoder pass fewer each); [] = every domain
-    view_domains: list[str] = field(default_factory=list)
-    # dual only: 0 = the views run through the shared encoder; N > 0 = each viewed domain has its
-    # own encoder of N blocks for its view, so the shared encoder sees mixed sequences alone
-    view_layers: int = 0
-    # "next_item" (SASRec, needs causal: true) or "masked" (BERT4Rec-style cloze: bidirectional,
-    # causal: false; a random mask_prob share of each row's label-domain items is predicted, at
-    # least one; scoring appends a [MASK] after the history)
-    objective: Literal["next_item", "masked"] = "next_item"
-    mask_prob: float = 0.2
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass
 class SyntheticConfig:
     """Generator with planted cross-domain structure: a user's latent taste drives both domains."""
 
-    n_users: int = 2000
+    n_users: Annotated[int, _at_least(1)] = 2000
     items_per_domain: list[int] = field(default_factory=lambda: [600, 600])
-    n_tastes: int = 12
+    n_tastes: Annotated[int, _at_least(1)] = 12
     events_per_domain: list[int] = field(default_factory=lambda: [16, 6])  # mean events a user has
-    min_events_per_domain: int = 3
-    taste_purity: float = 0.8  # probability an event follows the user's taste (else popularity)
+    min_events_per_domain: Annotated[int, _at_least(1)] = 3
+    taste_purity: Annotated[float, Field(ge=0, le=1, description="in [0, 1]")] = 0.8  # else a popularity draw
     popularity: Literal["zipf", "uniform"] = "zipf"  # item draws: Zipf within and across clusters, or uniform
     seed: int = 0
 
@@ -117,12 +83,17 @@ class FilterConfig:
 
     min_rating: Optional[float] = None  # keep events with rating >= this (needs a rating column)
     duplicates: Literal["keep", "first", "last"] = "keep"  # repeated (user, item): keep all, earliest, latest
-    user_core: int = 0  # iterative k-core per domain: a user keeps its events in a domain only with
-    item_core: int = 0  # >= user_core of them there; an item needs >= item_core events
-    min_domains: int = 1  # 2: keep only users active in both domains (repeated with the k-core to a fixed point)
-    last_n: int = 0  # keep each user's last N events (0: all)
+    user_core: Annotated[int, _at_least(0)] = 0  # iterative k-core per domain: a user keeps its events in a
+    item_core: Annotated[int, _at_least(0)] = 0  # domain only with >= user_core there; an item >= item_core
+    min_domains: Annotated[int, _at_least(1)] = 1  # 2: only users active in both domains (with the k-core)
+    last_n: Annotated[int, _at_least(0)] = 0  # keep each user's last N events (0: all)
     min_events: int = 3  # leave-one-out needs >= 3 events (train, valid, test)
     tie_break: Literal["input", "item"] = "input"  # order of equal timestamps: input order or item id
+
+    def check(self) -> None:
+        _check(self.min_events >= 3, f"min_events={self.min_events}; leave-one-out needs >= 3")
+        _check(not self.last_n or self.last_n >= self.min_events,
+               f"last_n={self.last_n} is below min_events={self.min_events}")
 
 
 @dataclass
@@ -141,8 +112,8 @@ class DataConfig:
     source: str = "A"
     target: str = "B"
     out_dir: str = "data/prepared"  # shards go to <out_dir>/<name>/
-    shard_samples: int = 1000  # a shard closes at this many samples ...
-    shard_bytes: int = 0  # ... or (if > 0) once it holds this many bytes
+    shard_samples: Annotated[int, _at_least(1)] = 1000  # a shard closes at this many samples ...
+    shard_bytes: Annotated[int, _at_least(0)] = 0  # ... or (if > 0) once it holds this many bytes
     # Stream shards from here instead of <out_dir>/<name>/ (the manifest stays local): a base URL
     # (https://host/x, file:///mnt/x) or a pattern with {path}, e.g. "pipe:aws s3 cp s3://b/x/{path} -"
     remote: str = ""
@@ -150,6 +121,22 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     table: TableConfig = field(default_factory=TableConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+
+    def check(self) -> None:
+        for key, dom in (("source", self.source), ("target", self.target)):
+            _check(dom in self.domains, f"{key}={dom!r} is not one of data.domains {self.domains}")
+        _check(self.source != self.target, f"source and data.target are both {self.source!r}")
+        _check(len(self.domains) == 2, f"domains must name exactly 2 domains, got {self.domains}")
+        _check(self.format != "abxi" or self.path, "path is empty but data.format='abxi' reads a folder")
+        _check(self.format != "table" or self.path or self.files, "format='table' needs data.path (one table with a "
+               "domain column) or data.files (files per domain)")
+        _check(self.format != "amazon" or self.files, "format='amazon' needs data.files: one review file (or more) per domain")
+        for dom in self.files:
+            _check(dom in self.domains, f"files.{dom}: {dom!r} is not one of data.domains {self.domains}")
+        _check(self.filter.min_domains <= len(self.domains),
+               f"filter.min_domains={self.filter.min_domains} must be 1..{len(self.domains)}")
+        _check(self.filter.min_rating is None or self.format == "amazon" or (self.format == "table" and self.table.rating),
+               "filter.min_rating needs ratings: data.format 'amazon', or 'table' with data.table.rating (the rating column)")
 
     def prepared_dir(self) -> Path:
         return Path(self.out_dir) / self.name
@@ -159,50 +146,58 @@ class DataConfig:
 class StageConfig:
     """One training stage. ``epochs`` passes over the stage's driving stream."""
 
-    epochs: int = 10
-    lr: float = 1e-3
+    epochs: Annotated[int, _at_least(1)] = 10
+    lr: Annotated[float, Field(gt=0, description="> 0")] = 1e-3
     source_weight: float = 1.0  # w_s in L = w_s * mean CE(source) + w_t * mean CE(target)
     target_weight: float = 1.0  # w_t
-    patience: int = 3  # stop after this many evaluations without a better valid metric
+    patience: Annotated[int, _at_least(1)] = 3  # stop after this many evaluations without a better valid metric
     # after each evaluation without a better valid metric, multiply the LR by this (on top of the
     # warmup + cosine schedule) until the stage stops; 1.0: off
-    plateau_decay: float = 1.0
+    plateau_decay: Annotated[float, Field(gt=0, le=1, description="in (0, 1]")] = 1.0
     # rows per micro batch in this stage; 0: train.micro_batch_size
-    micro_batch_size: int = 0
+    micro_batch_size: Annotated[int, _at_least(0, " (0: train.micro_batch_size)")] = 0
 
 
 @dataclass
 class TrainConfig:
-    stages: list[str] = field(default_factory=lambda: ["target_only", "source", "joint"])
-    micro_batch_size: int = 128
-    grad_accum: int = 1
+    stages: list[StageName] = field(default_factory=lambda: list(STAGES))
+    micro_batch_size: Annotated[int, _at_least(1)] = 128
+    grad_accum: Annotated[int, _at_least(1)] = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU (stage >= 1)
     activation_checkpointing: bool = False  # recompute each Transformer block in backward
     deepspeed_config: Optional[str] = None  # extra DeepSpeed JSON, checked against the keys above
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    warmup_steps: int = 50
-    mix_ratio: float = 0.5  # joint stage: fraction of each batch drawn from the source domain
+    weight_decay: Annotated[float, _at_least(0)] = 0.0
+    grad_clip: Annotated[float, _at_least(0)] = 1.0
+    warmup_steps: Annotated[int, _at_least(0)] = 50
+    mix_ratio: Annotated[float, Field(gt=0, lt=1, description="in (0, 1)")] = 0.5  # joint: the source's share of a batch
     # a run folder (runs/<name>) whose finished source stage the joint stage starts from, instead
-    # of a source stage of this run ("source" then stays out of train.stages); its model and data
-    # config must match this one's
+    # of a source stage of this run ("source" then stays out of train.stages)
     init_from: str = ""
-    shuffle_buffer: int = 2000
-    num_workers: int = 0  # DataLoader worker processes decoding shards per rank (0: in the training process)
+    shuffle_buffer: Annotated[int, _at_least(0)] = 2000
+    num_workers: Annotated[int, _at_least(0)] = 0  # DataLoader worker processes per rank (0: in the training process)
     resampled: bool = False  # infinite stream: shards drawn with replacement, an epoch = the nominal sample count
     source: StageConfig = field(default_factory=StageConfig)
     joint: StageConfig = field(default_factory=StageConfig)
     target_only: StageConfig = field(default_factory=StageConfig)
-    log_every: int = 20
-    checkpoint_every: int = 0  # steps between resume checkpoints; 0: at epoch ends only
-    keep_checkpoints: int = 2  # resume checkpoints kept per stage (the newest; "best" is kept apart)
+    log_every: Annotated[int, _at_least(1)] = 20  # also when the stop signal and the finite check are settled
+    checkpoint_every: Annotated[int, _at_least(0)] = 0  # steps between resume checkpoints; 0: at epoch ends only
+    keep_checkpoints: Annotated[int, _at_least(1)] = 2  # resume checkpoints kept per stage ("best" apart)
     # a non-finite loss or gradient norm: "stop" training naming the stage, step and batch, or
     # "skip" the batch (counted, logged) until more than max_nonfinite_skips were skipped in a stage
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_nonfinite_skips: int = 10
-    stop_after_steps: int = 0  # write a resume checkpoint and exit after this many steps (0: never)
+    max_nonfinite_skips: Annotated[int, _at_least(0)] = 10
+    stop_after_steps: Annotated[int, _at_least(0)] = 0  # write a resume checkpoint and exit after this many steps
+
+    def check(self) -> None:
+        _check("joint" not in self.stages or "source" in self.stages or self.init_from,
+               "stages has 'joint' without 'source' (joint starts from it; train.init_from names another run's "
+               "source stage instead)")
+        _check(not self.init_from or ("source" not in self.stages and "joint" in self.stages),
+               f"init_from={self.init_from!r} starts the joint stage from that run's source stage, so train.stages "
+               f"must hold 'joint' and not 'source', got {self.stages}")
+        _check(not self.offload_optimizer or self.zero_stage > 0, "offload_optimizer needs train.zero_stage >= 1")
 
     def global_batch_size(self, world_size: int) -> int:
         return self.micro_batch_size * self.grad_accum * world_size
@@ -218,10 +213,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
-    num_negatives: int = 999  # ABXI protocol: same-domain negatives, user's items excluded
-    batch_size: int = 512
-    item_chunk: int = 65536  # items scored at a time in full ranking: memory batch_size x item_chunk, any vocabulary
-    select_metric: str = "ndcg@10"  # on valid, under select_protocol, on the domains select_domains names
+    num_negatives: Annotated[int, _at_least(1)] = 999  # ABXI protocol: same-domain negatives, user's items excluded
+    batch_size: Annotated[int, _at_least(1)] = 512
+    item_chunk: Annotated[int, _at_least(1)] = 65536  # items scored at a time in full ranking (memory batch x chunk)
+    select_metric: Metric = "ndcg@10"  # on valid, under select_protocol, on the domains select_domains names
     select_protocol: Literal["full", "sampled999"] = "sampled999"
     # which valid domains pick a stage's best epoch: "stage" = its selection domain (joint and
     # target-only: the target; source: the source); "all" = the mean over every domain the stage
@@ -229,16 +224,13 @@ class EvalConfig:
     select_domains: Literal["stage", "all"] = "stage"
     seed: int = 2025  # negatives are a function of (seed, split, user): same for every model
     cold_start: list[int] = field(default_factory=lambda: [5, 10])  # buckets of target training events: 0, 1-5, 6-10, >10
-    bootstrap: int = 1000  # paired bootstrap resamples over test users (source-then-joint vs target-only)
-    # > 0: rank by score + prior * log(1 + n), n = the item's events observed before the split's
-    # targets (every user's events but its last two for valid, but its last one for test), in
-    # every domain; 0 = the model's scores alone. Epoch selection always ranks by the model's
-    # scores, so the prior never changes what is trained or kept.
-    prior: float = 0.0
-    # > 0: also add transition * log(1 + n(j -> i)), n(j -> i) how often item i directly followed
-    # item j in a user's events of the domain observed before the split's targets (same events as
-    # the prior), j the user's last item of the domain; 0 = off. Like the prior, eval only.
-    transition: float = 0.0
+    bootstrap: Annotated[int, _at_least(1)] = 1000  # paired bootstrap resamples over test users
+    # > 0: rank by score + prior * log(1 + n), n the item's events observed before the split's
+    # targets; evaluation only (epoch selection ranks by the model's scores)
+    prior: Annotated[float, _at_least(0, " (0 = the model's scores alone)")] = 0.0
+    # > 0: also add transition * log(1 + n(last -> item)), the first-order transitions observed
+    # before the split's targets; evaluation only
+    transition: Annotated[float, _at_least(0, " (0 = off)")] = 0.0
 
 
 @dataclass
@@ -260,197 +252,141 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def check(self) -> None:
+        """The checks across sections (each section checks itself)."""
+        for key in ("view_domains", "uniform_aux_domains"):
+            for dom in getattr(self.model, key):
+                _check(dom in self.data.domains, f"model.{key}: {dom!r} is not one of data.domains {self.data.domains}")
+
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
-    def validate(self, origin: str = "config") -> None:
-        """Cross-field checks that single-key typing cannot express."""
-        d = self.data
-        for key, dom in (("data.source", d.source), ("data.target", d.target)):
-            if dom not in d.domains:
-                raise ConfigError(f"{origin}: {key}={dom!r} is not one of data.domains {d.domains}")
-        if d.source == d.target:
-            raise ConfigError(f"{origin}: data.source and data.target are both {d.source!r}")
-        if len(d.domains) != 2:
-            raise ConfigError(f"{origin}: data.domains must name exactly 2 domains, got {d.domains}")
-        for s in self.train.stages:
-            if s not in STAGES:
-                raise ConfigError(f"{origin}: train.stages has {s!r}; known stages: {list(STAGES)}")
-        for s in STAGES:
-            if not 0.0 < self.train.stage(s).plateau_decay <= 1.0:
-                raise ConfigError(f"{origin}: train.{s}.plateau_decay must be in (0, 1], got "
-                                  f"{self.train.stage(s).plateau_decay}")
-            if self.train.stage(s).micro_batch_size < 0:
-                raise ConfigError(f"{origin}: train.{s}.micro_batch_size must be >= 0 (0: train.micro_batch_size), "
-                                  f"got {self.train.stage(s).micro_batch_size}")
-        stages, init = self.train.stages, self.train.init_from
-        if "joint" in stages and "source" not in stages and not init:
-            raise ConfigError(f"{origin}: train.stages has 'joint' without 'source' (joint starts from it; "
-                              "train.init_from names another run's source stage instead)")
-        if init and ("source" in stages or "joint" not in stages):
-            raise ConfigError(f"{origin}: train.init_from={init!r} starts the joint stage from that run's source "
-                              f"stage, so train.stages must hold 'joint' and not 'source', got {stages}")
-        if not 0.0 < self.train.mix_ratio < 1.0:
-            raise ConfigError(f"{origin}: train.mix_ratio must be in (0, 1), got {self.train.mix_ratio}")
-        if self.model.causal != (self.model.objective == "next_item"):
-            raise ConfigError(f"{origin}: model.objective={self.model.objective!r} needs model.causal="
-                              f"{self.model.objective == 'next_item'} (a bidirectional encoder would see the next "
-                              "item it is asked for; the cloze objective needs both directions)")
-        if self.model.sequence == "dual" and self.model.objective != "next_item":
-            raise ConfigError(f"{origin}: model.sequence=dual needs model.objective=next_item")
-        if self.model.exclude_own_items and self.model.loss != "full":
-            raise ConfigError(f"{origin}: model.exclude_own_items needs model.loss=full, got {self.model.loss!r}")
-        if self.model.temperature < 0:
-            raise ConfigError(f"{origin}: model.temperature must be >= 0 (0 = dot product), got {self.model.temperature}")
-        if not 0 <= self.model.label_smoothing < 1:
-            raise ConfigError(f"{origin}: model.label_smoothing must be in [0, 1), got {self.model.label_smoothing}")
-        if self.model.label_smoothing and (self.model.loss != "full" or self.model.exclude_own_items):
-            raise ConfigError(f"{origin}: model.label_smoothing needs model.loss=full without model.exclude_own_items")
-        if self.model.uniform_aux < 0:
-            raise ConfigError(f"{origin}: model.uniform_aux must be >= 0, got {self.model.uniform_aux}")
-        if self.model.uniform_aux and self.model.loss != "full":
-            raise ConfigError(f"{origin}: model.uniform_aux={self.model.uniform_aux} needs model.loss=full, "
-                              f"got {self.model.loss!r}")
-        if self.model.uniform_aux and self.model.sampled_negatives < 1:
-            raise ConfigError(f"{origin}: model.uniform_aux needs model.sampled_negatives >= 1, "
-                              f"got {self.model.sampled_negatives}")
-        if self.model.view_domains and self.model.sequence != "dual":
-            raise ConfigError(f"{origin}: model.view_domains={self.model.view_domains} needs model.sequence=dual, "
-                              f"got {self.model.sequence!r}")
-        if self.model.view_layers < 0:
-            raise ConfigError(f"{origin}: model.view_layers must be >= 0, got {self.model.view_layers}")
-        if self.model.view_layers and self.model.sequence != "dual":
-            raise ConfigError(f"{origin}: model.view_layers={self.model.view_layers} needs model.sequence=dual, "
-                              f"got {self.model.sequence!r}")
-        for key in ("view_domains", "uniform_aux_domains"):
-            for dom in getattr(self.model, key):
-                if dom not in d.domains:
-                    raise ConfigError(f"{origin}: model.{key}: {dom!r} is not one of data.domains {d.domains}")
-        if self.model.loss != "full" and self.model.sampled_negatives < 1:
-            raise ConfigError(f"{origin}: model.loss={self.model.loss} needs model.sampled_negatives >= 1, "
-                              f"got {self.model.sampled_negatives}")
-        if not 0.0 < self.model.mask_prob <= 1.0:
-            raise ConfigError(f"{origin}: model.mask_prob must be in (0, 1], got {self.model.mask_prob}")
-        if self.model.d_model % self.model.n_heads:
-            raise ConfigError(f"{origin}: model.d_model={self.model.d_model} is not divisible by "
-                              f"model.n_heads={self.model.n_heads}")
-        if self.eval.prior < 0:
-            raise ConfigError(f"{origin}: eval.prior must be >= 0 (0 = the model's scores alone), got {self.eval.prior}")
-        if self.eval.transition < 0:
-            raise ConfigError(f"{origin}: eval.transition must be >= 0 (0 = off), got {self.eval.transition}")
-        if self.eval.item_chunk < 1:
-            raise ConfigError(f"{origin}: eval.item_chunk must be >= 1, got {self.eval.item_chunk}")
-        if self.eval.select_metric.split("@")[0] not in ("hr", "ndcg", "mrr"):
-            raise ConfigError(f"{origin}: eval.select_metric={self.eval.select_metric!r} is not hr@k, ndcg@k or mrr")
-        if self.train.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{origin}: train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
-        if self.train.offload_optimizer and self.train.zero_stage == 0:
-            raise ConfigError(f"{origin}: train.offload_optimizer needs train.zero_stage >= 1")
-        if d.format == "abxi" and not d.path:
-            raise ConfigError(f"{origin}: data.path is empty but data.format='abxi' reads a folder")
-        if d.format == "table" and not (d.path or d.files):
-            raise ConfigError(f"{origin}: data.format='table' needs data.path (one table with a domain column) "
-                              "or data.files (files per domain)")
-        if d.format == "amazon" and not d.files:
-            raise ConfigError(f"{origin}: data.format='amazon' needs data.files: one review file (or more) per domain")
-        for dom in d.files:
-            if dom not in d.domains:
-                raise ConfigError(f"{origin}: data.files.{dom}: {dom!r} is not one of data.domains {d.domains}")
-        f = d.filter
-        if f.min_events < 3:
-            raise ConfigError(f"{origin}: data.filter.min_events={f.min_events}; leave-one-out needs >= 3")
-        if f.last_n and f.last_n < f.min_events:
-            raise ConfigError(f"{origin}: data.filter.last_n={f.last_n} is below data.filter.min_events={f.min_events}")
-        if f.min_domains > len(d.domains) or f.min_domains < 1:
-            raise ConfigError(f"{origin}: data.filter.min_domains={f.min_domains} must be 1..{len(d.domains)}")
-        if f.min_rating is not None and (d.format in ("abxi", "synthetic") or (d.format == "table" and not d.table.rating)):
-            raise ConfigError(f"{origin}: data.filter.min_rating needs ratings: data.format 'amazon', or 'table' "
-                              "with data.table.rating (the rating column)")
-        if d.shard_samples < 1 or d.shard_bytes < 0:
-            raise ConfigError(f"{origin}: data.shard_samples must be >= 1 and data.shard_bytes >= 0")
-        if self.train.num_workers < 0:
-            raise ConfigError(f"{origin}: train.num_workers must be >= 0")
-        if self.train.keep_checkpoints < 1 or self.train.max_nonfinite_skips < 0:
-            raise ConfigError(f"{origin}: train.keep_checkpoints must be >= 1 and train.max_nonfinite_skips >= 0")
-
 
 # ----------------------------------------------------------------------------------------------
-# Typed construction from plain dicts
+# Validation: a strict pydantic mirror of each dataclass
 
 
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _number(v: Any) -> Any:
+    """A float setting may be an int or a numeral string (YAML 1.1 reads ``1e6`` as a string)."""
+    if isinstance(v, str) and _FLOAT.fullmatch(v.strip()):
+        return float(v)
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
-def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
-    o = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = ConfigError(f"{origin}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if o in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, origin)
-            except ConfigError:
-                pass
-        raise bad
-    if o is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{origin}: key '{key}' must be one of {list(args)}, got {value!r}")
-    if o is list:
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(v, args[0], f"{key}[{i}]", origin) for i, v in enumerate(value)]
-    if o is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return {_coerce(k, args[0], key, origin): _coerce(v, args[1], f"{key}.{k}", origin)
-                for k, v in value.items()}
+_SCALARS = {int: Annotated[int, Strict()], bool: Annotated[bool, Strict()], str: Annotated[str, Strict()],
+            float: Annotated[float, BeforeValidator(_number), Strict(), Field(allow_inf_nan=False)]}
+_MIRROR_CONFIG = ConfigDict(extra="forbid")
+
+
+def _strict(tp: Any) -> Any:
+    """``tp`` with strict scalars and mirrored dataclasses, constraints kept."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in _SCALARS:
+        return _SCALARS[tp]
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return build(tp, value, origin, prefix=key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e6 as a string
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise ConfigError(f"{origin}: key '{key}' has unsupported type {tp}")  # pragma: no cover
+        return _mirror(tp)
+    if origin is Annotated:
+        return Annotated[(_strict(args[0]), *tp.__metadata__)]
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_strict(a) for a in args)]
+    if origin is list:
+        return list[_strict(args[0])]
+    if origin is dict:
+        return dict[_strict(args[0]), _strict(args[1])]
+    return tp  # Literal, None
 
 
-def build(cls: type, data: dict, origin: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+@functools.cache
+def _mirror(cls: type) -> type:
+    """A pydantic dataclass with ``cls``'s fields (types made strict, no ``__post_init__``)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = [(f.name, _strict(hints[f.name]), field(default=None)) for f in dataclasses.fields(cls)]
+    return pydantic_dataclass(dataclasses.make_dataclass(f"{cls.__name__}Input", fields), config=_MIRROR_CONFIG)
+
+
+def _real(cls: type, given: dict, checked: Any, path: str) -> Any:
+    """``cls`` from the keys ``given`` with their ``checked`` values (the rest keep their defaults),
+    nested sections first; a section's invariant error names its path."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
-    for k, v in data.items():
-        full = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"{origin}: unknown config key '{full}' (known under "
-                              f"'{prefix or '<top>'}': {sorted(names)})")
-        kwargs[k] = _coerce(v, hints[k], full, origin)
-    return cls(**kwargs)
+    for k, v in given.items():
+        val = getattr(checked, k)
+        kwargs[k] = _real(hints[k], v, val, f"{path}{k}.") if dataclasses.is_dataclass(hints[k]) else val
+    try:
+        obj = cls(**kwargs)  # ModelConfig checks itself here (model.config)
+        if hasattr(obj, "check"):
+            obj.check()
+        return obj
+    except ValueError as e:
+        raise _Invariant(f"{path}{e}") from None
+
+
+class _Invariant(ValueError):
+    pass
+
+
+def build(cls: type, data: dict, origin: str) -> Any:
+    """Build dataclass ``cls`` from ``data``: types, unknown keys and ranges by pydantic, then the
+    sections' invariants; every error one ConfigError naming the key and ``origin``."""
+    try:
+        checked = TypeAdapter(_mirror(cls)).validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e.errors()[0], cls, origin)) from None
+    try:
+        return _real(cls, data, checked, "")
+    except _Invariant as e:
+        raise ConfigError(f"{origin}: {e}") from None
+
+
+def _explain(err: dict, cls: type, origin: str) -> str:
+    """One pydantic error as xdrec says it: the dotted key, what it expects, what it got."""
+    loc = [str(x) for x in err["loc"] if not re.search(r"[\[\(\]]|^function-", str(x))]
+    key, got, kind = ".".join(loc), err.get("input"), err["type"]
+    owner, name = _field(cls, loc)
+    hint = typing.get_type_hints(owner, include_extras=True).get(name) if name else None
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        parent = ".".join(loc[:-1])
+        return f"{origin}: unknown config key '{key}' (known under '{parent or '<top>'}': " \
+               f"{sorted(f.name for f in dataclasses.fields(owner))})"
+    if kind == "literal_error":
+        return f"{origin}: key '{key}' must be one of {list(_literal_values(hint))}, got {got!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "string_pattern_mismatch"):
+        desc = next((m.description for m in getattr(hint, "__metadata__", ()) if getattr(m, "description", None)),
+                    str(err.get("ctx")))
+        return f"{origin}: {key} must be {desc}, got {got!r}"
+    expected = _type_name(hint, element=loc[-1] != name)
+    return f"{origin}: key '{key}' expects {expected}, got {got!r} ({type(got).__name__})"
+
+
+def _field(cls: type, loc: list[str]) -> tuple[type, str | None]:
+    """(the dataclass holding the deepest field ``loc`` names, that field's name)."""
+    owner, name = cls, None
+    for part in loc:
+        hints = typing.get_type_hints(owner)
+        if part not in hints:
+            break
+        if dataclasses.is_dataclass(hints[part]):
+            owner, name = hints[part], None
+        else:
+            name = part
+    return owner, name
+
+
+def _literal_values(tp: Any) -> tuple:
+    while typing.get_origin(tp) in (Annotated, Union, types.UnionType, list):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_args(tp)
+
+
+def _type_name(tp: Any, element: bool) -> str:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if element and typing.get_origin(tp) in (list, dict):
+        tp = typing.get_args(tp)[-1]
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -461,6 +397,7 @@ def to_dict(cfg: Any) -> dict:
 # Loading: YAML files, presets, dotted overrides
 
 _PRESET_SECTIONS = ("model", "data")
+PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _read_yaml(path: Path) -> dict:
@@ -480,10 +417,7 @@ def _read_yaml(path: Path) -> dict:
 def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -496,35 +430,36 @@ def flatten(d: dict, *, sep: str, prefix: str = "") -> dict:
     return out
 
 
-def _configs_root(path: Path) -> Path:
-    """``configs/`` for a file at ``configs/<section>/<x>.yaml``."""
-    return path.resolve().parent.parent
+def preset_roots(path: Path | None) -> list[Path]:
+    """Where presets are looked up: the experiment's own config tree (``<configs>/experiment/x.yaml``
+    -> ``<configs>``), then the project's ``configs/``."""
+    roots = [path.resolve().parent.parent] if path is not None else []
+    return roots + [PROJECT_CONFIGS] if PROJECT_CONFIGS not in roots else roots
 
 
-def _resolve_presets(raw: dict, path: Path) -> dict:
-    """Replace ``model: tiny`` / ``model: {preset: tiny, ...}`` with the preset's keys.
+def _preset(section: str, name: str, where: str, roots: list[Path]) -> dict:
+    """A preset's keys (checked on their own, so an error names the preset's file)."""
+    for root in roots:
+        ppath = root / section / f"{name}.yaml"
+        if ppath.is_file():
+            pdata = _read_yaml(ppath)
+            build(ExperimentConfig, {section: pdata}, str(ppath))
+            return pdata
+    known = sorted({p.stem for r in roots for p in (r / section).glob("*.yaml")})
+    raise ConfigError(f"{where}: key '{section}' names preset {name!r}, which is not in "
+                      f"{' or '.join(str(r / section) for r in roots)}; known: {known}")
 
-    Returns (merged dict). Errors in a preset name the preset's own file.
-    """
+
+def _resolve_presets(raw: dict, where: str, roots: list[Path]) -> dict:
+    """Replace ``model: tiny`` / ``model: {preset: tiny, ...}`` with the preset's keys."""
     out = dict(raw)
     for section in _PRESET_SECTIONS:
         val = raw.get(section)
-        preset = None
-        overrides: dict = {}
         if isinstance(val, str):
-            preset = val
+            out[section] = _preset(section, val, where, roots)
         elif isinstance(val, dict) and "preset" in val:
             overrides = {k: v for k, v in val.items() if k != "preset"}
-            preset = val["preset"]
-        if preset is None:
-            continue
-        ppath = _configs_root(path) / section / f"{preset}.yaml"
-        if not ppath.exists():
-            raise ConfigError(f"{path}: key '{section}' names preset {preset!r} but {ppath} does not exist")
-        pdata = _read_yaml(ppath)
-        # Check the preset on its own so an error names the preset file.
-        build(ExperimentConfig, {section: pdata}, str(ppath))
-        out[section] = deep_merge(pdata, overrides)
+            out[section] = deep_merge(_preset(section, val["preset"], where, roots), overrides)
     return out
 
 
@@ -542,40 +477,42 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_dotted(d: dict, parts: list[str], value: Any) -> None:
-    cur = d
-    for p in parts[:-1]:
-        nxt = cur.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            cur[p] = nxt
-        cur = nxt
-    cur[parts[-1]] = value
+def _overrides(texts: list[str] | tuple[str, ...], roots: list[Path]) -> tuple[dict, set[str]]:
+    """Dotted overrides as one nested dict, in order (a later one wins); ``model=<preset>``
+    selects a preset (whose section then replaces the experiment's). Returns (overrides, the
+    sections a preset replaced)."""
+    ov: dict = {}
+    replaced = set()
+    for text in texts:
+        parts, value = parse_override(text)
+        if len(parts) == 1 and parts[0] in _PRESET_SECTIONS and isinstance(value, str):
+            ov[parts[0]] = _preset(parts[0], value, "command line", roots)
+            replaced.add(parts[0])
+            continue
+        cur = ov
+        for p in parts[:-1]:
+            if not isinstance(cur.get(p), dict):
+                cur[p] = {}
+            cur = cur[p]
+        cur[parts[-1]] = value
+    return ov, replaced
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load an experiment YAML (or the built-in defaults when ``path`` is None) plus overrides."""
-    raw: dict = {}
-    origin = "defaults"
-    if path is not None:
-        path = Path(path)
-        origin = str(path)
-        raw = _resolve_presets(_read_yaml(path), path)
-    cfg = build(ExperimentConfig, raw, origin)
-    cfg.validate(origin)
+    path = Path(path) if path is not None else None
+    roots = preset_roots(path)
+    raw = _resolve_presets(_read_yaml(path), str(path), roots) if path is not None else {}
+    cfg = build(ExperimentConfig, raw, str(path) if path else "defaults")
     if overrides:
-        ov: dict = {}
-        for text in overrides:
-            parts, value = parse_override(text)
-            _set_dotted(ov, parts, value)
-        merged = deep_merge(to_dict(cfg), ov)
-        cfg = build(ExperimentConfig, merged, "command line")
-        cfg.validate("command line")
+        ov, replaced = _overrides(overrides, roots)
+        base = {k: v for k, v in to_dict(cfg).items() if k not in replaced}
+        cfg = build(ExperimentConfig, deep_merge(base, ov), "command line")
     return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (reloadable with :func:`load_config`) and JSON."""
+    """Write the resolved config as YAML (reloadable with :func:`load_config`), atomically."""
     from train.files import write_atomic
 
     path = Path(path)
