@@ -102,8 +102,8 @@ def test_init_from_reads_a_key_missing_from_an_older_runs_config_as_its_default(
     from train.config import load_config
     cfg = load_config(REPO / "configs/experiment/tiny.yaml")
     old = _source_run(tmp_path / "old", cfg, drop="model.view_domains")
-    ckpt, metrics = source_of(old, cfg)  # the default ([]) is what that run had
-    assert ckpt == old / "source" / "checkpoints" and metrics["_meta"]["done"]
+    ckpt, source = source_of(old, cfg)  # the default ([]) is what that run had
+    assert ckpt == old / "source" / "checkpoints" and source.done
     views = load_config(REPO / "configs/experiment/tiny.yaml", ["model.sequence=dual", "model.view_domains=[B]"])
     dual = _source_run(tmp_path / "dual", views)
     with pytest.raises(ResumeError, match=r"old/config.yaml has model.sequence='mixed', this run 'dual'"):

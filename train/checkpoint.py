@@ -319,30 +319,22 @@ _WEIGHTS_KEYS = ("model", "data.name", "data.domains", "data.source")
 _PROTOCOL_KEYS = tuple(f"eval.{k}" for k in PROTOCOL_FIELDS)
 
 
-def read_metrics(path: Path) -> dict:
-    """A run's metrics.json ({} when absent); ResumeError naming it when it is not valid JSON."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ResumeError(f"{path}: not valid JSON ({e}); it cannot be resumed or reported") from None
-
-
-def source_of(run: Path, cfg) -> tuple[Path, dict]:
+def source_of(run: Path, cfg) -> tuple[Path, "StageRecord"]:
     """The best-weights folder of ``run``'s finished source stage, for ``cfg``'s joint stage, and
-    that run's source metrics; ResumeError naming the file when it is missing, unfinished or built
-    with another model or data config (checked before any training)."""
+    that run's source stage record; ResumeError naming the file when it is missing, unfinished or
+    built with another model or data config (checked before any training)."""
+    from train.record import RunRecord
+
     ckpt = run / "source" / "checkpoints"
     metrics, conf = run / "metrics.json", run / "config.yaml"
     for path in (ckpt / BEST, metrics, conf):
         if not path.exists():
             raise ResumeError(f"train.init_from: {path} does not exist (not a run folder with a source stage?)")
-    prev = read_metrics(metrics)
-    if not prev.get("_meta", {}).get("source", {}).get("done"):
+    source = RunRecord.load(metrics).stages.get("source")
+    if source is None or not source.done:
         raise ResumeError(f"train.init_from: {metrics} has no finished source stage")
     check_same_config(conf, cfg, "train.init_from", protocol=True)
-    return ckpt, {"source": prev["source"], "_meta": prev["_meta"]["source"]}
+    return ckpt, source
 
 
 def check_same_config(conf: Path, cfg, what: str, *, protocol: bool) -> None:

@@ -172,7 +172,8 @@ def cmd_train(args) -> int:
     from train.engine import teardown_distributed
     from train.loop import StageInterrupted
     from train.evaluate import PROTOCOLS, protocol_label
-    from train.stages import Experiment, format_table
+    from train.experiment import Experiment
+    from train.stages import format_table
 
     cfg = load_config(args.config, args.overrides)
     exp = Experiment(cfg, log=_log, resume=args.resume == "auto", reevaluate=args.reevaluate,
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.export import ExportError
     from train.files import DiskFullError, NonFiniteValue, free_space, is_disk_full
     from train.loop import NonFiniteError
+    from train.record import RecordError
     from train.report import ReportError
     from train.runlock import RunLocked
 
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recommend": cmd_recommend, "report": cmd_report, "plan": cmd_plan}[args.cmd](args)
     except (ConfigError, DataFormatError, ManifestError, LaunchConflict, LaunchError, ResumeError,
             ExportError, ReportError, ShardError, NonFiniteError, NonFiniteScores, NonFiniteValue, CheckpointError,
-            DiskFullError, RunLocked) as e:
+            DiskFullError, RunLocked, RecordError) as e:
         # every rank raises these alike: rank 0 says it once; other errors are each rank's own
         collective = (ConfigError, LaunchConflict, ResumeError, RunLocked, NonFiniteError, NonFiniteScores,
                       CheckpointError)

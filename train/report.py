@@ -17,14 +17,14 @@ records it, and the transfer line then names the sampled protocol by its key ``s
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from train.evaluate import PROTOCOLS, protocol_label, recorded_protocol
+from train.config import STAGES
+from train.evaluate import PROTOCOLS, protocol_label
+from train.record import RunRecord
 
-STAGES = ("target_only", "source", "joint")
 METRICS = ("hr@10", "ndcg@10", "mrr")
 
 
@@ -38,14 +38,13 @@ def _stats(values: list[float]) -> dict:
             "values": [float(x) for x in v]}
 
 
-def _protocol(runs: list[tuple[str, dict]]) -> dict:
+def _protocol(runs: list[tuple[str, RunRecord]]) -> dict:
     """The evaluation protocol the runs share (``{}`` when none records one); ReportError naming
     the runs when they differ."""
     seen: dict[tuple, list[str]] = {}
-    for d, m in runs:
-        ev = m.get("_meta", {}).get("eval")
+    for d, rec in runs:
+        ev = rec.recorded_protocol()
         if ev is not None:
-            ev = recorded_protocol(ev)
             seen.setdefault(tuple(sorted(ev.items())), []).append(d)
     if len(seen) > 1:
         groups = "; ".join(", ".join(f"{k}={v}" for k, v in ev) + f" in {ds}" for ev, ds in seen.items())
@@ -53,37 +52,48 @@ def _protocol(runs: list[tuple[str, dict]]) -> dict:
     return dict(next(iter(seen))) if seen else {}
 
 
-def aggregate(run_dirs: list[str | Path]) -> dict:
+def _load(run_dirs: list[str | Path]) -> list[tuple[str, RunRecord]]:
     runs = []
     for d in run_dirs:
         path = Path(d) / "metrics.json"
         if not path.is_file():
             raise ReportError(f"{path}: no metrics.json (has the run finished?)")
-        runs.append((str(d), json.loads(path.read_text())))
+        runs.append((str(d), RunRecord.load(path)))
     if not runs:
         raise ReportError("no run folders given")
+    return runs
+
+
+def _test_metrics(runs: list[tuple[str, RunRecord]]) -> dict:
+    """{stage: {domain: {protocol: {metric: stats}}}} over the runs; every run must hold each."""
+    out: dict = {}
+    for stage in STAGES:
+        tests = {d: rec.stages[stage].metrics.get("test", {}) if stage in rec.stages else {} for d, rec in runs}
+        for dom in sorted({dom for t in tests.values() for dom in t}):
+            missing = [d for d, t in tests.items() if dom not in t]
+            if missing:
+                raise ReportError(f"stage {stage} domain {dom}: missing in {missing}; report runs of one experiment")
+            out.setdefault(stage, {})[dom] = {
+                p: {k: _stats([t[dom][p][k] for t in tests.values()]) for k in METRICS} for p in PROTOCOLS}
+    return out
+
+
+def aggregate(run_dirs: list[str | Path]) -> dict:
+    runs = _load(run_dirs)
     protocol = _protocol(runs)
     out: dict = {"runs": [d for d, _ in runs], "num_negatives": protocol.get("num_negatives"),
-                 "prior": protocol.get("prior", 0.0), "transition": protocol.get("transition", 0.0), "test": {}}
-    for stage in STAGES:
-        domains = sorted({dom for _, m in runs for dom in m.get(stage, {}).get("test", {})})
-        for dom in domains:
-            have = [m for _, m in runs if dom in m.get(stage, {}).get("test", {})]
-            if len(have) != len(runs):
-                missing = [d for d, m in runs if dom not in m.get(stage, {}).get("test", {})]
-                raise ReportError(f"stage {stage} domain {dom}: missing in {missing}; report runs of one experiment")
-            out["test"].setdefault(stage, {})[dom] = {
-                p: {k: _stats([m[stage]["test"][dom][p][k] for m in have]) for k in METRICS} for p in PROTOCOLS}
-    tr = [m["transfer"] for _, m in runs if "transfer" in m]
+                 "prior": protocol.get("prior", 0.0), "transition": protocol.get("transition", 0.0),
+                 "test": _test_metrics(runs)}
+    tr = [rec.transfer for _, rec in runs if rec.transfer]
     if tr and len(tr) == len(runs):
         out["transfer"] = {"domain": tr[0]["domain"], "metric": tr[0]["metric"]}
         for p in PROTOCOLS:
             out["transfer"][p] = {"diff": _stats([t[p]["diff"] for t in tr]), "ci95": [t[p]["ci95"] for t in tr],
                                   "runs_ci_above_0": sum(t[p]["ci95"][0] > 0 for t in tr)}
-    timed = [s for s in STAGES if all("wall_s" in m.get("_meta", {}).get(s, {}) for _, m in runs)]
+    timed = [s for s in STAGES if all(s in rec.stages and "wall_s" in rec.stages[s].meta for _, rec in runs)]
     if timed:
-        out["wall_s"] = {s: _stats([m["_meta"][s]["wall_s"] for _, m in runs]) for s in timed}
-        out["wall_s"]["total"] = _stats([sum(m["_meta"][s]["wall_s"] for s in timed) for _, m in runs])
+        out["wall_s"] = {s: _stats([rec.stages[s].meta["wall_s"] for _, rec in runs]) for s in timed}
+        out["wall_s"]["total"] = _stats([sum(rec.stages[s].meta["wall_s"] for s in timed) for _, rec in runs])
     return out
 
 

@@ -1,0 +1,97 @@
+"""A run's record, ``runs/<name>/metrics.json``, read and written through one typed object.
+
+On disk (schema 2; schema 1, the files written before the schema was recorded, read the same)::
+
+    {"<stage>": {"valid": {domain: {protocol: metrics}}, "test": {...}}, ...,
+     "transfer": {...paired bootstrap...},
+     "_meta": {"schema": 2, "world_size": N, "launcher": "...", "eval": {protocol fields},
+               "<stage>": {"done": true, "best_epoch": ..., "steps": ..., "epoch_losses": [...],
+                           "wall_s": ..., "nonfinite_skipped": ..., "init_from": "..."},
+               "stopped": {...}, "wall_s": ..., "reevaluated_s": ...}}
+
+Written atomically and as strict JSON (a NaN or infinity is an error naming its key).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.config import STAGES
+from train.evaluate import recorded_protocol
+from train.files import finite_json, write_atomic
+
+SCHEMA = 2
+
+
+class RecordError(ValueError):
+    """A metrics.json cannot be read; the message names it."""
+
+
+@dataclass
+class StageRecord:
+    """One stage: its metrics (``valid``/``test`` per domain) and its training record (``meta``:
+    ``done``, ``best_epoch``, ``steps``, ``epoch_losses``, ``wall_s``, ...)."""
+
+    metrics: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.meta.get("done"))
+
+
+@dataclass
+class RunRecord:
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+    transfer: dict | None = None
+    world_size: int | None = None
+    launcher: str | None = None
+    protocol: dict | None = None  # the evaluation protocol the metrics were measured under
+    stopped: dict | None = None
+    times: dict = field(default_factory=dict)  # wall_s, reevaluated_s
+    schema: int = SCHEMA
+
+    def stage(self, name: str) -> StageRecord:
+        return self.stages.setdefault(name, StageRecord())
+
+    def finished(self) -> list[str]:
+        return [s for s in STAGES if s in self.stages and self.stages[s].done]
+
+    def recorded_protocol(self) -> dict | None:
+        """The protocol with every field (one recorded after the run was made counts as its default)."""
+        return recorded_protocol(self.protocol) if self.protocol else None
+
+    def to_json(self) -> dict:
+        meta = {"schema": self.schema, "world_size": self.world_size, "launcher": self.launcher, "eval": self.protocol,
+                **{s: r.meta for s, r in self.stages.items() if r.meta}, **self.times}
+        if self.stopped:
+            meta["stopped"] = self.stopped
+        out = {s: r.metrics for s, r in self.stages.items() if r.metrics}
+        if self.transfer:
+            out["transfer"] = self.transfer
+        return {**out, "_meta": {k: v for k, v in meta.items() if v is not None}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunRecord":
+        meta = d.get("_meta", {})
+        stages = {s: StageRecord(d.get(s, {}), meta.get(s, {})) for s in STAGES if s in d or s in meta}
+        return cls(stages=stages, transfer=d.get("transfer"), world_size=meta.get("world_size"),
+                   launcher=meta.get("launcher"), protocol=meta.get("eval"), stopped=meta.get("stopped"),
+                   times={k: meta[k] for k in ("wall_s", "reevaluated_s") if k in meta}, schema=meta.get("schema", 1))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunRecord":
+        """The record at ``path`` (an empty one when absent); RecordError naming it when unreadable."""
+        if not path.is_file():
+            return cls()
+        try:
+            d = json.loads(path.read_text())
+        except ValueError as e:
+            raise RecordError(f"{path}: not valid JSON ({e}); it cannot be resumed or reported") from None
+        if not isinstance(d, dict) or d.get("_meta", {}).get("schema", 1) > SCHEMA:
+            raise RecordError(f"{path}: not a metrics.json this xdrec reads (schema {SCHEMA} or older)")
+        return cls.from_json(d)
+
+    def save(self, path: Path) -> None:
+        write_atomic(path, finite_json(self.to_json(), what=str(path)), point="metrics.json")

@@ -1,0 +1,142 @@
+"""Setting a run up, before any stage: signals, the process group, the run folder (lock, no silent
+overwrite), every check that can refuse the run, the prepared data, the tracker; and the run's
+record, written atomically as stages finish."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from launch.signals import install as install_signal_handlers
+from train.checkpoint import ResumeError, check_same_config, source_of
+from train.config import ConfigError, ExperimentConfig, save_config
+from train.data.prepare import ensure_prepared, load_manifest
+from train.data.stream import ReaderOptions
+from train.engine import all_gather_objects, barrier, check_launcher_settings, setup_distributed
+from train.evaluate import Evaluator, sampled_protocol
+from train.record import RunRecord
+from train.runlock import RunLock, RunLocked
+from train.tracking import Tracker
+
+_RUN_FILES = ("metrics.json", "config.yaml", "metrics.jsonl", "source", "joint", "target_only")
+
+
+@dataclass
+class Run:
+    """What every stage of a run shares."""
+
+    cfg: ExperimentConfig
+    env: Any  # launch.env.DistEnv
+    device: Any
+    dir: Path
+    log: Callable
+    lock: RunLock | None
+    previous: RunRecord  # the record of the run being resumed (empty for a fresh run)
+    manifest: dict
+    folder: Path
+    evaluator: Evaluator
+    tracker: Tracker
+    init: tuple[Path, dict] | None  # train.init_from: (that run's source checkpoints, its source record)
+
+    def save(self, record: RunRecord) -> None:
+        """metrics.json (rank 0), replaced atomically."""
+        if self.env.is_main:
+            record.save(self.dir / "metrics.json")
+
+    def close(self) -> None:
+        """Release the run's lock (every rank may call it; rank 0 holds it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def start(cfg: ExperimentConfig, *, resume: bool, reevaluate: bool, overwrite: bool, log=print) -> Run:
+    """Signals, process group, the run folder claimed, the checks passed, data prepared."""
+    install_signal_handlers()
+    check_launcher_settings(cfg.train)
+    env, device = setup_distributed()
+    log = log if env.is_main else (lambda *a, **k: None)
+    lock = claim_run_dir(cfg.run_dir(), resume=resume or reevaluate, overwrite=overwrite, is_main=env.is_main, log=log)
+    try:
+        previous = _checked_previous(cfg, resume=resume or reevaluate, reevaluate=reevaluate)
+        init = source_of(Path(cfg.train.init_from), cfg) if cfg.train.init_from else None
+        manifest = _prepared(cfg, env, log)
+        if env.is_main:
+            save_config(cfg, cfg.run_dir() / "config.yaml")
+        log(f"{env.launcher}: world size {env.world_size}, device {device}, ZeRO stage {cfg.train.zero_stage}, "
+            f"global batch {cfg.train.global_batch_size(env.world_size)}")
+        folder = cfg.data.prepared_dir()
+        evaluator = Evaluator(manifest, folder, cfg.eval, max_len=cfg.model.max_len, reader=ReaderOptions.of(cfg))
+        tracker = Tracker(cfg, cfg.run_dir(), is_main=env.is_main, resume=resume)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Run(cfg, env, device, cfg.run_dir(), log, lock, previous, manifest, folder, evaluator, tracker, init)
+
+
+def _checked_previous(cfg: ExperimentConfig, *, resume: bool, reevaluate: bool) -> RunRecord:
+    """The record being resumed or re-evaluated, checked to be of this run's model, data and
+    evaluation protocol (ResumeError naming the file otherwise)."""
+    run_dir = cfg.run_dir()
+    previous = RunRecord.load(run_dir / "metrics.json") if resume else RunRecord()
+    if reevaluate and not previous.finished():
+        raise ResumeError(f"--reevaluate: {run_dir / 'metrics.json'} is missing or has no finished stage")
+    if resume and (run_dir / "config.yaml").is_file():  # its checkpoints need the same model and data
+        check_same_config(run_dir / "config.yaml", cfg, "--reevaluate" if reevaluate else "--resume auto",
+                          protocol=False)
+    recorded, ours = previous.recorded_protocol(), sampled_protocol(cfg.eval)
+    if recorded and recorded != ours and not reevaluate:
+        raise ResumeError(f"{run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, this run with "
+                          f"{ours}; resume with the same eval.num_negatives, eval.seed, eval.prior and "
+                          "eval.transition, re-evaluate with --reevaluate, or start the run afresh")
+    return previous
+
+
+def _prepared(cfg: ExperimentConfig, env, log) -> dict:
+    """Rank 0 prepares (the others wait); refused when the data cannot meet the evaluation protocol."""
+    manifest = ensure_prepared(cfg.data, log=log) if env.is_main else None
+    barrier()
+    manifest = manifest or load_manifest(cfg.data.prepared_dir())
+    for d in manifest["domains"]:
+        if d["n_items"] <= cfg.eval.num_negatives:
+            raise ConfigError(f"eval.num_negatives={cfg.eval.num_negatives} but domain {d['name']!r} of "
+                              f"{cfg.data.prepared_dir()} has only {d['n_items']} items; lower eval.num_negatives")
+    return manifest
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool, log) -> RunLock | None:
+    """Rank 0 takes the run's lock (:class:`RunLock`) and checks that a fresh start does not land
+    on an earlier run: such a folder is refused (ResumeError) or, with ``overwrite``, moved aside.
+    Every rank raises the same error. Returns the held lock (rank 0) or None."""
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(run_dir, log=log)
+            lock.acquire()
+            held = [n for n in _RUN_FILES if (run_dir / n).exists()]
+            if held and not resume:
+                if not overwrite:
+                    raise ResumeError(f"{run_dir} already holds a run ({', '.join(held)}); continue it with "
+                                      "--resume auto, or start afresh with --overwrite (moves it aside)")
+                lock = _move_aside(run_dir, lock, log)
+        except (ResumeError, RunLocked) as e:
+            if lock is not None:
+                lock.release()
+            error = (type(e).__name__, str(e))
+    error = all_gather_objects(error)[0]
+    if error:
+        raise (RunLocked if error[0] == "RunLocked" else ResumeError)(error[1])
+    return lock
+
+
+def _move_aside(run_dir: Path, lock: RunLock, log) -> RunLock:
+    """``--overwrite``: the old run goes to ``<run_dir>.old-<time>`` (its lock with it); a new lock here."""
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    fresh = RunLock(run_dir, log=log)
+    fresh.acquire()
+    lock.release()
+    log(f"--overwrite: moved the earlier run {run_dir} to {aside}")
+    return fresh
