@@ -76,7 +76,7 @@ class Estimate:
     activations: int
     host: int
 
-    buffers_after_step: int = 0  # the buckets DeepSpeed keeps allocated between steps
+    buffers_after_step: int = 0  # the buckets DeepSpeed keeps between steps (ZeRO-3's reduce bucket; ZeRO-1/2 free theirs)
 
     @property
     def device(self) -> int:
@@ -109,7 +109,7 @@ def estimate(size: ModelSize, *, zero: int, precision: str, world: int, offload:
     host = master_adam if offload and zero else 0
     return Estimate(zero=zero, offload=offload, params=params, grads=grads,
                     optimizer=0 if host else master_adam, buffers=buffers, activations=activations, host=host,
-                    buffers_after_step=bucket if zero in (2, 3) else 0)
+                    buffers_after_step=bucket if zero == 3 else 0)
 
 
 def activation_bytes(cfg, n_domain_items: int) -> int:
