@@ -120,8 +120,52 @@ class ShardWriter:
         return self.shards
 
 
+def _item_ids(table, keep: np.ndarray, n_dom: int) -> tuple[np.ndarray, dict, list[dict]]:
+    """Per domain, the surviving items in raw-id order get ids offset + 1, offset + 2, ...:
+    (xdrec id of each raw item code, raw id -> xdrec id, [{offset, n_items}] per domain)."""
+    kept_items = np.zeros(len(table.items), bool)
+    kept_items[table.item[keep]] = True
+    item_id = np.zeros(len(table.items), np.int64)
+    item_map: dict[str, int] = {}
+    info, offset = [], 0
+    for d in range(n_dom):
+        codes = sorted(np.flatnonzero(kept_items & (table.item_domain == d)).tolist(),
+                       key=lambda c: id_sort_key(table.items[c]))
+        for k, c in enumerate(codes):
+            item_id[c] = offset + k + 1
+            item_map[table.items[c]] = offset + k + 1
+        info.append({"offset": offset, "n_items": len(codes)})
+        offset += len(codes)
+    return item_id, item_map, info
+
+
+def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: Path) -> tuple[dict, np.ndarray, dict]:
+    """Every kept user's leave-one-out samples into shards, users in raw-id order (chronological()):
+    (raw user id -> xdrec id, samples per (domain, split), the shards' listing)."""
+    order = chronological(table, cfg.filter.tie_break)
+    order = order[keep[order]]
+    users_sorted, items_sorted = table.user[order], item_id[table.item[order]]
+    bounds = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1], True])
+    writers = {(d, s): ShardWriter(tmp / name, s, cfg.shard_samples, cfg.shard_bytes)
+               for d, name in enumerate(cfg.domains) for s in SPLITS}
+    user_map: dict[str, int] = {}
+    counts = np.zeros((len(cfg.domains), len(SPLITS)), np.int64)
+    for k in range(len(bounds) - 1):
+        seq = items_sorted[bounds[k]:bounds[k + 1]]
+        user = len(user_map)
+        user_map[table.users[users_sorted[bounds[k]]]] = user
+        for d, split, sample in user_samples(user, seq.tolist(), dom.of(seq).tolist()):
+            writers[(d, split)].write(sample)
+            counts[d, SPLITS.index(split)] += 1
+    shards: dict = {name: {} for name in cfg.domains}
+    for (d, split), w in writers.items():
+        shards[cfg.domains[d]][split] = [{"path": str(sh["path"].relative_to(tmp)), "samples": sh["samples"],
+                                          "bytes": sh["bytes"], "sha256": sha256_file(sh["path"])} for sh in w.finish()]
+    return user_map, counts, shards
+
+
 def prepare(cfg: DataConfig, log=print) -> Path:
-    """Prepare ``cfg`` into ``cfg.prepared_dir()``; returns the manifest path."""
+    """Prepare ``cfg`` into ``cfg.prepared_dir()`` (written beside it, then renamed); returns the manifest path."""
     out = cfg.prepared_dir()
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -133,65 +177,22 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     keep, reports = apply_filters(table, cfg.filter, n_dom)
     if not keep.any():
         raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
-    # ids: per domain, surviving items in raw-id order; users in raw-id order (chronological())
-    kept_items = np.zeros(len(table.items), bool)
-    kept_items[table.item[keep]] = True
-    item_id = np.zeros(len(table.items), np.int64)
-    item_map: dict[str, int] = {}
-    info = []
-    offset = 0
-    for d in range(n_dom):
-        codes = sorted(np.flatnonzero(kept_items & (table.item_domain == d)).tolist(),
-                       key=lambda c: id_sort_key(table.items[c]))
-        for k, c in enumerate(codes):
-            item_id[c] = offset + k + 1
-            item_map[table.items[c]] = offset + k + 1
-        info.append({"offset": offset, "n_items": len(codes)})
-        offset += len(codes)
+    item_id, item_map, info = _item_ids(table, keep, n_dom)
     dom = DomainIndex({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
-    order = chronological(table, cfg.filter.tie_break)
-    order = order[keep[order]]
-    users_sorted = table.user[order]
-    items_sorted = item_id[table.item[order]]
-    bounds = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1], True])
-    writers = {(d, s): ShardWriter(tmp / name, s, cfg.shard_samples, cfg.shard_bytes)
-               for d, name in enumerate(cfg.domains) for s in SPLITS}
-    user_map: dict[str, int] = {}
-    counts = np.zeros((n_dom, len(SPLITS)), np.int64)
-    for k in range(len(bounds) - 1):
-        seq = items_sorted[bounds[k]:bounds[k + 1]]
-        user = len(user_map)
-        user_map[table.users[users_sorted[bounds[k]]]] = user
-        for d, split, sample in user_samples(user, seq.tolist(), dom.of(seq).tolist()):
-            writers[(d, split)].write(sample)
-            counts[d, SPLITS.index(split)] += 1
-    shards: dict = {name: {} for name in cfg.domains}
-    for (d, split), w in writers.items():
-        listed = []
-        for sh in w.finish():
-            listed.append({"path": str(sh["path"].relative_to(tmp)), "samples": sh["samples"], "bytes": sh["bytes"],
-                           "sha256": sha256_file(sh["path"])})
-        shards[cfg.domains[d]][split] = listed
+    user_map, counts, shards = _write_users(cfg, table, keep, item_id, dom, tmp)
     dom_events = np.bincount(table.domain[keep], minlength=n_dom).tolist()
     manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "name": cfg.name,
-        "format": cfg.format,
-        "fingerprint": data_fingerprint(cfg),
-        "data_config": to_dict(cfg),
-        "n_users": len(user_map),
-        "n_events": int(keep.sum()),
+        "schema_version": SCHEMA_VERSION, "name": cfg.name, "format": cfg.format, "fingerprint": data_fingerprint(cfg),
+        "data_config": to_dict(cfg), "n_users": len(user_map), "n_events": int(keep.sum()),
         "read": {"events": len(table), "users": len(table.users), "items": len(table.items)},
         "filtered": reports,
-        "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d]}
-                    for d, name in enumerate(cfg.domains)],
+        "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d]} for d, name in enumerate(cfg.domains)],
         "counts": {name: {s: {"samples": int(counts[d, j])} for j, s in enumerate(SPLITS)}
                    for d, name in enumerate(cfg.domains)},
         "shards": shards,
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    (tmp / "item_map.json").write_text(json.dumps(item_map))
-    (tmp / "user_map.json").write_text(json.dumps(user_map))
+    for name, obj in (("manifest.json", manifest), ("item_map.json", item_map), ("user_map.json", user_map)):
+        (tmp / name).write_text(json.dumps(obj, indent=1 if name == "manifest.json" else None))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
