@@ -442,5 +442,5 @@ def test_a_stage_adds_the_uniform_aux_loss_only_for_the_listed_domains_it_trains
     assert joint_aux[s] > joint_plain[s]  # plus 0.5 x a (positive) CE on the source
     assert torch.equal(joint_aux[t], joint_plain[t])
     every = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, uniform_aux_domains=[]))
-    assert build_model(every, manifest, [target]).uniform_aux_domains == [t]
-    assert build_model(every, manifest).uniform_aux_domains == sorted([s, t])
+    assert build_model(every, manifest, [target]).loss.aux.domains == (t,)
+    assert build_model(every, manifest).loss.aux.domains == tuple(sorted([s, t]))
