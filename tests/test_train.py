@@ -444,3 +444,37 @@ def test_a_stage_adds_the_uniform_aux_loss_only_for_the_listed_domains_it_trains
     every = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, uniform_aux_domains=[]))
     assert build_model(every, manifest, [target]).loss.aux.domains == (t,)
     assert build_model(every, manifest).loss.aux.domains == tuple(sorted([s, t]))
+
+
+def test_ctrl_c_checkpoints_at_the_next_step_and_resumes_to_the_uninterrupted_run(tmp_path):
+    """SIGINT during training: a checkpoint at the next optimizer step, one 'resume with' line
+    naming the command, exit 130; resumed with it, the run ends as the uninterrupted one does."""
+    import signal
+    import time
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    over = ["train.stages=[source]", "train.micro_batch_size=4", "train.source.epochs=1", "train.log_every=1"]
+    whole = train_tiny(tmp_path / "whole", *over)
+    assert whole.returncode == 0
+    cmd = [sys.executable, "-m", "train.cli", "train", str(REPO / "configs/experiment/tiny.yaml"),
+           f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}", *over]
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "tiny" / "source" / "checkpoints"
+    end = time.time() + 300
+    jsonl = tmp_path / "tiny" / "metrics.jsonl"
+    while not (jsonl.is_file() and '"source/stage_step": 3' in jsonl.read_text()):
+        assert p.poll() is None and time.time() < end, p.communicate()[1][-2000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-2000:]
+    assert "SIGINT: stopping at the next optimizer step with a checkpoint" in err
+    stopped = [line for line in out.splitlines() if "stopped at step" in line][0]
+    step = int(stopped.split("stopped at step ")[1].split()[0])
+    assert 0 < step < json.loads((tmp_path / "whole" / "tiny" / "metrics.json").read_text())["_meta"]["source"]["steps"]
+    assert (ckpt / (ckpt / "latest").read_text().strip() / "rng_rank0.pt").is_file()
+    again = [line for line in out.splitlines() if line.startswith("stopped; resume with: ")][0]
+    assert again.endswith(" --resume auto") and "train.micro_batch_size=4" in again and "Traceback" not in err
+    train_tiny(tmp_path, *over, "--resume", "auto")
+    done = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert done["source"] == json.loads((tmp_path / "whole" / "tiny" / "metrics.json").read_text())["source"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shlex
 import sys
 
 from launch import signals
@@ -102,11 +103,14 @@ def cmd_plan(args) -> int:
 def cmd_data(args) -> int:
     import json
 
-    from train.data.inspect import stats, verify
+    from train.data.inspect import empty_splits, stats, verify
 
     if args.action == "verify":
         counts = verify(args.folder)
         print(f"{args.folder}: every shard matches its sha256 and sample count: {json.dumps(counts)}")
+        for where in empty_splits(counts):
+            print(f"warning: {where} holds no samples: no user's {where.split('/')[1]} event falls in that domain; "
+                  "an experiment that trains, selects or reports on it is refused", file=sys.stderr)
     else:
         print(json.dumps(stats(args.folder), indent=1))
     return 0
@@ -175,6 +179,7 @@ def cmd_train(args) -> int:
     from train.experiment import Experiment
     from train.stages import format_table
 
+    signals.install_interrupts()  # Ctrl-C / SIGTERM from here on: checkpoint at the next step
     cfg = load_config(args.config, args.overrides)
     exp = Experiment(cfg, log=_log, resume=args.resume == "auto", reevaluate=args.reevaluate,
                      overwrite=args.overwrite)
@@ -186,8 +191,9 @@ def cmd_train(args) -> int:
     except StageInterrupted as e:
         teardown_distributed()
         if exp.env.is_main:
-            print(f"{e}\ncontinue with: xdrec train {args.config} ... --resume auto", flush=True)
-        return EXIT_PREEMPTED if e.preempted else 0
+            again = shlex.join(["xdrec", "train", args.config, *args.overrides, "--resume", "auto"])
+            print(f"{e}\nstopped; resume with: {again}", flush=True)
+        return EXIT_PREEMPTED if e.preempted else (128 + e.signal if e.signal else 0)
     finally:
         exp.close()
     teardown_distributed()

@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from launch.signals import stop_requested
+from launch.signals import requested
 from train.checkpoint import LoopState, save_best, save_resume
 from train.engine import (all_ranks, domain_means, global_domain_loss, grads_finite, loss_value, max_over_ranks,
-                          set_lr_scale, step_skipped, sum_over_ranks)
+                          set_lr_scale, step_skipped, sum_over_ranks, world_size)
 from train.files import fault_point
 from train.tracking import Tracker
 
@@ -213,7 +213,7 @@ def run_epoch(engine, plan: StagePlan, st: LoopState, monitor: Monitor, *, devic
             monitor.sync()
         if stopper.should_stop(plan.grad_accum, poll=sync):
             monitor.sync()
-            raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / checkpoint(), preempted=stopper.signalled)
+            raise StageInterrupted(plan.name, st.step, plan.ckpt_dir / checkpoint(), signal=stopper.signal)
         if plan.checkpoint_every and st.step % plan.checkpoint_every == 0:
             monitor.sync()
             checkpoint()
@@ -291,33 +291,39 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
 
 
 class StageInterrupted(Exception):
-    """Training stopped on request (signal or step budget) after writing a resume checkpoint."""
+    """Training stopped on request (signal or step budget) after writing a resume checkpoint.
+    ``signal``: the stop signal's number (0: the step budget); SIGUSR1 is a preemption."""
 
-    def __init__(self, stage: str, step: int, path: Path, *, preempted: bool = False):
-        why = "on a preemption signal" if preempted else "after train.stop_after_steps"
+    def __init__(self, stage: str, step: int, path: Path, *, signal: int = 0):
+        import signal as sig
+
+        why = "after train.stop_after_steps" if not signal else (
+            "on a preemption signal (SIGUSR1)" if signal == sig.SIGUSR1 else f"on {sig.Signals(signal).name}")
         super().__init__(f"stage {stage} stopped at step {step} {why}; resume checkpoint {path}")
-        self.stage, self.step, self.path, self.preempted = stage, step, path, preempted
+        self.stage, self.step, self.path, self.signal = stage, step, path, signal
+        self.preempted = signal == sig.SIGUSR1
 
 
 class Stopper:
     """Asks every rank to stop at the same optimizer-step boundary: once this process has taken
     ``stop_after_steps`` training batches (0 = never; counted at accumulation boundaries, the same
-    on every rank, so decided without communication) or, polled at sync points, on SIGUSR1 (see
-    ``launch.signals``) on any rank."""
+    on every rank, so decided without communication) or on a stop signal (see ``launch.signals``)
+    on any rank: polled at every optimizer step in one process, at sync points (one all-reduce)
+    with several ranks."""
 
     def __init__(self, stop_after_steps: int = 0):
         self.budget = stop_after_steps
         self.taken = 0
-        self.signalled = False  # the stop came from a signal on some rank (a preemption)
+        self.signal = 0  # the stop signal some rank received (the largest number where they differ)
 
     def should_stop(self, batches: int = 1, *, poll: bool = True) -> bool:
         """Called at each optimizer step with the batches it consumed; ``poll``: also agree on
-        the signal flag (one all-reduce). True on every rank at once."""
+        the signal (one all-reduce; always polled without other ranks). True on every rank at once."""
         self.taken += batches
         budget = self.budget > 0 and self.taken >= self.budget
-        if poll:
-            self.signalled = bool(max_over_ranks([int(stop_requested())])[0])
-        return bool(self.signalled or budget)
+        if poll or world_size() == 1:
+            self.signal = int(max_over_ranks([requested()])[0])
+        return bool(self.signal or budget)
 
 
 def score_fn(engine) -> Callable:

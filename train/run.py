@@ -17,6 +17,7 @@ from train.engine import all_gather_objects, barrier, check_launcher_settings, s
 from train.evaluate import Evaluator, sampled_protocol
 from train.record import RunRecord
 from train.runlock import RunLock, RunLocked
+from train.stages import data_problems
 from train.tracking import Tracker
 
 _RUN_FILES = ("metrics.json", "config.yaml", "metrics.jsonl", "source", "joint", "target_only")
@@ -99,10 +100,9 @@ def _prepared(cfg: ExperimentConfig, env, log) -> dict:
     manifest = ensure_prepared(cfg.data, log=log) if env.is_main else None
     barrier()
     manifest = manifest or load_manifest(cfg.data.prepared_dir())
-    for d in manifest["domains"]:
-        if d["n_items"] <= cfg.eval.num_negatives:
-            raise ConfigError(f"eval.num_negatives={cfg.eval.num_negatives} but domain {d['name']!r} of "
-                              f"{cfg.data.prepared_dir()} has only {d['n_items']} items; lower eval.num_negatives")
+    problems = data_problems(cfg, manifest, cfg.data.prepared_dir())
+    if problems:
+        raise ConfigError("; ".join(problems))
     return manifest
 
 

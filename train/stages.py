@@ -53,6 +53,32 @@ def run_order(stages: list[str]) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
+def data_problems(cfg: ExperimentConfig, manifest: dict, folder) -> list[str]:
+    """What the prepared data cannot give the listed stages, each naming the domain and the
+    numbers: a stage's training domain without training rows, an evaluated domain without valid
+    or test users, or fewer items outside an evaluated user's sequence than ``eval.num_negatives``."""
+    names = {"source": cfg.data.source, "target": cfg.data.target}
+    domains = {d["name"]: d for d in manifest["domains"]}
+    problems, n = [], cfg.eval.num_negatives
+    evaluated = sorted({names[r] for s in cfg.train.stages for r in SPECS[s].evaluates})
+    for stage in run_order(cfg.train.stages):
+        driver = names[SPECS[stage].driver]
+        if not manifest["counts"][driver]["train"]["samples"]:
+            problems.append(f"stage {stage} trains on domain {driver!r}, which has no training rows in {folder}")
+    for name in evaluated:
+        counts, d = manifest["counts"][name], domains[name]
+        empty = [s for s in ("valid", "test") if not counts[s]["samples"]]
+        if empty:
+            problems.append(f"domain {name!r} has no {' and no '.join(empty)} users in {folder} (every user's last "
+                            "two events fall in other domains); nothing to select or report on")
+        held = d.get("max_user_items", 1)  # manifests before it was recorded: a user holds its target at least
+        if d["n_items"] - held < n:
+            who = f" and a user evaluated there holds {held} of them" if "max_user_items" in d else ""
+            problems.append(f"eval.num_negatives={n} but domain {name!r} of {folder} has {d['n_items']} items{who}: "
+                            f"at most {max(d['n_items'] - held, 0)} negatives can be drawn; lower eval.num_negatives")
+    return problems
+
+
 def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None = None) -> torch.nn.Module:
     """The experiment's recommender over the manifest's vocabulary, seeded by ``cfg.seed``.
     ``domains``: the names of the domains the model will train and score (a stage's; None: every

@@ -36,6 +36,11 @@ def verify(folder: str | Path) -> dict:
     return counts
 
 
+def empty_splits(counts: dict) -> list[str]:
+    """``domain/split`` of every split holding no samples: a stage selecting or reporting on it cannot run."""
+    return [f"{dom}/{split}" for dom, splits in counts.items() for split, n in splits.items() if not n]
+
+
 def stats(folder: str | Path) -> dict:
     """Users, items and events per domain, cross-domain overlap, sequence-length percentiles."""
     folder = Path(folder)

@@ -139,9 +139,10 @@ def _item_ids(table, keep: np.ndarray, n_dom: int) -> tuple[np.ndarray, dict, li
     return item_id, item_map, info
 
 
-def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: Path) -> tuple[dict, np.ndarray, dict]:
+def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: Path) -> tuple[dict, np.ndarray, dict, list]:
     """Every kept user's leave-one-out samples into shards, users in raw-id order (chronological()):
-    (raw user id -> xdrec id, samples per (domain, split), the shards' listing)."""
+    (raw user id -> xdrec id, samples per (domain, split), the shards' listing, per domain the most
+    of its items one user evaluated there holds: what the sampled protocol cannot draw for them)."""
     order = chronological(table, cfg.filter.tie_break)
     order = order[keep[order]]
     users_sorted, items_sorted = table.user[order], item_id[table.item[order]]
@@ -150,6 +151,7 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: P
                for d, name in enumerate(cfg.domains) for s in SPLITS}
     user_map: dict[str, int] = {}
     counts = np.zeros((len(cfg.domains), len(SPLITS)), np.int64)
+    most = [0] * len(cfg.domains)
     for k in range(len(bounds) - 1):
         seq = items_sorted[bounds[k]:bounds[k + 1]]
         user = len(user_map)
@@ -157,11 +159,13 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: P
         for d, split, sample in user_samples(user, seq.tolist(), dom.of(seq).tolist()):
             writers[(d, split)].write(sample)
             counts[d, SPLITS.index(split)] += 1
+            if split != "train":
+                most[d] = max(most[d], int((dom.of(np.asarray(sample["exclude"])) == d).sum()))
     shards: dict = {name: {} for name in cfg.domains}
     for (d, split), w in writers.items():
         shards[cfg.domains[d]][split] = [{"path": str(sh["path"].relative_to(tmp)), "samples": sh["samples"],
                                           "bytes": sh["bytes"], "sha256": sha256_file(sh["path"])} for sh in w.finish()]
-    return user_map, counts, shards
+    return user_map, counts, shards, most
 
 
 def prepare(cfg: DataConfig, log=print) -> Path:
@@ -179,14 +183,15 @@ def prepare(cfg: DataConfig, log=print) -> Path:
         raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
     item_id, item_map, info = _item_ids(table, keep, n_dom)
     dom = DomainIndex({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
-    user_map, counts, shards = _write_users(cfg, table, keep, item_id, dom, tmp)
+    user_map, counts, shards, most = _write_users(cfg, table, keep, item_id, dom, tmp)
     dom_events = np.bincount(table.domain[keep], minlength=n_dom).tolist()
     manifest = {
         "schema_version": SCHEMA_VERSION, "name": cfg.name, "format": cfg.format, "fingerprint": data_fingerprint(cfg),
         "data_config": to_dict(cfg), "n_users": len(user_map), "n_events": int(keep.sum()),
         "read": {"events": len(table), "users": len(table.users), "items": len(table.items)},
         "filtered": reports,
-        "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d]} for d, name in enumerate(cfg.domains)],
+        "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d], "max_user_items": most[d]}
+                    for d, name in enumerate(cfg.domains)],
         "counts": {name: {s: {"samples": int(counts[d, j])} for j, s in enumerate(SPLITS)}
                    for d, name in enumerate(cfg.domains)},
         "shards": shards,
