@@ -113,9 +113,20 @@ class Recommender(nn.Module):
         return view[:, 0] if last_only else view
 
     @torch.no_grad()
-    def recommend(self, items: torch.Tensor, domain: int, k: int = 10) -> torch.Tensor:
-        """[B, L] -> [B, k] global item ids of the best-scored items of ``domain``."""
-        return self.score(items, domain).topk(k, dim=-1).indices + self.ranges[domain][0]
+    def recommend(self, items: torch.Tensor, domain: int, k: int = 10, *,
+                  exclude_history: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] -> ([B, k] global item ids of the best-scored items of ``domain``, [B, k] their
+        scores). ``exclude_history``: items already in a row are not recommended to it (k shrinks
+        to the items left where the domain has fewer)."""
+        lo, hi = self.ranges[domain]
+        scores = self.score(items, domain)
+        seen = torch.zeros_like(scores, dtype=torch.bool)
+        if exclude_history:
+            rows, cols = ((items >= lo) & (items < hi)).nonzero(as_tuple=True)
+            seen[rows, items[rows, cols] - lo] = True
+            scores = scores.masked_fill(seen, float("-inf"))
+        top = scores.topk(min(k, hi - lo - int(seen.sum(1).max())), dim=-1)  # rows share one k
+        return top.indices + lo, top.values
 
 
 class ZeroLinear(nn.Linear):

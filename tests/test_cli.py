@@ -2,10 +2,13 @@
 Each expected failure is one ``xdrec: error:`` line and exit status 2, before any training."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
@@ -64,3 +67,80 @@ def test_more_negatives_than_a_users_unseen_items_is_refused_before_training(tmp
             "them: at most 24 negatives can be drawn" in line), line
     ok = xdrec("train", str(exp), "train.stages=[target_only]", "eval.num_negatives=24")
     assert ok.returncode == 0, ok.stderr[-3000:]
+
+
+def test_help_shows_defaults_and_doctor_names_the_stack():
+    train = xdrec("train", "--help")
+    assert train.returncode == 0 and "(default: never)" in train.stdout and "--debug" in train.stdout
+    assert "(default: 10)" in xdrec("recommend", "--help").stdout
+    doctor = xdrec("doctor")
+    assert doctor.returncode == 0, doctor.stderr[-2000:]
+    import deepspeed
+
+    assert f"deepspeed: {deepspeed.__version__}" in doctor.stdout
+    assert "deepspeed_op_cache:" in doctor.stdout and "wandb:" in doctor.stdout and "sbatch:" in doctor.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A target-only run of the tiny experiment, exported."""
+    tmp = tmp_path_factory.mktemp("exp")
+    p = xdrec("train", "configs/experiment/tiny.yaml", f"runs_dir={tmp}", f"data.out_dir={tmp / 'data'}",
+              "train.stages=[target_only]", "train.target_only.epochs=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    e = xdrec("export", str(tmp / "tiny"), "--stage", "target_only")
+    assert e.returncode == 0, e.stderr[-3000:]
+    return tmp / "tiny" / "export-target_only"
+
+
+def test_recommend_takes_and_gives_the_datas_own_ids_and_leaves_the_history_out(exported):
+    item_map = json.loads((exported / "item_map.json").read_text())
+    domains = json.loads((exported / "domains.json").read_text())["domains"]
+    lo, n = domains[1]["offset"], domains[1]["n_items"]
+    b_items = [raw for raw, i in item_map.items() if lo < i <= lo + n]
+    history = b_items[:5]
+    p = xdrec("recommend", str(exported), "--domain", "B", "--history", *history, "-k", str(n), "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    top = json.loads(p.stdout)
+    assert len(top) == n - 5 and not {t["item"] for t in top} & set(history)
+    assert {t["item"] for t in top} <= set(b_items)
+    assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+    every = json.loads(xdrec("recommend", str(exported), "--domain", "B", "--history", *history, "-k", str(n),
+                             "--json", "--include-history").stdout)
+    assert {t["item"] for t in every} == set(b_items)
+    internal = xdrec("recommend", str(exported), "--domain", "B", "--internal", "--history",
+                     *(str(item_map[h]) for h in history), "-k", "3")
+    assert internal.returncode == 0
+    rows = internal.stdout.splitlines()[1:]
+    assert [int(r.split()[1]) for r in rows] == [item_map[t["item"]] for t in top[:3]]
+    table = xdrec("recommend", str(exported), "--domain", "B", "--history", *history, "-k", "3")
+    assert table.stdout.splitlines()[1].split()[:2] == ["1", top[0]["item"]]
+
+
+def test_bad_recommend_export_and_evaluate_input_is_one_line(exported, tmp_path):
+    line = one_error_line(xdrec("recommend", str(exported), "--domain", "B", "--history", "no-such-item"))
+    assert "--history: item 'no-such-item' is not in" in line
+    line = one_error_line(xdrec("recommend", str(exported), "--domain", "B", "--internal", "--history", "5000"))
+    assert "--history: no xdrec item id 5000 (this model has ids 1..160)" in line
+    line = one_error_line(xdrec("recommend", str(exported), "--domain", "Z", "--history", "1"))
+    assert "--domain 'Z' is not one of ['A', 'B']" in line
+    line = one_error_line(xdrec("evaluate", str(tmp_path)))
+    assert f"{tmp_path / 'model.safetensors'} is missing: not an xdrec export folder" in line
+    data = exported.parents[1] / "data"
+    data.rename(data.with_name("moved"))
+    try:
+        line = one_error_line(xdrec("export", str(exported.parent), "--stage", "target_only"))
+    finally:
+        data.with_name("moved").rename(data)
+    assert "manifest.json: no manifest; run `xdrec prepare` first" in line
+    debug = xdrec("recommend", str(exported), "--domain", "Z", "--history", "1", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_evaluate_prints_the_training_table(exported):
+    p = xdrec("evaluate", str(exported))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "test metrics of" in p.stdout and "target-only" in p.stdout and "full hr@10" in p.stdout
+    metrics = json.loads(xdrec("evaluate", str(exported), "--json").stdout)
+    row = [line for line in p.stdout.splitlines() if line.startswith("target-only")][0]
+    assert f"{metrics['test']['B']['full']['ndcg@10']:.4f}" in row

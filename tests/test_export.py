@@ -38,7 +38,7 @@ def test_exported_model_reproduces_engine_metrics(tmp_path, n_procs, zero):
             for k, v in engine_metrics[dom][proto].items():
                 assert ours[dom][proto][k] == pytest.approx(v, abs=1e-9), (dom, proto, k)
     model, info = load_exported(out)
-    top = model.recommend(torch.tensor([[0, 0, 1, 2, 90, 91]]), domain=1, k=5)
+    top, _ = model.recommend(torch.tensor([[0, 0, 1, 2, 90, 91]]), domain=1, k=5)
     lo, hi = model.ranges[1]
     assert ((top >= lo) & (top < hi)).all()
 

@@ -86,9 +86,13 @@ def test_scores_and_recommend_cover_one_domain():
     items = torch.tensor([[0, 0, 1, 5, 2, 6]])
     s = m(items, domain=1)
     assert s.shape == (1, 4)
-    top = m.recommend(items, domain=1, k=2)
+    top, scores = m.recommend(items, domain=1, k=2, exclude_history=False)
     assert ((top >= 4) & (top <= 7)).all()
-    assert torch.equal(top[0, 0], s.argmax(1)[0] + 4)
+    assert torch.equal(top[0, 0], s.argmax(1)[0] + 4) and torch.equal(scores[0], s[0].topk(2).values)
+    fresh, _ = m.recommend(items, domain=1, k=4)  # 5 and 6 are in the history: the other two of 4..7
+    assert sorted(fresh[0].tolist()) == [4, 7]
+    order = s[0, [0, 3]].argsort(descending=True)
+    assert fresh[0].tolist() == torch.tensor([4, 7])[order].tolist()
 
 
 def _headed(seed=0):

@@ -4,10 +4,12 @@
     xdrec train   configs/experiment/<x>.yaml [a.b=value ...] [--resume auto | --reevaluate]
     xdrec data verify|stats data/prepared/<name>
     xdrec export  runs/<name> [--stage joint]          -> runs/<name>/export-joint/model.safetensors
-    xdrec evaluate runs/<name>/export-joint [--split test]
-    xdrec recommend runs/<name>/export-joint --domain B --history 3 17 42 [-k 10]
+    xdrec evaluate runs/<name>/export-joint [--split test] [--json]
+    xdrec recommend runs/<name>/export-joint --domain B --history <item ids, oldest first> [-k 10] [--json]
     xdrec report  runs/<name>-seed0 runs/<name>-seed1 ... [--out report.json]
     xdrec plan    configs/experiment/<x>.yaml [a.b=value ...] [--world-size N] [--memory-per-rank 80GiB]
+    xdrec doctor                                       versions, CUDA/NCCL, op cache, W&B mode, launcher, Slurm
+Every command takes --debug (a traceback instead of the one-line error) and shows its defaults in --help.
 """
 from __future__ import annotations
 
@@ -26,18 +28,33 @@ EXIT_PREEMPTED = 75
 _log = functools.partial(print, flush=True)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, where there is one to show (not for flags, required options or None)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.required or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdrec", description="Cross-domain Transformer recommenders on DeepSpeed.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="a traceback instead of the one-line error")
+
+    def add(name: str, **kw) -> argparse.ArgumentParser:  # every command: --debug, defaults in --help
+        return sub.add_parser(name, parents=[common], formatter_class=_Help, **kw)
+
     for name, help_ in (("prepare", "raw interactions -> WebDataset shards + manifest.json"),
                         ("train", "run the stages the experiment lists, write runs/<name>/metrics.json")):
-        s = sub.add_parser(name, help=help_)
+        s = add(name, help=help_)
         s.add_argument("config", help="experiment YAML, e.g. configs/experiment/demo.yaml")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4")
         if name == "train":
             s.add_argument("--resume", choices=("auto", "never"), default="never",
                            help="auto: skip finished stages and continue the latest resume checkpoint "
-                                "of runs/<name>/ (same world size); never: start afresh (default)")
+                                "of runs/<name>/ (same world size); never: start afresh")
             s.add_argument("--overwrite", action="store_true",
                            help="start afresh even where runs/<name>/ holds an earlier run: it is moved aside "
                                 "to runs/<name>.old-<time> (without this flag such a folder is refused)")
@@ -45,31 +62,35 @@ def _parser() -> argparse.ArgumentParser:
                            help="train nothing: evaluate the finished stages of runs/<name>/ again from their "
                                 "best weights under this config's eval keys (e.g. a new eval.prior or "
                                 "eval.transition) and rewrite their metrics, test ranks and the transfer interval")
-    d = sub.add_parser("data", help="inspect a prepared folder")
+    d = add("data", help="inspect a prepared folder")
     d.add_argument("action", choices=("verify", "stats"), help="verify: re-hash and re-count every shard; "
                    "stats: users/items/events per domain, overlap, sequence lengths")
     d.add_argument("folder", help="data/prepared/<name>")
-    e = sub.add_parser("export", help="best ZeRO checkpoint of a stage -> model.safetensors + config")
+    e = add("export", help="best ZeRO checkpoint of a stage -> model.safetensors + config")
     e.add_argument("run_dir", help="runs/<name>")
-    e.add_argument("--stage", default="joint", choices=("source", "joint", "target_only"))
+    e.add_argument("--stage", default="joint", choices=("source", "joint", "target_only"), help="whose best weights")
     e.add_argument("--out", default=None, help="default: <run_dir>/export-<stage>")
-    v = sub.add_parser("evaluate", help="metrics of an exported model on its prepared data (no DeepSpeed)")
-    v.add_argument("export_dir")
-    v.add_argument("--split", default="test", choices=("valid", "test"))
-    r = sub.add_parser("recommend", help="top-k items of a domain for one history (no DeepSpeed)")
-    r.add_argument("export_dir")
-    r.add_argument("--domain", required=True)
-    r.add_argument("--history", nargs="+", required=True, help="item ids, oldest first (raw ids with --raw)")
-    r.add_argument("--raw", action="store_true", help="history and output use the raw ids of item_map.json")
-    r.add_argument("-k", type=int, default=10)
-    pl = sub.add_parser("plan", help="parameters by part and predicted memory per rank under ZeRO 0-3",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v = add("evaluate", help="metrics of an exported model on its prepared data (no DeepSpeed)")
+    v.add_argument("export_dir", help="runs/<name>/export-<stage> (xdrec export)")
+    v.add_argument("--split", default="test", choices=("valid", "test"), help="which split to rank")
+    v.add_argument("--json", action="store_true", help="print metrics.json's layout instead of the table")
+    r = add("recommend", help="top-k items of a domain for one history (no DeepSpeed)")
+    r.add_argument("export_dir", help="runs/<name>/export-<stage> (xdrec export)")
+    r.add_argument("--domain", required=True, help="the domain to recommend from")
+    r.add_argument("--history", nargs="+", required=True, help="the user's items, oldest first (the data's own ids)")
+    r.add_argument("-k", type=int, default=10, help="how many items")
+    r.add_argument("--internal", action="store_true", help="history and output in xdrec's item ids")
+    r.add_argument("--include-history", action="store_true", help="items of the history may be recommended")
+    r.add_argument("--json", action="store_true", help="print JSON: [{item, score}, ...]")
+    pl = add("plan", help="parameters by part and predicted memory per rank under ZeRO 0-3")
     pl.add_argument("config", help="experiment YAML")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=1024")
     pl.add_argument("--world-size", type=int, default=1, help="ranks the model is sharded over")
     pl.add_argument("--memory-per-rank", default=None,
                     help="e.g. 80GiB; default: the GPU's memory, or this machine's RAM / world size")
-    rp = sub.add_parser("report", help="mean and std over runs (seeds) of the test metrics and transfer intervals")
+    doc = add("doctor", help="versions, CUDA/NCCL, the DeepSpeed op cache, W&B mode, launcher, Slurm")
+    doc.add_argument("--json", action="store_true", help="print JSON")
+    rp = add("report", help="mean and std over runs (seeds) of the test metrics and transfer intervals")
     rp.add_argument("run_dirs", nargs="+", help="runs/<name> folders holding metrics.json")
     rp.add_argument("--out", default=None, help="also write the aggregate as JSON here")
     return p
@@ -85,6 +106,16 @@ def cmd_report(args) -> int:
     print(format_report(agg))
     if args.out:
         Path(args.out).write_text(json.dumps(agg, indent=1))
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import json
+
+    from train.doctor import format_doctor, report
+
+    r = report()
+    print(json.dumps(r, indent=1) if args.json else format_doctor(r))
     return 0
 
 
@@ -129,36 +160,35 @@ def cmd_evaluate(args) -> int:
 
     from train.export import evaluate_exported
 
-    print(json.dumps(evaluate_exported(args.export_dir, splits=(args.split,)), indent=1))
+    from train.config import load_config
+    from train.export import load_info
+    from train.stages import format_table
+
+    metrics = evaluate_exported(args.export_dir, splits=(args.split,))
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+        return 0
+    info = load_info(args.export_dir)
+    cfg = load_config(f"{args.export_dir}/config.yaml")
+    print(f"{args.split} metrics of {args.export_dir} (stage {info['stage']}; sampled: "
+          f"{cfg.eval.num_negatives} negatives):")
+    print(format_table({info["stage"]: metrics}, info["target"], info["source"], split=args.split))
     return 0
 
 
 def cmd_recommend(args) -> int:
     import json
-    from pathlib import Path
 
-    import torch
+    from train.export import recommendations
 
-    from train.export import ExportError, load_exported
-
-    model, info = load_exported(args.export_dir)
-    names = [d["name"] for d in info["domains"]]
-    if args.domain not in names:
-        raise ExportError(f"--domain {args.domain!r} is not one of {names}")
-    to_id, to_raw = {}, {}
-    if args.raw:
-        to_id = json.loads((Path(args.export_dir) / "item_map.json").read_text())
-        to_raw = {v: k for k, v in to_id.items()}
-    try:
-        hist = [to_id[h] if args.raw else int(h) for h in args.history]
-    except (KeyError, ValueError) as e:
-        raise ExportError(f"--history item {e} is not a known item id") from None
-    max_len = model.embedding.position.num_embeddings
-    items = torch.zeros(1, max_len, dtype=torch.long)
-    hist = hist[-max_len:]
-    items[0, max_len - len(hist):] = torch.tensor(hist)
-    top = model.recommend(items, names.index(args.domain), k=args.k)[0].tolist()
-    print(" ".join(str(to_raw.get(i, i)) if args.raw else str(i) for i in top))
+    top = recommendations(args.export_dir, args.domain, args.history, k=args.k, internal=args.internal,
+                          include_history=args.include_history)
+    if args.json:
+        print(json.dumps([{"item": i, "score": s} for i, s in top]))
+    else:
+        print(f"{'rank':>4}  {'item':<24} score")
+        for n, (i, s) in enumerate(top, 1):
+            print(f"{n:>4}  {i:<24} {s:.4f}")
     return 0
 
 
@@ -226,6 +256,11 @@ def _exit_now_if_distributed(code: int) -> None:
         os._exit(code)
 
 
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,
+            "evaluate": cmd_evaluate, "recommend": cmd_recommend, "report": cmd_report, "plan": cmd_plan,
+            "doctor": cmd_doctor}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imported here, after entry() installed the signal handler: importing torch and DeepSpeed
@@ -245,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     from train.report import ReportError
     from train.runlock import RunLocked
 
+    if args.debug:  # the traceback of every error
+        return COMMANDS[args.cmd](args)
     try:
-        return {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,
-                "evaluate": cmd_evaluate,
-                "recommend": cmd_recommend, "report": cmd_report, "plan": cmd_plan}[args.cmd](args)
+        return COMMANDS[args.cmd](args)
     except (ConfigError, DataFormatError, ManifestError, LaunchConflict, LaunchError, ResumeError,
             ExportError, ReportError, ShardError, NonFiniteError, NonFiniteScores, NonFiniteValue, CheckpointError,
             DiskFullError, RunLocked, RecordError) as e:

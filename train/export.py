@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from train.config import load_config, save_config
+from train.data.prepare import load_manifest
 from train.stages import build_model
 
 SCHEMA = 1
@@ -39,8 +40,10 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
     from safetensors.torch import save_file
 
     run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir / 'config.yaml'} is missing: not a run folder (runs/<name>)")
     cfg = load_config(run_dir / "config.yaml")
-    manifest = json.loads((cfg.data.prepared_dir() / "manifest.json").read_text())
+    manifest = load_manifest(cfg.data.prepared_dir(), verify=False)
     state = consolidated_state_dict(run_dir / stage / "checkpoints")
     model = build_model(cfg, manifest)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -58,6 +61,14 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
     return out
 
 
+def load_info(folder: str | Path) -> dict:
+    """An export's ``domains.json`` (stage, domains, source, target)."""
+    path = Path(folder) / "domains.json"
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: not an xdrec export folder")
+    return json.loads(path.read_text())
+
+
 def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, domains.json) from an export folder; plain torch."""
     from safetensors.torch import load_file
@@ -67,7 +78,7 @@ def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
         if not (folder / name).is_file():
             raise ExportError(f"{folder / name} is missing: not an xdrec export folder")
     cfg = load_config(folder / "config.yaml")
-    info = json.loads((folder / "domains.json").read_text())
+    info = load_info(folder)
     model = build_model(cfg, {"domains": info["domains"]})
     try:
         model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
@@ -76,10 +87,52 @@ def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), info
 
 
+def _history_ids(folder: Path, history: list[str], n_total: int, internal: bool) -> list[int]:
+    """xdrec ids of a history given as original ids (item_map.json) or, ``internal``, as xdrec ids."""
+    if internal:
+        try:
+            ids = [int(h) for h in history]
+        except ValueError as e:
+            raise ExportError(f"--history: {e.args[0].split(': ')[-1]} is not an xdrec item id (--internal takes "
+                              "integers; drop it for the data's own ids)") from None
+        bad = [i for i in ids if not 1 <= i <= n_total]
+        if bad:
+            raise ExportError(f"--history: no xdrec item id {bad[0]} (this model has ids 1..{n_total})")
+        return ids
+    mapping = folder / "item_map.json"
+    if not mapping.is_file():
+        raise ExportError(f"{mapping} is missing: give xdrec item ids with --internal")
+    to_id = json.loads(mapping.read_text())
+    unknown = [h for h in history if h not in to_id]
+    if unknown:
+        raise ExportError(f"--history: item {unknown[0]!r} is not in {mapping} ({len(unknown)} of {len(history)} "
+                          "unknown; --internal takes xdrec ids)")
+    return [to_id[h] for h in history]
+
+
+def recommendations(folder: str | Path, domain: str, history: list[str], *, k: int = 10, internal: bool = False,
+                    include_history: bool = False) -> list[tuple[str, float]]:
+    """The ``k`` best items of ``domain`` after ``history`` (oldest first) with their scores, by
+    the model's scores alone; items of the history are left out unless ``include_history``. Ids
+    are the data's own (``item_map.json``), or xdrec's with ``internal``."""
+    folder = Path(folder)
+    model, info = load_exported(folder)
+    names = [d["name"] for d in info["domains"]]
+    if domain not in names:
+        raise ExportError(f"--domain {domain!r} is not one of {names}")
+    hist = _history_ids(folder, history, sum(d["n_items"] for d in info["domains"]), internal)
+    max_len = model.embedding.position.num_embeddings
+    hist = hist[-max_len:]
+    items = torch.zeros(1, max_len, dtype=torch.long)
+    items[0, max_len - len(hist):] = torch.tensor(hist)
+    top, scores = model.recommend(items, names.index(domain), k=k, exclude_history=not include_history)
+    to_raw = {} if internal else {v: key for key, v in json.loads((folder / "item_map.json").read_text()).items()}
+    return [(to_raw.get(i, str(i)), float(v)) for i, v in zip(top[0].tolist(), scores[0].tolist())]
+
+
 def evaluate_exported(folder: str | Path, *, splits=("valid", "test")) -> dict:
     """Metrics of an exported model on its prepared data, single process, no DeepSpeed:
     ``{split: {domain: {"full": ..., "sampled999": ...}}}`` as in ``metrics.json``."""
-    from train.data.prepare import load_manifest
     from train.evaluate import Evaluator
 
     model, info = load_exported(folder)

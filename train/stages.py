@@ -183,8 +183,8 @@ class StageData:
         return partial(build_model, self.cfg, self.manifest, domains=self.domains)
 
 
-def format_table(results: dict, target: str, source: str | None = None) -> str:
-    """Test metrics of target-only vs source-then-joint on ``target`` (and joint on ``source``)."""
+def format_table(results: dict, target: str, source: str | None = None, split: str = "test") -> str:
+    """``split`` metrics of target-only vs source-then-joint on ``target`` (and joint on ``source``)."""
     cols = [("full", "hr@10"), ("full", "ndcg@10"), ("full", "mrr"),
             (SAMPLED, "hr@10"), (SAMPLED, "ndcg@10"), (SAMPLED, "mrr")]
     head = f"{'stage':<22}{'domain':<14}" + "".join(f"{p[:4] + ' ' + m:>16}" for p, m in cols)
@@ -194,7 +194,7 @@ def format_table(results: dict, target: str, source: str | None = None) -> str:
         rows += [("source", source), ("joint", source)]
     label = {"joint": "source-then-joint", "target_only": "target-only", "source": "source only"}
     for stage, dom in rows:
-        m = results.get(stage, {}).get("test", {}).get(dom)
+        m = results.get(stage, {}).get(split, {}).get(dom)
         if m:
             lines.append(f"{label[stage]:<22}{dom:<14}" + "".join(f"{m[p][k]:>16.4f}" for p, k in cols))
     return "\n".join(lines)
