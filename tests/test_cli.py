@@ -144,3 +144,26 @@ def test_evaluate_prints_the_training_table(exported):
     metrics = json.loads(xdrec("evaluate", str(exported), "--json").stdout)
     row = [line for line in p.stdout.splitlines() if line.startswith("target-only")][0]
     assert f"{metrics['test']['B']['full']['ndcg@10']:.4f}" in row
+
+
+def test_wandb_groups_seeds_carries_the_run_context_and_a_wandb_failure_only_warns(tmp_path, monkeypatch, capsys):
+    """A real offline W&B run: group = the run name without -seed<k>, job_type train, the context in
+    its config. A W&B that cannot write (its folder is a file) warns once and metrics.jsonl goes on."""
+    from train.config import load_config
+    from train.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(REPO / "configs/experiment/tiny.yaml", ["tracking.wandb=true", "name=tiny-seed3"])
+    t = Tracker(cfg, tmp_path / "ok", is_main=True, context={"git_commit": "abc123", "world_size": 2})
+    assert (t.run.group, t.run.job_type) == ("tiny", "train")
+    assert dict(t.run.config)["run"] == {"git_commit": "abc123", "world_size": 2}
+    t.finish()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "wandb").write_text("")
+    t = Tracker(cfg, tmp_path / "broken", is_main=True)
+    assert t.run is None
+    t.log({"source": {"loss": 1.5, "stage_step": 1}})
+    t.finish()
+    err = capsys.readouterr().err
+    assert err.count("warning: W&B failed") == 1 and "training goes on" in err
+    assert json.loads((tmp_path / "broken" / "metrics.jsonl").read_text())["source/loss"] == 1.5

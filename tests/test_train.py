@@ -115,6 +115,27 @@ def test_offline_wandb_run_directory_and_local_jsonl(tiny_run):
     assert list(offline[0].glob("*.wandb")), "the offline run has no .wandb log"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("source/loss" in r for r in lines) and any("joint/test/B/full/ndcg@10" in r for r in lines)
+    # the run's plots, drawn for W&B, and metrics.json saved into the W&B run's files
+    for name in ("loss", "valid", "transfer", "cold_start"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 10_000, name
+    assert (offline[0] / "files" / "metrics.json").read_text() == (run / "metrics.json").read_text()
+
+
+def test_report_writes_plots_and_markdown_with_the_numbers_of_metrics_json(tiny_run, tmp_path):
+    run, stdout = tiny_run
+    m = json.loads((run / "metrics.json").read_text())
+    p = subprocess.run([sys.executable, "-m", "train.cli", "report", str(run), "--plots", str(tmp_path / "rep")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for name in ("loss", "valid", "transfer", "cold_start"):
+        assert (tmp_path / "rep" / f"{name}.png").stat().st_size > 10_000, name
+    row = [line for line in p.stdout.splitlines() if line.startswith("source-then-joint   B")][0]
+    assert row.split()[2:] == [f"{m['joint']['test']['B'][proto][k]:.4f}" for proto in ("full", "sampled999")
+                               for k in ("hr@10", "ndcg@10", "mrr")]
+    assert "±" not in row  # one run: no spread to show
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"| source-then-joint | B | {m['joint']['test']['B']['full']['hr@10']:.4f} |" in md and "![loss](loss.png)" in md
+    assert "[target_only] epoch 1/3" in stdout and "valid sampled ndcg@10 (B)" in stdout  # the training's names
 
 
 def test_cli_reports_config_errors_before_work(tmp_path):
@@ -313,11 +334,11 @@ def test_lr_decays_after_each_evaluation_without_gain_and_the_decay_survives_a_r
 
     train_tiny(tmp_path / "full", *args)
     lrs = step_lrs(tmp_path / "full" / "tiny")
-    per_epoch = sum(1 for e, _ in lrs.values() if e == 0)
+    per_epoch = sum(1 for e, _ in lrs.values() if e == 1)  # epochs count from 1, as on the console
     assert sorted(lrs) == list(range(1, 4 * per_epoch + 1))
     for step, (epoch, lr) in lrs.items():
-        # epoch e trains after e evaluations, the first of which was a gain
-        expect = 0.005 * warmup_cosine(step, warmup=5, total=4 * per_epoch) * 0.5 ** max(0, epoch - 1)
+        # epoch e trains after e - 1 evaluations, the first of which was a gain
+        expect = 0.005 * warmup_cosine(step, warmup=5, total=4 * per_epoch) * 0.5 ** max(0, epoch - 2)
         assert lr == pytest.approx(expect, rel=1e-6), (step, epoch)
     scales = [json.loads(line)["source/lr_scale"] for line in (tmp_path / "full" / "tiny" / "metrics.jsonl")
               .read_text().splitlines() if "source/lr_scale" in line]

@@ -6,7 +6,7 @@
     xdrec export  runs/<name> [--stage joint]          -> runs/<name>/export-joint/model.safetensors
     xdrec evaluate runs/<name>/export-joint [--split test] [--json]
     xdrec recommend runs/<name>/export-joint --domain B --history <item ids, oldest first> [-k 10] [--json]
-    xdrec report  runs/<name>-seed0 runs/<name>-seed1 ... [--out report.json]
+    xdrec report  runs/<name>-seed0 runs/<name>-seed1 ... [--out report.json] [--markdown] [--plots DIR]
     xdrec plan    configs/experiment/<x>.yaml [a.b=value ...] [--world-size N] [--memory-per-rank 80GiB]
     xdrec doctor                                       versions, CUDA/NCCL, op cache, W&B mode, launcher, Slurm
 Every command takes --debug (a traceback instead of the one-line error) and shows its defaults in --help.
@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     rp = add("report", help="mean and std over runs (seeds) of the test metrics and transfer intervals")
     rp.add_argument("run_dirs", nargs="+", help="runs/<name> folders holding metrics.json")
     rp.add_argument("--out", default=None, help="also write the aggregate as JSON here")
+    rp.add_argument("--markdown", action="store_true", help="print the report as Markdown")
+    rp.add_argument("--plots", default=None, metavar="DIR", help="write PNGs (loss, valid metric, transfer, "
+                    "cold start) and report.md into DIR")
     return p
 
 
@@ -100,12 +103,20 @@ def cmd_report(args) -> int:
     import json
     from pathlib import Path
 
-    from train.report import aggregate, format_report
+    from train.report import aggregate, format_markdown, format_report
 
     agg = aggregate(args.run_dirs)
-    print(format_report(agg))
+    plots = []
+    if args.plots:
+        from train.plots import draw
+
+        plots = draw(agg, Path(args.plots))
+        (Path(args.plots) / "report.md").write_text(format_markdown(agg, plots))
+    print(format_markdown(agg) if args.markdown else format_report(agg))
     if args.out:
         Path(args.out).write_text(json.dumps(agg, indent=1))
+    if args.plots:
+        print(f"plots and report.md: {args.plots} ({', '.join(p.name for p in plots)})", file=sys.stderr)
     return 0
 
 

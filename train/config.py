@@ -239,6 +239,7 @@ class TrackingConfig:
     project: str = "xdrec"
     entity: Optional[str] = None
     mode: Optional[Literal["online", "offline", "disabled"]] = None  # None: WANDB_MODE, else auto
+    group: Optional[str] = None  # W&B group; None: the run name without its -seed<k> suffix (seeds together)
 
 
 @dataclass

@@ -41,6 +41,11 @@ class Experiment:
         run.save(record)
         results = {k: v for k, v in record.to_json().items() if k != "_meta"}
         run.tracker.summary(results)
+        if run.tracker.run is not None:  # the run's plots and metrics.json go to W&B beside its curves
+            from train.plots import draw
+            from train.report import aggregate
+
+            run.tracker.save_files([run.dir / "metrics.json", *draw(aggregate([run.dir]), run.dir / "plots")])
         run.tracker.finish()
         return results
 

@@ -11,6 +11,8 @@ checkpoint and evaluation. Exceptions: ``train.on_nonfinite=skip`` reads each st
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from launch.signals import requested
 from train.checkpoint import LoopState, save_best, save_resume
 from train.engine import (all_ranks, domain_means, global_domain_loss, grads_finite, loss_value, max_over_ranks,
-                          set_lr_scale, step_skipped, sum_over_ranks, world_size)
+                          rank, set_lr_scale, step_skipped, sum_over_ranks, world_size)
 from train.files import fault_point
 from train.tracking import Tracker
 
@@ -47,6 +49,7 @@ class StagePlan:
     max_nonfinite_skips: int = 10  # skip: stop once more batches than this were skipped in the stage
     # epoch -> (batches every rank trains, batches other ranks have beyond those); None: agree per batch
     steps: Callable[[int], tuple[int, int] | None] = lambda epoch: None
+    select_label: str = "valid"  # how epoch lines name the selection metric
 
 
 class NonFiniteError(RuntimeError):
@@ -110,9 +113,12 @@ class Monitor:
         self.ep_loss = torch.tensor(st.ep_loss, dtype=torch.float64, device=device)
         self.bad_at = torch.full((4,), -1, dtype=torch.long, device=device)  # step, epoch, batch, loss finite
         self.bad_stats = torch.zeros(2, max(len(plan.domain_names), 1), device=device)
+        self.bar = progress_bar(plan, st)
 
     def add(self, step: Step) -> None:
         st = self.st
+        if self.bar is not None:
+            self.bar.update(1)
         self.ep_loss = self.ep_loss + step.value
         first = ~step.finite & (self.bad_at[0] < 0)
         where = torch.stack([torch.tensor(x, device=self.bad_at.device) for x in
@@ -123,12 +129,31 @@ class Monitor:
     def sync(self) -> None:
         """Settle the epoch loss into the loop state; NonFiniteError at the first non-finite step."""
         self.st.ep_loss = float(self.ep_loss)
+        if self.bar is not None and self.st.ep_n:
+            self.bar.set_postfix_str(f"loss {self.st.ep_loss / self.st.ep_n:.4f}")
         step, epoch, batch, loss_finite = (int(x) for x in self.bad_at.tolist())
         if step >= 0:
             what = "gradient norm" if loss_finite else "loss"
             raise NonFiniteError(_nonfinite_message(self.plan, step, epoch, batch, self.bad_stats, what)
                                  + "; training stopped (train.on_nonfinite), nothing saved after the last checkpoint:"
                                  " lower the learning rate, or set train.on_nonfinite=skip")
+
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_bar(plan: StagePlan, st: LoopState):
+    """A tqdm bar over the epoch's optimizer steps (steps/s, ETA, the epoch's mean loss at each
+    sync point) on rank 0 when stderr is a terminal; None otherwise (logs keep their plain lines)."""
+    if rank() != 0 or not sys.stderr.isatty() or os.environ.get("XDREC_PROGRESS") == "0":
+        return None
+    from tqdm import tqdm
+
+    known = plan.steps(st.epoch)
+    return tqdm(total=known[0] if known else None, initial=st.batch_in_epoch, unit="step", leave=False,
+                desc=f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}", dynamic_ncols=True)
 
 
 def _nonfinite_message(plan: StagePlan, step: int, epoch: int, batch: int, stats: torch.Tensor, what: str) -> str:
@@ -155,7 +180,7 @@ def _skipped(plan: StagePlan, st: LoopState, step: Step, log) -> bool:
 
 
 def _log_step(plan: StagePlan, st: LoopState, step: Step, engine, tracker: Tracker) -> None:
-    rec = {"loss": float(step.value), "lr": engine.get_lr()[0], "epoch": st.epoch, "stage_step": st.step}
+    rec = {"loss": float(step.value), "lr": engine.get_lr()[0], "epoch": st.epoch + 1, "stage_step": st.step}
     for name, m, c in zip(plan.domain_names, domain_means(step.stats).tolist(), step.stats[1].tolist()):
         if c:  # the domain had targets in this global batch
             rec[f"ce_{name}"] = m
@@ -234,10 +259,10 @@ def end_epoch(engine, plan: StagePlan, st: LoopState, *, tracker: Tracker, elaps
         save_best(engine, plan.ckpt_dir, stage=plan.name)
     else:
         st.bad += 1
-    tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch,
-                             "lr_scale": st.lr_scale}})
-    log(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}  loss {st.losses[-1]:.4f}  valid {score:.4f}"
-        f"{'  *' if improved else ''}  ({elapsed():.0f}s)")
+    tracker.log({plan.name: {"epoch_loss": st.losses[-1], "valid_select": score, "epoch": st.epoch + 1,
+                             "lr_scale": st.lr_scale, "stage_step": st.step}})
+    log(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}  loss {st.losses[-1]:.4f}  {plan.select_label} {score:.4f}"
+        f"{'  * best so far, kept' if improved else ''}  ({elapsed():.0f}s)")
     if st.bad >= plan.patience:
         log(f"[{plan.name}] no better valid metric for {plan.patience} evaluations; stopping")
         st.done = True
@@ -279,8 +304,12 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
         set_lr_scale(engine.lr_scheduler, st.lr_scale)
     while not st.done and st.epoch < plan.epochs:
         engine.train()
-        run_epoch(engine, plan, st, Monitor(plan, st, device), device=device, tracker=tracker, stopper=stopper,
-                  checkpoint=checkpoint, log=log)
+        monitor = Monitor(plan, st, device)
+        try:
+            run_epoch(engine, plan, st, monitor, device=device, tracker=tracker, stopper=stopper,
+                      checkpoint=checkpoint, log=log)
+        finally:
+            monitor.close()
         end_epoch(engine, plan, st, tracker=tracker, elapsed=elapsed, log=log)
         checkpoint()
     engine.load_checkpoint(str(plan.ckpt_dir), tag="best", load_module_only=True,

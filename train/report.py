@@ -24,6 +24,7 @@ import numpy as np
 from train.config import STAGES
 from train.evaluate import PROTOCOLS, protocol_label
 from train.record import RunRecord
+from train.stages import STAGE_LABELS
 
 METRICS = ("hr@10", "ndcg@10", "mrr")
 
@@ -97,28 +98,70 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
     return out
 
 
-def format_report(agg: dict) -> str:
-    cols = [(p, k) for p in PROTOCOLS for k in METRICS]
-    head = f"{'stage':<14}{'domain':<13}" + "".join(f"{p[:4] + ' ' + k:>20}" for p, k in cols)
+def _pm(s: dict, width: int = 0) -> str:
+    """``mean ± std`` over several runs; the value alone for one."""
+    text = f"{s['mean']:.4f} ± {s['std']:.4f}" if s["n"] > 1 else f"{s['mean']:.4f}"
+    return f"{text:>{width}}"
+
+
+def _terms(agg: dict) -> str:
     terms = [f"{agg['prior']:g} x log(1 + item count), eval.prior"] if agg.get("prior") else []
     if agg.get("transition"):
         terms.append(f"{agg['transition']:g} x log(1 + last item -> item count), eval.transition")
-    added = f" (scores + {' + '.join(terms)})" if terms else ""
-    lines = [f"{len(agg['runs'])} run(s){added}: " + ", ".join(agg["runs"]), head, "-" * len(head)]
+    return f" (scores + {' + '.join(terms)})" if terms else ""
+
+
+def _transfer_lines(agg: dict) -> list[str]:
+    t, lines = agg["transfer"], []
+    for p in PROTOCOLS:
+        d = t[p]["diff"]
+        cis = ", ".join(f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in t[p]["ci95"])
+        label = protocol_label(p, agg["num_negatives"]) if agg.get("num_negatives") else p
+        diff = f"{d['mean']:+.4f} ± {d['std']:.4f}" if d["n"] > 1 else f"{d['mean']:+.4f}"
+        lines.append(f"transfer {t['domain']} {label} {t['metric']}: joint - target-only {diff}; "
+                     f"95% CI per run {cis}; above 0 in {t[p]['runs_ci_above_0']}/{d['n']}")
+    return lines
+
+
+def _time_line(agg: dict) -> str:
+    if len(agg["runs"]) == 1:
+        return "stage time, s: " + "; ".join(f"{STAGE_LABELS.get(s, s)} {w['mean']:,.0f}" for s, w in agg["wall_s"].items())
+    return "stage time, s (mean ± std; per run): " + "; ".join(
+        f"{STAGE_LABELS.get(s, s)} {w['mean']:,.0f} ± {w['std']:,.0f} ({' / '.join(f'{v:,.0f}' for v in w['values'])})"
+        for s, w in agg["wall_s"].items())
+
+
+def format_report(agg: dict) -> str:
+    cols = [(p, k) for p in PROTOCOLS for k in METRICS]
+    width = 20 if len(agg["runs"]) > 1 else 12
+    head = f"{'stage':<20}{'domain':<13}" + "".join(f"{p[:4] + ' ' + k:>{width}}" for p, k in cols)
+    lines = [f"{len(agg['runs'])} run(s){_terms(agg)}: " + ", ".join(agg["runs"]), head, "-" * len(head)]
     for stage, doms in agg["test"].items():
         for dom, res in doms.items():
-            lines.append(f"{stage:<14}{dom:<13}" + "".join(
-                f"{res[p][k]['mean']:>11.4f} ± {res[p][k]['std']:.4f}" for p, k in cols))
+            lines.append(f"{STAGE_LABELS[stage]:<20}{dom:<13}" + "".join(_pm(res[p][k], width) for p, k in cols))
     if "transfer" in agg:
-        t = agg["transfer"]
-        for p in PROTOCOLS:
-            d = t[p]["diff"]
-            cis = ", ".join(f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in t[p]["ci95"])
-            label = protocol_label(p, agg["num_negatives"]) if agg.get("num_negatives") else p
-            lines.append(f"transfer {t['domain']} {label} {t['metric']}: joint - target-only {d['mean']:+.4f} ± {d['std']:.4f}; "
-                         f"95% CI per run {cis}; above 0 in {t[p]['runs_ci_above_0']}/{d['n']}")
+        lines += _transfer_lines(agg)
     if "wall_s" in agg:
-        lines.append("stage time, s (mean ± std; per run): " + "; ".join(
-            f"{s} {w['mean']:,.0f} ± {w['std']:,.0f} ({' / '.join(f'{v:,.0f}' for v in w['values'])})"
-            for s, w in agg["wall_s"].items()))
+        lines.append(_time_line(agg))
     return "\n".join(lines)
+
+
+def format_markdown(agg: dict, plots: list[Path] = ()) -> str:
+    """The report as Markdown: the test table (mean ± std over the runs), transfer, time, plots."""
+    cols = [(p, k) for p in PROTOCOLS for k in METRICS]
+    n = agg.get("num_negatives")
+    lines = [f"# xdrec report: {len(agg['runs'])} run(s){_terms(agg)}", "",
+             "Runs: " + ", ".join(f"`{r}`" for r in agg["runs"]) + "; test split; sampled = "
+             + (f"{n} negatives" if n else "the sampled protocol") + ".", "",
+             "| stage | domain | " + " | ".join(f"{'sampled' if p != 'full' else 'full'} {k}" for p, k in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for stage, doms in agg["test"].items():
+        for dom, res in doms.items():
+            lines.append(f"| {STAGE_LABELS[stage]} | {dom} | " + " | ".join(_pm(res[p][k]) for p, k in cols) + " |")
+    if "transfer" in agg:
+        lines += [""] + [f"- {line}" for line in _transfer_lines(agg)]
+    if "wall_s" in agg:
+        lines += ["", f"- {_time_line(agg)}"]
+    if plots:
+        lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"

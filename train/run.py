@@ -13,6 +13,7 @@ from train.checkpoint import ResumeError, check_same_config, source_of
 from train.config import ConfigError, ExperimentConfig, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import ReaderOptions
+from train.files import sha256_file
 from train.engine import all_gather_objects, barrier, check_launcher_settings, setup_distributed
 from train.evaluate import Evaluator, sampled_protocol
 from train.record import RunRecord
@@ -69,12 +70,32 @@ def start(cfg: ExperimentConfig, *, resume: bool, reevaluate: bool, overwrite: b
             f"global batch {cfg.train.global_batch_size(env.world_size)}")
         folder = cfg.data.prepared_dir()
         evaluator = Evaluator(manifest, folder, cfg.eval, max_len=cfg.model.max_len, reader=ReaderOptions.of(cfg))
-        tracker = Tracker(cfg, cfg.run_dir(), is_main=env.is_main, resume=resume)
+        context = {"git_commit": git_commit(), "world_size": env.world_size, "launcher": env.launcher,
+                   "zero_stage": cfg.train.zero_stage, "manifest_fingerprint": manifest.get("fingerprint"),
+                   "manifest_sha256": sha256_file(folder / "manifest.json") if env.is_main else None}
+        tracker = Tracker(cfg, cfg.run_dir(), is_main=env.is_main, resume=resume, context=context,
+                          job_type="reevaluate" if reevaluate else "train")
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     return Run(cfg, env, device, cfg.run_dir(), log, lock, previous, manifest, folder, evaluator, tracker, init)
+
+
+def git_commit() -> str:
+    """The commit of this checkout (``+dirty`` with uncommitted changes); "unknown" outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _checked_previous(cfg: ExperimentConfig, *, resume: bool, reevaluate: bool) -> RunRecord:

@@ -48,6 +48,10 @@ SPECS = {s.name: s for s in (
 assert tuple(SPECS) == STAGES  # one list of stage names: train.config's
 
 
+# How the stages are named to people, everywhere (training table, report, plots)
+STAGE_LABELS = {"target_only": "target-only", "source": "source only", "joint": "source-then-joint"}
+
+
 def run_order(stages: list[str]) -> list[str]:
     """The listed stages in ``STAGES`` order (the joint stage after the source stage it starts from)."""
     return [s for s in STAGES if s in stages]
@@ -176,7 +180,15 @@ class StageData:
                          checkpoint_every=t.checkpoint_every, grad_accum=t.grad_accum,
                          domain_names=DomainIndex(self.manifest).names, plateau_decay=sc.plateau_decay,
                          keep_checkpoints=t.keep_checkpoints, on_nonfinite=t.on_nonfinite,
-                         max_nonfinite_skips=t.max_nonfinite_skips, steps=self.known_steps)
+                         max_nonfinite_skips=t.max_nonfinite_skips, steps=self.known_steps,
+                         select_label=self.select_label())
+
+    def select_label(self) -> str:
+        """How the epoch lines name the number an epoch is kept by, e.g. ``valid sampled ndcg@10 (B)``."""
+        ev = self.cfg.eval
+        where = ", ".join(self.domains) if ev.select_domains == "all" else self.names[self.spec.selects_on]
+        mean = "mean " if ev.select_domains == "all" and len(self.domains) > 1 else ""
+        return f"valid {mean}{'sampled' if ev.select_protocol == SAMPLED else 'full'} {ev.select_metric} ({where})"
 
     def model_builder(self):
         """The stage's model constructor (its domains' views and auxiliary losses only)."""
@@ -192,7 +204,7 @@ def format_table(results: dict, target: str, source: str | None = None, split: s
     rows = [("target_only", target), ("joint", target)]
     if source:
         rows += [("source", source), ("joint", source)]
-    label = {"joint": "source-then-joint", "target_only": "target-only", "source": "source only"}
+    label = STAGE_LABELS
     for stage, dom in rows:
         m = results.get(stage, {}).get(split, {}).get(dom)
         if m:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import time
 import uuid
 from pathlib import Path
 
-from train.config import ExperimentConfig, flatten, to_dict
+from train.config import STAGES, ExperimentConfig, flatten, to_dict
 from train.files import DiskFullError, is_disk_full
 
 
@@ -57,10 +59,23 @@ def _last_step(path: Path) -> int:
     return step
 
 
-class Tracker:
-    """``log(record)`` appends to metrics.jsonl and W&B (rank 0 only; other ranks do nothing)."""
+def wandb_group(cfg: ExperimentConfig) -> str:
+    """``tracking.group``, else the run name without a ``-seed<k>`` suffix: a seed sweep is one group."""
+    return cfg.tracking.group or re.sub(r"-seed\d+$", "", cfg.name)
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, is_main: bool, resume: bool = False):
+
+class Tracker:
+    """``log(record)`` appends to metrics.jsonl and W&B (rank 0 only; other ranks do nothing).
+
+    W&B layout: one W&B run per xdrec run (a resumed or requeued process continues it, same id),
+    in group :func:`wandb_group`, ``job_type`` train (or reevaluate). Each stage logs under its
+    own prefix (``source/loss``, ``joint/valid_select`` ...) against its own optimizer step,
+    ``<stage>/stage_step`` (``define_metric``), so a stage's curves start at its step 1 and one run
+    holds the whole comparison; ``context`` (git commit, world size, manifest hash ...) is added to
+    the run's config. A W&B error warns once and training goes on with metrics.jsonl alone."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, is_main: bool, resume: bool = False,
+                 context: dict | None = None, job_type: str = "train"):
         """``resume``: continue the W&B run whose id ``run_dir/wandb_run_id`` holds (same run)."""
         self.is_main = is_main
         self.step = 0
@@ -76,13 +91,31 @@ class Tracker:
         self._file = open(self._path, "a")
         mode = wandb_mode(cfg)
         if mode != "disabled":
-            import wandb
+            self._guarded(self._init, cfg, run_dir, mode, resume, {**(context or {})}, job_type)
 
-            id_file = run_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
-            id_file.write_text(run_id)
-            self.run = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity, name=cfg.name,
-                                  config=to_dict(cfg), dir=str(run_dir), mode=mode, id=run_id, resume="allow")
+    def _init(self, cfg: ExperimentConfig, run_dir: Path, mode: str, resume: bool, context: dict,
+              job_type: str) -> None:
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity, name=cfg.name,
+                              group=wandb_group(cfg), job_type=job_type, config={**to_dict(cfg), "run": context},
+                              dir=str(run_dir), mode=mode, id=run_id, resume="allow",
+                              settings=wandb.Settings(quiet=True))
+        for stage in STAGES:
+            self.run.define_metric(f"{stage}/stage_step")
+            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/stage_step")
+
+    def _guarded(self, fn, *args) -> None:
+        """Run a W&B call; on any error warn once, drop W&B and go on (metrics.jsonl keeps everything)."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            print(f"warning: W&B failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); training goes on, "
+                  f"metrics in {self._path}", file=sys.stderr, flush=True)
+            self.run = None
 
     def log(self, record: dict, *, step: int | None = None) -> None:
         if not self.is_main:
@@ -98,16 +131,29 @@ class Tracker:
                 raise DiskFullError(self._path) from None
             raise
         if self.run is not None:
-            self.run.log(flat, step=self.step)
+            self._guarded(self.run.log, flat)
+
+    def save_files(self, paths: list[Path]) -> None:
+        """Files into the W&B run: PNGs as images (``plots/<name>``), others as run files."""
+        if self.run is None:
+            return
+        import wandb
+
+        images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
+        if images:
+            self._guarded(self.run.log, images)
+        for p in paths:
+            if p.suffix != ".png" and self.run is not None:
+                self._guarded(lambda f=p: self.run.save(str(f), base_path=str(f.parent), policy="now"))
 
     def summary(self, record: dict) -> None:
         if self.run is not None:
-            self.run.summary.update(flatten(record, sep="/"))
+            self._guarded(self.run.summary.update, flatten(record, sep="/"))
 
     def finish(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         if self.run is not None:
-            self.run.finish()
+            self._guarded(self.run.finish)
             self.run = None
