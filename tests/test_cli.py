@@ -167,3 +167,47 @@ def test_wandb_groups_seeds_carries_the_run_context_and_a_wandb_failure_only_war
     err = capsys.readouterr().err
     assert err.count("warning: W&B failed") == 1 and "training goes on" in err
     assert json.loads((tmp_path / "broken" / "metrics.jsonl").read_text())["source/loss"] == 1.5
+
+
+@pytest.fixture
+def release_mirror(tmp_path):
+    """A local HTTP mirror of the ABXI release's data/ folder, holding the real Beauty-Electronics files."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    from conftest import SHARED_DATA
+
+    mirror = tmp_path / "mirror" / "abe"
+    mirror.mkdir(parents=True)
+    for f in (SHARED_DATA / "amazon-beauty-electronics").iterdir():
+        shutil.copy(f, mirror / f.name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "mirror"))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", mirror
+    srv.shutdown()
+
+
+def test_data_fetch_downloads_a_release_checked_by_sha256_and_refuses_a_changed_file(release_mirror, tmp_path):
+    from conftest import SHARED_DATA
+
+    url, mirror = release_mirror
+    out = tmp_path / "got"
+    p = xdrec("data", "fetch", "amazon-beauty-electronics", "--to", str(out), "--base-url", url)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for f in (SHARED_DATA / "amazon-beauty-electronics").iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes()
+    assert f"train with data.path={out}" in p.stdout
+    again = xdrec("data", "fetch", "amazon-beauty-electronics", "--to", str(out), "--base-url", url)
+    assert again.stdout.count("present, sha256 matches") == 3  # nothing downloaded twice
+    with open(mirror / "map_user_50.txt", "a") as f:
+        f.write(" ")
+    line = one_error_line(xdrec("data", "fetch", "amazon-beauty-electronics", "--to", str(tmp_path / "bad"),
+                                "--base-url", url))
+    assert f"{url}/abe/map_user_50.txt: sha256 " in line and "nothing kept" in line
+    assert not (tmp_path / "bad" / "map_user_50.txt").exists() and not list((tmp_path / "bad").glob("*.part"))
+    line = one_error_line(xdrec("data", "fetch", "movielens"))
+    assert "unknown data set 'movielens'; known: amazon-food-kitchen, amazon-beauty-electronics" in line

@@ -3,6 +3,7 @@
     xdrec prepare configs/experiment/<x>.yaml [a.b=value ...]
     xdrec train   configs/experiment/<x>.yaml [a.b=value ...] [--resume auto | --reevaluate]
     xdrec data verify|stats data/prepared/<name>
+    xdrec data fetch amazon-food-kitchen [--to data/raw/amazon-food-kitchen]   a public release, sha256-checked
     xdrec export  runs/<name> [--stage joint]          -> runs/<name>/export-joint/model.safetensors
     xdrec evaluate runs/<name>/export-joint [--split test] [--json]
     xdrec recommend runs/<name>/export-joint --domain B --history <item ids, oldest first> [-k 10] [--json]
@@ -62,10 +63,14 @@ def _parser() -> argparse.ArgumentParser:
                            help="train nothing: evaluate the finished stages of runs/<name>/ again from their "
                                 "best weights under this config's eval keys (e.g. a new eval.prior or "
                                 "eval.transition) and rewrite their metrics, test ranks and the transfer interval")
-    d = add("data", help="inspect a prepared folder")
-    d.add_argument("action", choices=("verify", "stats"), help="verify: re-hash and re-count every shard; "
-                   "stats: users/items/events per domain, overlap, sequence lengths")
-    d.add_argument("folder", help="data/prepared/<name>")
+    d = add("data", help="fetch a public data set; inspect a prepared folder")
+    d.add_argument("action", choices=("fetch", "verify", "stats"), help="fetch: download a public release, "
+                   "sha256-checked; verify: re-hash and re-count every shard; stats: users/items/events per domain, "
+                   "overlap, sequence lengths")
+    d.add_argument("folder", help="fetch: a data set name (amazon-food-kitchen, amazon-beauty-electronics); "
+                   "verify, stats: data/prepared/<name>")
+    d.add_argument("--to", default=None, help="fetch: the folder to fill (default: data/raw/<name>)")
+    d.add_argument("--base-url", default=None, help="fetch: a mirror of the release's data/ folder")
     e = add("export", help="best ZeRO checkpoint of a stage -> model.safetensors + config")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--stage", default="joint", choices=("source", "joint", "target_only"), help="whose best weights")
@@ -147,6 +152,12 @@ def cmd_data(args) -> int:
 
     from train.data.inspect import empty_splits, stats, verify
 
+    if args.action == "fetch":
+        from train.data.fetch import ABXI, fetch
+
+        out = fetch(args.folder, args.to or f"data/raw/{args.folder}", base_url=args.base_url or ABXI, log=_log)
+        print(f"{out}: every file matches its sha256; train with data.path={out}")
+        return 0
     if args.action == "verify":
         counts = verify(args.folder)
         print(f"{args.folder}: every shard matches its sha256 and sample count: {json.dumps(counts)}")
@@ -283,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.data.prepare import ManifestError
     from train.data.stream import ShardError
     from train.engine import LaunchConflict
+    from train.data.fetch import FetchError
     from train.evaluate import NonFiniteScores
     from train.export import ExportError
     from train.files import DiskFullError, NonFiniteValue, free_space, is_disk_full
@@ -297,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.cmd](args)
     except (ConfigError, DataFormatError, ManifestError, LaunchConflict, LaunchError, ResumeError,
             ExportError, ReportError, ShardError, NonFiniteError, NonFiniteScores, NonFiniteValue, CheckpointError,
-            DiskFullError, RunLocked, RecordError) as e:
+            DiskFullError, RunLocked, RecordError, FetchError) as e:
         # every rank raises these alike: rank 0 says it once; other errors are each rank's own
         collective = (ConfigError, LaunchConflict, ResumeError, RunLocked, NonFiniteError, NonFiniteScores,
                       CheckpointError)
