@@ -499,3 +499,11 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_resumes_to_the_uninterrupted_ru
     train_tiny(tmp_path, *over, "--resume", "auto")
     done = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     assert done["source"] == json.loads((tmp_path / "whole" / "tiny" / "metrics.json").read_text())["source"]
+
+
+def test_a_run_with_the_op_already_built_says_nothing_about_building_it(tiny_run):
+    """DeepSpeed prints 'built successfully' on every load by every rank; xdrec drops it and says
+    'built DeepSpeed op(s)' only when one was really built (not here: the set-up built it)."""
+    _, stdout = tiny_run
+    assert "built successfully" not in stdout and "built DeepSpeed op" not in stdout
+    assert "[source] epoch 1/4" in stdout

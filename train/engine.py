@@ -21,7 +21,7 @@ from launch.env import DistEnv, detect, export
 from model.encoder import Block, Encoder
 from model.losses import weighted_domain_mean
 from train.config import StageConfig, TrainConfig
-from train.ops import clear_stale_build_locks, use_venv_cache
+from train.ops import clear_stale_build_locks, op_build_message, use_venv_cache
 
 if not torch.cuda.is_available():
     # Must precede the first ``import deepspeed``: it picks its accelerator at import.
@@ -260,7 +260,8 @@ def construct(build: Callable[[], torch.nn.Module], *, train: TrainConfig, world
         size = ModelSize.of(build())
     config = deepspeed_config(train, world_size=world_size, size=size)
     if dist.is_initialized():  # zero.Init reads the world from DeepSpeed's comm, which wraps ours
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        with op_build_message(log=_rank0_print):
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
     with deepspeed.zero.Init(config_dict_or_path=config, enabled=train.zero_stage == 3):
         model = build()
     return model, config
@@ -275,7 +276,8 @@ def build_engine(build: Callable[[], torch.nn.Module], *, train: TrainConfig, st
     model, config = construct(build, train=train, world_size=world_size)
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule(warmup=train.warmup_steps, total=total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    with op_build_message(log=_rank0_print):  # DeepSpeed loads its comm op here where the above did not
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
     if train.activation_checkpointing:  # every encoder of the model: the shared one and any view encoders
         for enc in model.modules():
             if isinstance(enc, Encoder):
@@ -284,6 +286,11 @@ def build_engine(build: Callable[[], torch.nn.Module], *, train: TrainConfig, st
         # The tied item table is used outside its own module's forward (output scores).
         deepspeed.zero.register_external_parameter(model, model.embedding.item.weight)
     return model, engine
+
+
+def _rank0_print(line: str) -> None:
+    if rank() == 0:
+        print(line, flush=True)
 
 
 def world_size() -> int:

@@ -13,6 +13,8 @@ checkouts with two environments never rebuild the op against each other.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import time
@@ -102,3 +104,25 @@ def clear_stale_build_locks(log=print, *, timeout: float = 1200.0, quiet: float 
                 break
             time.sleep(0.5)
     return removed
+
+
+def built_ops() -> set[str]:
+    """Names of the ops whose library is in the cache (built once per environment)."""
+    root = cache_root()
+    return {p.parent.name for p in root.glob("*/*.so")} | {p.parent.name for p in root.glob("*/*/*.so")}
+
+
+@contextlib.contextmanager
+def op_build_message(log=print):
+    """Around DeepSpeed's op loading: its "built successfully" line, printed on every load by
+    every rank, is dropped; one line says so when an op was really built (rank 0's log)."""
+    before = built_ops()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        yield
+    for line in out.getvalue().splitlines():
+        if "built successfully" not in line:
+            print(line)
+    new = sorted(built_ops() - before)
+    if new:
+        log(f"built DeepSpeed op(s) {', '.join(new)} into {cache_root()} (once for this environment)")
