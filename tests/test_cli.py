@@ -211,3 +211,36 @@ def test_data_fetch_downloads_a_release_checked_by_sha256_and_refuses_a_changed_
     assert not (tmp_path / "bad" / "map_user_50.txt").exists() and not list((tmp_path / "bad").glob("*.part"))
     line = one_error_line(xdrec("data", "fetch", "movielens"))
     assert "unknown data set 'movielens'; known: amazon-food-kitchen, amazon-beauty-electronics" in line
+
+
+def test_a_terminal_gets_progress_bars_and_a_pipe_plain_lines(tmp_path):
+    """Under a pseudo-terminal (120 columns) rank 0 shows a bar per epoch and per evaluation; the
+    same run into a pipe has none (its epoch lines are there either way)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    cmd = [sys.executable, "-m", "train.cli", "train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path}",
+           f"data.out_dir={tmp_path / 'data'}", "train.stages=[source]", "train.source.epochs=1"]
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert p.wait(timeout=600) == 0
+    os.close(leader)
+    seen = b"".join(chunks).decode(errors="replace")
+    assert "[source] epoch 1/1:" in seen and "step/s" in seen and "evaluating A valid:" in seen
+    plain = xdrec("train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}",
+                  "train.stages=[source]", "train.source.epochs=1", "--overwrite")
+    assert plain.returncode == 0 and "[source] epoch 1/1  loss" in plain.stdout
+    assert "step/s" not in plain.stdout + plain.stderr and "evaluating A valid:" not in plain.stderr

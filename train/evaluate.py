@@ -25,6 +25,7 @@ import torch
 from train.config import EvalConfig
 from train.data.stream import DomainIndex, ReaderOptions, eval_batches, eval_samples
 from train.engine import gather_arrays, max_over_ranks, world_size
+from train.progress import bar
 
 SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives`` is
 PROTOCOLS = ("full", SAMPLED)  # every result holds both, in this order
@@ -339,8 +340,12 @@ class Evaluator:
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
                                     max_len=self.max_len, only_domain=only_domain, reader=self.reader))
         bad = 0  # users of this rank whose scores were not finite, so far
+        shown = bar(f"evaluating {domain} {split}", -(-self.manifest["counts"][domain][split]["samples"] // world_size()),
+                    "user")
         while True:
             b = next(batches, None)
+            if shown is not None:
+                shown.update(len(b["user"]) if b is not None else 0)
             # Ranks hold about equal user counts; one with none left still runs the forward (on a
             # padding row) while others work, since ZeRO-3 gathers parameters collectively.
             more, nonfinite = max_over_ranks([int(b is not None), bad])
@@ -363,6 +368,8 @@ class Evaluator:
             sampled.append(s.cpu())
             users.append(b["user"])
             n_train.append(b["n_train"])
+        if shown is not None:
+            shown.close()
         cat = (lambda xs: torch.cat(xs).numpy()) if users else (lambda xs: np.zeros(0, dtype=np.int64))
         out = gather_arrays({"user": cat(users), "full": cat(full), SAMPLED: cat(sampled), "n_train": cat(n_train)})
         order = np.argsort(out["user"], kind="stable")

@@ -11,8 +11,6 @@ checkpoint and evaluation. Exceptions: ``train.on_nonfinite=skip`` reads each st
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +21,9 @@ import torch
 from launch.signals import requested
 from train.checkpoint import LoopState, save_best, save_resume
 from train.engine import (all_ranks, domain_means, global_domain_loss, grads_finite, loss_value, max_over_ranks,
-                          rank, set_lr_scale, step_skipped, sum_over_ranks, world_size)
+                          set_lr_scale, step_skipped, sum_over_ranks, world_size)
 from train.files import fault_point
+from train.progress import bar
 from train.tracking import Tracker
 
 
@@ -145,15 +144,11 @@ class Monitor:
 
 
 def progress_bar(plan: StagePlan, st: LoopState):
-    """A tqdm bar over the epoch's optimizer steps (steps/s, ETA, the epoch's mean loss at each
-    sync point) on rank 0 when stderr is a terminal; None otherwise (logs keep their plain lines)."""
-    if rank() != 0 or not sys.stderr.isatty() or os.environ.get("XDREC_PROGRESS") == "0":
-        return None
-    from tqdm import tqdm
-
+    """A bar over the epoch's optimizer steps (steps/s, ETA, the epoch's mean loss at each sync
+    point): :func:`train.progress.bar`."""
     known = plan.steps(st.epoch)
-    return tqdm(total=known[0] if known else None, initial=st.batch_in_epoch, unit="step", leave=False,
-                desc=f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}", dynamic_ncols=True)
+    return bar(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}", known[0] if known else None, "step",
+               initial=st.batch_in_epoch)
 
 
 def _nonfinite_message(plan: StagePlan, step: int, epoch: int, batch: int, stats: torch.Tensor, what: str) -> str:
