@@ -38,15 +38,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xdrec", description="Cross-domain Transformer recommenders on DeepSpeed.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="a traceback instead of the one-line error")
-
-    def add(name: str, **kw) -> argparse.ArgumentParser:  # every command: --debug, defaults in --help
-        return sub.add_parser(name, parents=[common], formatter_class=_Help, **kw)
-
+def _run_commands(add) -> None:
+    """``prepare`` and ``train``: an experiment and its dotted overrides."""
     for name, help_ in (("prepare", "raw interactions -> WebDataset shards + manifest.json"),
                         ("train", "run the stages the experiment lists, write runs/<name>/metrics.json")):
         s = add(name, help=help_)
@@ -63,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
                            help="train nothing: evaluate the finished stages of runs/<name>/ again from their "
                                 "best weights under this config's eval keys (e.g. a new eval.prior or "
                                 "eval.transition) and rewrite their metrics, test ranks and the transfer interval")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xdrec", description="Cross-domain Transformer recommenders on DeepSpeed.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="a traceback instead of the one-line error")
+
+    def add(name: str, **kw) -> argparse.ArgumentParser:  # every command: --debug, defaults in --help
+        return sub.add_parser(name, parents=[common], formatter_class=_Help, **kw)
+
+    _run_commands(add)
     d = add("data", help="fetch a public data set; inspect a prepared folder")
     d.add_argument("action", choices=("fetch", "verify", "stats"), help="fetch: download a public release, "
                    "sha256-checked; verify: re-hash and re-count every shard; stats: users/items/events per domain, "
