@@ -42,10 +42,7 @@ class Experiment:
         results = {k: v for k, v in record.to_json().items() if k != "_meta"}
         run.tracker.summary(results)
         if run.tracker.run is not None:  # the run's plots and metrics.json go to W&B beside its curves
-            from train.plots import draw
-            from train.report import aggregate
-
-            run.tracker.save_files([run.dir / "metrics.json", *draw(aggregate([run.dir]), run.dir / "plots")])
+            run.tracker.save_files([run.dir / "metrics.json", *run_plots(run.dir, self.log)])
         run.tracker.finish()
         return results
 
@@ -144,3 +141,15 @@ def reevaluate(run: Run, stage: str) -> dict:
                            load_lr_scheduler_states=False)
     engine.eval()
     return evaluate_stage(run, engine, data)
+
+
+def run_plots(run_dir, log) -> list:
+    """The run's PNGs (``runs/<name>/plots``); a drawing error warns and costs only the pictures."""
+    from train.plots import draw
+    from train.report import aggregate
+
+    try:
+        return draw(aggregate([run_dir]), run_dir / "plots")
+    except Exception as e:  # noqa: BLE001 - the results are written already; pictures are extra
+        log(f"warning: the run's plots were not drawn ({type(e).__name__}: {e})")
+        return []
