@@ -96,7 +96,10 @@ def test_stage_times_of_the_stages_every_run_records_and_their_sum(tmp_path):
     assert set(agg["wall_s"]) == {"target_only", "joint", "total"}  # s1 records no source time
     assert agg["wall_s"]["joint"]["values"] == [2000.0, 1500.0]
     assert agg["wall_s"]["total"]["values"] == [3000.0, 2700.0]
-    assert "stage time, s (mean ± std; per run): target_only 1,100 ± 141 (1,000 / 1,200); joint 1,750 ± 354 " \
-           "(2,000 / 1,500); total 2,850 ± 212 (3,000 / 2,700)" in format_report(agg)
+    # the stages named as training names them
+    assert "stage time, s (mean ± std; per run): target-only 1,100 ± 141 (1,000 / 1,200); source-then-joint 1,750 " \
+           "± 354 (2,000 / 1,500); total 2,850 ± 212 (3,000 / 2,700)" in format_report(agg)
+    one = aggregate(runs[:1])
+    assert "stage time, s: target-only 1,000; source only 600; source-then-joint 2,000; total 3,600" in format_report(one)
     untimed = aggregate([_run(tmp_path, "u", 0.2, 0.1, [0.05, 0.15]), runs[0]])
     assert "wall_s" not in untimed and "stage time" not in format_report(untimed)
