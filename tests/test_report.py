@@ -55,6 +55,43 @@ def test_report_cli_and_errors(tmp_path):
     assert p.returncode == 2 and "report runs of one experiment" in p.stderr
 
 
+def test_a_saved_report_prints_the_same_tables_again_and_a_non_report_is_one_line(tmp_path):
+    runs = [_run(tmp_path, "s0", 0.2, 0.1, [0.05, 0.15]), _run(tmp_path, "s1", 0.3, 0.1, [0.01, 0.2])]
+    out = tmp_path / "report.json"
+    cli = [sys.executable, "-m", "train.cli", "report"]
+    first = subprocess.run([*cli, *map(str, runs), "--out", str(out), "--markdown"], cwd=REPO, capture_output=True,
+                           text=True)
+    again = subprocess.run([*cli, str(out), "--markdown"], cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and "| source-then-joint | B | 0.5000 ± 0.1414 |" in again.stdout
+    (tmp_path / "x.json").write_text(json.dumps({"runs": []}))
+    bad = subprocess.run([*cli, str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("x.json: not an `xdrec report --out` file (no test, "
+                                                              "num_negatives)")
+    plots = subprocess.run([*cli, str(out), "--plots", str(tmp_path / "p")], cwd=REPO, capture_output=True, text=True)
+    assert plots.returncode == 2 and "--plots draws from run folders" in plots.stderr
+
+
+def test_saved_reports_of_runs_made_apart_pool_to_the_report_of_all_runs(tmp_path):
+    runs = [_run(tmp_path, f"s{i}", v, 0.1, [v - 0.15, v], walls={"joint": 10 * i + 5}) for i, v in
+            enumerate((0.2, 0.3, 0.25))]
+    cli = [sys.executable, "-m", "train.cli", "report"]
+    for name, part in (("a.json", runs[:2]), ("b.json", runs[2:])):
+        subprocess.run([*cli, *map(str, part), "--out", str(tmp_path / name)], cwd=REPO, check=True, capture_output=True)
+    pooled = subprocess.run([*cli, str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "ab.json")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert pooled.returncode == 0, pooled.stderr
+    assert json.loads((tmp_path / "ab.json").read_text()) == json.loads(json.dumps(aggregate(runs)))
+    assert "above 0 in 3/3" in pooled.stdout and "0.2500 ± 0.0500" in pooled.stdout
+    other = _run(tmp_path, "p99", 0.2, 0.1, [0.05, 0.15], {"num_negatives": 99, "seed": 2025})
+    subprocess.run([*cli, str(other), "--out", str(tmp_path / "c.json")], cwd=REPO, check=True, capture_output=True)
+    mixed = subprocess.run([*cli, str(tmp_path / "a.json"), str(tmp_path / "c.json")], cwd=REPO, capture_output=True,
+                           text=True)
+    assert mixed.returncode == 2 and "different protocols" in mixed.stderr and "num_negatives=99" in mixed.stderr
+    both = subprocess.run([*cli, str(tmp_path / "a.json"), str(runs[0])], cwd=REPO, capture_output=True, text=True)
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
 def test_runs_of_different_sampled_protocols_are_refused_and_one_protocol_is_named(tmp_path):
     p999, p99 = {"num_negatives": 999, "seed": 2025}, {"num_negatives": 99, "seed": 2025}
     a = _run(tmp_path, "a", 0.2, 0.1, [0.05, 0.15], p999)

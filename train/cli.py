@@ -8,6 +8,7 @@
     xdrec evaluate runs/<name>/export-joint [--split test] [--json]
     xdrec recommend runs/<name>/export-joint --domain B --history <item ids, oldest first> [-k 10] [--json]
     xdrec report  runs/<name>-seed0 runs/<name>-seed1 ... [--out report.json] [--markdown] [--plots DIR]
+    xdrec report  docs/results/<a>.json [<b>.json ...] [--markdown]  saved reports again (several: pooled)
     xdrec plan    configs/experiment/<x>.yaml [a.b=value ...] [--world-size N] [--memory-per-rank 80GiB]
     xdrec doctor                                       versions, CUDA/NCCL, op cache, W&B mode, launcher, Slurm
 Every command takes --debug (a traceback instead of the one-line error) and shows its defaults in --help.
@@ -101,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     doc = add("doctor", help="versions, CUDA/NCCL, the DeepSpeed op cache, W&B mode, launcher, Slurm")
     doc.add_argument("--json", action="store_true", help="print JSON")
     rp = add("report", help="mean and std over runs (seeds) of the test metrics and transfer intervals")
-    rp.add_argument("run_dirs", nargs="+", help="runs/<name> folders holding metrics.json")
+    rp.add_argument("run_dirs", nargs="+", help="runs/<name> folders holding metrics.json, or reports saved "
+                    "by --out (printed again; several pooled, e.g. seeds run in different sessions)")
     rp.add_argument("--out", default=None, help="also write the aggregate as JSON here")
     rp.add_argument("--markdown", action="store_true", help="print the report as Markdown")
     rp.add_argument("--plots", default=None, metavar="DIR", help="write PNGs (loss, valid metric, transfer, "
@@ -113,9 +115,11 @@ def cmd_report(args) -> int:
     import json
     from pathlib import Path
 
-    from train.report import aggregate, format_markdown, format_report
+    from train.report import ReportError, format_markdown, format_report, gather
 
-    agg = aggregate(args.run_dirs)
+    agg, saved = gather(args.run_dirs)
+    if saved and args.plots:
+        raise ReportError(f"{args.run_dirs[0]}: --plots draws from run folders (losses per step), not a saved report")
     plots = []
     if args.plots:
         from train.plots import draw

@@ -14,6 +14,10 @@ their seed, ``eval.prior`` and ``eval.transition``; a field recorded after a run
 refused: their numbers are not comparable. A metrics.json written before the protocol was
 recorded is not checked; ``num_negatives`` is None when no run
 records it, and the transfer line then names the sampled protocol by its key ``sampled999``.
+
+A report saved with ``--out`` is read back by ``xdrec report <file>.json`` (the same tables without
+the run folders, which are not kept); several saved reports of one protocol pool their runs'
+values, so seeds trained apart (one a session) still give one mean ± std.
 """
 from __future__ import annotations
 
@@ -98,6 +102,65 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
     return out
 
 
+def load_saved(path: str | Path) -> dict:
+    """A report saved by ``--out``, read back so its tables can be printed again (and a document
+    quoting them checked) without the run folders; ReportError naming the file when it is not one."""
+    import json
+
+    path = Path(path)
+    try:
+        agg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path}: not a readable report JSON ({e})") from None
+    missing = [k for k in ("runs", "test", "num_negatives") if not isinstance(agg, dict) or k not in agg]
+    if missing:
+        raise ReportError(f"{path}: not an `xdrec report --out` file (no {', '.join(missing)})")
+    return agg
+
+
+def _merge_stats(parts: list[dict]) -> dict:
+    return _stats([v for p in parts for v in p["values"]])
+
+
+def merge_saved(reports: list[tuple[str, dict]]) -> dict:
+    """Saved reports (of runs made apart, e.g. one seed a session) as one: every run's values
+    pooled; ReportError naming the files when their protocols or stages and domains differ."""
+    keys = ("num_negatives", "prior", "transition")
+    protocols = {tuple(r.get(k) for k in keys) for _, r in reports}
+    if len(protocols) > 1:
+        raise ReportError("the reports were evaluated under different protocols: " + "; ".join(
+            f"{p}: " + ", ".join(f"{k}={r.get(k)}" for k in keys) for p, r in reports))
+    first = reports[0][1]
+    layout = lambda r: {s: sorted(d) for s, d in r["test"].items()}
+    if any(layout(r) != layout(first) for _, r in reports):
+        raise ReportError(f"{', '.join(p for p, _ in reports)}: different stages or domains; merge reports of one experiment")
+    out = {"runs": [run for _, r in reports for run in r["runs"]], **{k: first.get(k) for k in keys}, "test": {
+        s: {d: {p: {k: _merge_stats([r["test"][s][d][p][k] for _, r in reports]) for k in m} for p, m in res.items()}
+            for d, res in doms.items()} for s, doms in first["test"].items()}}
+    if all("transfer" in r for _, r in reports):
+        out["transfer"] = {"domain": first["transfer"]["domain"], "metric": first["transfer"]["metric"]}
+        for p in PROTOCOLS:
+            cis = [ci for _, r in reports for ci in r["transfer"][p]["ci95"]]
+            out["transfer"][p] = {"diff": _merge_stats([r["transfer"][p]["diff"] for _, r in reports]), "ci95": cis,
+                                  "runs_ci_above_0": sum(lo > 0 for lo, _ in cis)}
+    timed = [s for s in first.get("wall_s", {}) if all(s in r.get("wall_s", {}) for _, r in reports)]
+    if timed:
+        out["wall_s"] = {s: _merge_stats([r["wall_s"][s] for _, r in reports]) for s in timed}
+    return out
+
+
+def gather(sources: list[str]) -> tuple[dict, bool]:
+    """The aggregate of run folders, or of saved reports (``<file>.json``, pooled when several);
+    True when saved reports."""
+    saved = [s for s in sources if s.endswith(".json") and Path(s).is_file()]
+    if not saved:
+        return aggregate(sources), False
+    if len(saved) < len(sources):
+        raise ReportError("give run folders or saved reports (.json), not both")
+    reports = [(s, load_saved(s)) for s in saved]
+    return (reports[0][1] if len(reports) == 1 else merge_saved(reports)), True
+
+
 def _pm(s: dict, width: int = 0) -> str:
     """``mean ± std`` over several runs; the value alone for one."""
     text = f"{s['mean']:.4f} ± {s['std']:.4f}" if s["n"] > 1 else f"{s['mean']:.4f}"
@@ -150,7 +213,7 @@ def format_markdown(agg: dict, plots: list[Path] = ()) -> str:
     """The report as Markdown: the test table (mean ± std over the runs), transfer, time, plots."""
     cols = [(p, k) for p in PROTOCOLS for k in METRICS]
     n = agg.get("num_negatives")
-    lines = [f"# xdrec report: {len(agg['runs'])} run(s){_terms(agg)}", "",
+    lines = [f"**xdrec report: {len(agg['runs'])} run(s){_terms(agg)}**", "",
              "Runs: " + ", ".join(f"`{r}`" for r in agg["runs"]) + "; test split; sampled = "
              + (f"{n} negatives" if n else "the sampled protocol") + ".", "",
              "| stage | domain | " + " | ".join(f"{'sampled' if p != 'full' else 'full'} {k}" for p, k in cols) + " |",
