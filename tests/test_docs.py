@@ -1,0 +1,56 @@
+"""The documents' numbers are the committed reports': every block of ``docs/*.md`` between
+``<!-- xdrec report <file> --markdown -->`` and ``<!-- /xdrec report -->`` is what that command
+prints, and each README results figure marked with its report names a value of that report."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from train.report import _pm, format_markdown, gather, load_saved
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"<!-- xdrec report (\S+) --markdown -->\n(.*?)<!-- /xdrec report -->", re.S)
+
+
+def report_blocks() -> list[tuple[str, str, str]]:
+    """(document, report file, the block's text) for every report block of README.md and docs/."""
+    out = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for path, text in BLOCK.findall(doc.read_text()):
+            out.append((doc.name, path, text))
+    return out
+
+
+def test_the_experiment_log_quotes_committed_reports():
+    blocks = report_blocks()
+    assert {p for _, p, _ in blocks} >= {"docs/results/demo-seed0.json"}
+    assert all((REPO / p).is_file() for _, p, _ in blocks), [p for _, p, _ in blocks]
+
+
+@pytest.mark.parametrize("doc,path,text", report_blocks(), ids=lambda v: v if isinstance(v, str) and v.endswith(
+    ".json") else "")
+def test_each_report_block_is_what_xdrec_report_prints(doc, path, text):
+    assert text == format_markdown(load_saved(REPO / path)), f"{doc}: the block of {path} differs from its report"
+
+
+def pooled(pattern: str) -> dict:
+    """The committed reports matching ``docs/results/<pattern>``, their runs pooled."""
+    files = sorted(str(p) for p in (REPO / "docs/results").glob(pattern))
+    assert files, pattern
+    return gather(files)[0]
+
+
+def test_the_readme_results_rows_are_the_committed_reports():
+    """Each model row of the README's checked results table is the pooled reports' sampled HR@10 and
+    NDCG@10 of the target, scored alone and with the shipped evaluation terms."""
+    readme = (REPO / "README.md").read_text()
+    for pair, target in (("amazon-beauty-electronics", "electronics"),):
+        alone, terms = pooled(f"{pair}/scores-alone-*.json"), pooled(f"{pair}/shipped-*.json")
+        assert (alone["prior"], alone["transition"], terms["prior"], terms["transition"]) == (0, 0, 0.5, 1.0)
+        assert len(alone["runs"]) == len(terms["runs"]) and terms["num_negatives"] == 999
+        for stage, label in (("target_only", "target-only"), ("joint", "source-then-joint")):
+            cells = [_pm(r["test"][stage][target]["sampled999"][k]) for r in (alone, terms) for k in ("hr@10", "ndcg@10")]
+            row = f"| {label} | " + " | ".join(cells) + " |"
+            assert row in readme, f"README.md: no row {row!r} ({pair})"
