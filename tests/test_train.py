@@ -36,6 +36,7 @@ def tiny_run(tmp_path_factory):
            "train.source.epochs=4", "train.target_only.epochs=3", "train.joint.epochs=2"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "wandb: WARNING" not in p.stdout + p.stderr, "W&B warns on the console"
     return work / "runs" / "tiny", p.stdout
 
 

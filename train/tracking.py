@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -91,7 +92,7 @@ class Tracker:
         self._file = open(self._path, "a")
         mode = wandb_mode(cfg)
         if mode != "disabled":
-            self._guarded(self._init, cfg, run_dir, mode, resume, {**(context or {})}, job_type)
+            self._guarded(self._init, cfg, run_dir, mode, resume, dict(context or {}), job_type)
 
     def _init(self, cfg: ExperimentConfig, run_dir: Path, mode: str, resume: bool, context: dict,
               job_type: str) -> None:
@@ -144,7 +145,9 @@ class Tracker:
             self._guarded(self.run.log, images)
         for p in paths:
             if p.suffix != ".png" and self.run is not None:
-                self._guarded(lambda f=p: self.run.save(str(f), base_path=str(f.parent), policy="now"))
+                # a copy in the run's folder is uploaded when the run ends (run.save would symlink
+                # it and print a warning on the console for each file)
+                self._guarded(lambda f=p: shutil.copyfile(f, Path(self.run.dir) / f.name))
 
     def summary(self, record: dict) -> None:
         if self.run is not None:
