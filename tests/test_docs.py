@@ -54,3 +54,9 @@ def test_the_readme_results_rows_are_the_committed_reports():
             cells = [_pm(r["test"][stage][target]["sampled999"][k]) for r in (alone, terms) for k in ("hr@10", "ndcg@10")]
             row = f"| {label} | " + " | ".join(cells) + " |"
             assert row in readme, f"README.md: no row {row!r} ({pair})"
+        if len(terms["runs"]) == 1:  # one seed: the README quotes its transfer intervals
+            for r, proto in ((alone, "sampled999"), (terms, "sampled999"), (alone, "full")):
+                t = r["transfer"][proto]
+                (lo, hi), = t["ci95"]
+                quoted = f"{t['diff']['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                assert quoted in readme, f"README.md: no transfer {quoted} ({pair}, {proto})"
