@@ -68,6 +68,8 @@ def test_a_saved_report_prints_the_same_tables_again_and_a_non_report_is_one_lin
     bad = subprocess.run([*cli, str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("x.json: not an `xdrec report --out` file (no test, "
                                                               "num_negatives)")
+    gone = subprocess.run([*cli, str(tmp_path / "gone.json")], cwd=REPO, capture_output=True, text=True)
+    assert gone.returncode == 2 and "gone.json: not a readable report JSON" in gone.stderr
     plots = subprocess.run([*cli, str(out), "--plots", str(tmp_path / "p")], cwd=REPO, capture_output=True, text=True)
     assert plots.returncode == 2 and "--plots draws from run folders" in plots.stderr
 

@@ -152,7 +152,7 @@ def merge_saved(reports: list[tuple[str, dict]]) -> dict:
 def gather(sources: list[str]) -> tuple[dict, bool]:
     """The aggregate of run folders, or of saved reports (``<file>.json``, pooled when several);
     True when saved reports."""
-    saved = [s for s in sources if s.endswith(".json") and Path(s).is_file()]
+    saved = [s for s in sources if str(s).endswith(".json")]
     if not saved:
         return aggregate(sources), False
     if len(saved) < len(sources):
