@@ -1,6 +1,7 @@
 """The documents' numbers are the committed reports': every block of ``docs/*.md`` between
-``<!-- xdrec report <file> --markdown -->`` and ``<!-- /xdrec report -->`` is what that command
-prints, and each README results figure marked with its report names a value of that report."""
+``<!-- xdrec report <file> [<file> ...] --markdown -->`` and ``<!-- /xdrec report -->`` is what that
+command prints (several files: their runs pooled), and the README's results rows and transfer figures
+are values of the pooled reports under ``docs/results/<pair>/``."""
 from __future__ import annotations
 
 import re
@@ -8,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from train.report import _pm, format_markdown, gather, load_saved
+from train.report import mean_pm, format_markdown, gather
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"<!-- xdrec report (\S+) --markdown -->\n(.*?)<!-- /xdrec report -->", re.S)
+BLOCK = re.compile(r"<!-- xdrec report (\S+(?: \S+)*?) --markdown -->\n(.*?)<!-- /xdrec report -->", re.S)
 
 
 def report_blocks() -> list[tuple[str, str, str]]:
-    """(document, report file, the block's text) for every report block of README.md and docs/."""
+    """(document, report files, the block's text) for every report block of README.md and docs/."""
     out = []
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for path, text in BLOCK.findall(doc.read_text()):
@@ -25,14 +26,16 @@ def report_blocks() -> list[tuple[str, str, str]]:
 
 def test_the_experiment_log_quotes_committed_reports():
     blocks = report_blocks()
-    assert {p for _, p, _ in blocks} >= {"docs/results/demo-seed0.json"}
-    assert all((REPO / p).is_file() for _, p, _ in blocks), [p for _, p, _ in blocks]
+    files = [f for _, p, _ in blocks for f in p.split()]
+    assert set(files) >= {"docs/results/demo-seed0.json"}
+    assert all((REPO / f).is_file() for f in files), files
 
 
 @pytest.mark.parametrize("doc,path,text", report_blocks(), ids=lambda v: v if isinstance(v, str) and v.endswith(
     ".json") else "")
 def test_each_report_block_is_what_xdrec_report_prints(doc, path, text):
-    assert text == format_markdown(load_saved(REPO / path)), f"{doc}: the block of {path} differs from its report"
+    agg = gather([str(REPO / f) for f in path.split()])[0]
+    assert text == format_markdown(agg), f"{doc}: the block of {path} differs from its report"
 
 
 def pooled(pattern: str) -> dict:
@@ -51,12 +54,20 @@ def test_the_readme_results_rows_are_the_committed_reports():
         assert (alone["prior"], alone["transition"], terms["prior"], terms["transition"]) == (0, 0, 0.5, 1.0)
         assert len(alone["runs"]) == len(terms["runs"]) and terms["num_negatives"] == 999
         for stage, label in (("target_only", "target-only"), ("joint", "source-then-joint")):
-            cells = [_pm(r["test"][stage][target]["sampled999"][k]) for r in (alone, terms) for k in ("hr@10", "ndcg@10")]
+            cells = [mean_pm(r["test"][stage][target]["sampled999"][k]) for r in (alone, terms) for k in ("hr@10", "ndcg@10")]
             row = f"| {label} | " + " | ".join(cells) + " |"
             assert row in readme, f"README.md: no row {row!r} ({pair})"
-        if len(terms["runs"]) == 1:  # one seed: the README quotes its transfer intervals
-            for r, proto in ((alone, "sampled999"), (terms, "sampled999"), (alone, "full")):
-                t = r["transfer"][proto]
-                (lo, hi), = t["ci95"]
-                quoted = f"{t['diff']['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-                assert quoted in readme, f"README.md: no transfer {quoted} ({pair}, {proto})"
+        prose = " ".join(readme.split())  # a quote may wrap across lines
+        for r, proto in ((alone, "sampled999"), (terms, "sampled999"), (alone, "full")):
+            quoted = transfer_quote(r["transfer"][proto])
+            assert quoted in prose, f"README.md: no transfer {quoted!r} ({pair}, {proto})"
+
+
+def transfer_quote(t: dict) -> str:
+    """How the README quotes a transfer: one seed, the difference and its interval; several, the
+    mean ± std of the differences and on how many seeds the interval lies above 0."""
+    d = t["diff"]
+    if d["n"] == 1:
+        (lo, hi), = t["ci95"]
+        return f"{d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"{d['mean']:+.4f} ± {d['std']:.4f} (above 0 on {t['runs_ci_above_0']}/{d['n']} seeds)"

@@ -161,7 +161,7 @@ def gather(sources: list[str]) -> tuple[dict, bool]:
     return (reports[0][1] if len(reports) == 1 else merge_saved(reports)), True
 
 
-def _pm(s: dict, width: int = 0) -> str:
+def mean_pm(s: dict, width: int = 0) -> str:
     """``mean ± std`` over several runs; the value alone for one."""
     text = f"{s['mean']:.4f} ± {s['std']:.4f}" if s["n"] > 1 else f"{s['mean']:.4f}"
     return f"{text:>{width}}"
@@ -201,7 +201,7 @@ def format_report(agg: dict) -> str:
     lines = [f"{len(agg['runs'])} run(s){_terms(agg)}: " + ", ".join(agg["runs"]), head, "-" * len(head)]
     for stage, doms in agg["test"].items():
         for dom, res in doms.items():
-            lines.append(f"{STAGE_LABELS[stage]:<20}{dom:<13}" + "".join(_pm(res[p][k], width) for p, k in cols))
+            lines.append(f"{STAGE_LABELS[stage]:<20}{dom:<13}" + "".join(mean_pm(res[p][k], width) for p, k in cols))
     if "transfer" in agg:
         lines += _transfer_lines(agg)
     if "wall_s" in agg:
@@ -220,7 +220,7 @@ def format_markdown(agg: dict, plots: list[Path] = ()) -> str:
              "|---|---|" + "---|" * len(cols)]
     for stage, doms in agg["test"].items():
         for dom, res in doms.items():
-            lines.append(f"| {STAGE_LABELS[stage]} | {dom} | " + " | ".join(_pm(res[p][k]) for p, k in cols) + " |")
+            lines.append(f"| {STAGE_LABELS[stage]} | {dom} | " + " | ".join(mean_pm(res[p][k]) for p, k in cols) + " |")
     if "transfer" in agg:
         lines += [""] + [f"- {line}" for line in _transfer_lines(agg)]
     if "wall_s" in agg:
