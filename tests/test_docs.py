@@ -49,7 +49,7 @@ def test_the_readme_results_rows_are_the_committed_reports():
     """Each model row of the README's checked results table is the pooled reports' sampled HR@10 and
     NDCG@10 of the target, scored alone and with the shipped evaluation terms."""
     readme = (REPO / "README.md").read_text()
-    for pair, target in (("amazon-beauty-electronics", "electronics"),):
+    for pair, target in (("amazon-beauty-electronics", "electronics"), ("amazon-food-kitchen", "kitchen")):
         alone, terms = pooled(f"{pair}/scores-alone-*.json"), pooled(f"{pair}/shipped-*.json")
         assert (alone["prior"], alone["transition"], terms["prior"], terms["transition"]) == (0, 0, 0.5, 1.0)
         assert len(alone["runs"]) == len(terms["runs"]) and terms["num_negatives"] == 999
