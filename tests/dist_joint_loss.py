@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from model import ModelConfig, Vocabulary, build_recommender, domain_cross_entropy
-from train.engine import global_domain_loss, loss_value, setup_distributed
+from train.engine import exit_now_if_distributed, teardown_distributed, global_domain_loss, loss_value, setup_distributed
 
 
 def model():
@@ -44,4 +44,5 @@ if env.rank == 0:
     json.dump({"local_counts": counts.tolist(), "value": value, "ref": float(ref_loss),
                "grad_max_diff": float((grads - ref_grads).abs().max()), "ref_counts": ref_counts},
               open(sys.argv[1], "w"))
-dist.destroy_process_group()
+teardown_distributed()
+exit_now_if_distributed(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from train.data.prepare import load_manifest
 from train.data.stream import ReaderOptions, train_batches
-from train.engine import setup_distributed, teardown_distributed
+from train.engine import exit_now_if_distributed, setup_distributed, teardown_distributed
 
 folder, out, cut, resampled = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 env, _ = setup_distributed()
@@ -35,3 +35,4 @@ resumed = users(it)
 out.mkdir(parents=True, exist_ok=True)
 (out / f"rank{env.rank}.json").write_text(json.dumps({"full": full, "first": first, "resumed": resumed}))
 teardown_distributed()
+exit_now_if_distributed(0)

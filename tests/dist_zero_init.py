@@ -5,10 +5,9 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
 from train.config import load_config
-from train.engine import all_gather_objects, construct, setup_distributed
+from train.engine import exit_now_if_distributed, teardown_distributed, all_gather_objects, construct, setup_distributed
 from train.memory import _live_bytes
 from train.stages import build_model
 
@@ -32,4 +31,5 @@ out["same_as_plain_build"] = all(torch.equal(full[k], plain[k]) for k in plain)
 found = all_gather_objects(out)
 if env.rank == 0:
     json.dump(found, open(sys.argv[1], "w"))
-dist.destroy_process_group()
+teardown_distributed()
+exit_now_if_distributed(0)

@@ -87,7 +87,7 @@ def steps_worker(argv: list[str]) -> None:
     a = ap.parse_intermixed_args(argv)
     cfg = load_config(a.config, [*a.overrides, f"train.zero_stage={a.zero}"])
     env, device = setup_distributed()
-    manifest = ensure_prepared(cfg.data, log=lambda *_: None) if env.is_main else None
+    manifest = ensure_prepared(cfg.data, log=lambda *_: None)[0] if env.is_main else None
     barrier()
     manifest = manifest or load_manifest(cfg.data.prepared_dir(), verify=False)
     t = cfg.train.for_stage("source")
@@ -256,7 +256,7 @@ def bench_step(args) -> dict:
 
     cfg = load_config("configs/experiment/demo.yaml", [f"data.out_dir={args.data}"])
     _, device = setup_distributed()
-    manifest = ensure_prepared(cfg.data, log=lambda *_: None)
+    manifest = ensure_prepared(cfg.data, log=lambda *_: None)[0]
     t = cfg.train.for_stage("source")
     batch = next(iter(train_batches(manifest, cfg.data.prepared_dir(), "A", batch_size=t.micro_batch_size,
                                     max_len=cfg.model.max_len, seed=0, epoch=0, buffer=100)))
@@ -585,7 +585,10 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> None:
     if argv is None and sys.argv[1:2] == ["_steps"]:
-        return steps_worker(sys.argv[2:])
+        from train.engine import exit_now_if_distributed
+
+        steps_worker(sys.argv[2:])
+        return exit_now_if_distributed(0)
     ap = argparse.ArgumentParser(prog="python -m train.bench")
     ap.add_argument("what", choices=["all", "stream", "prepare", "gpu", *PARTS])
     ap.add_argument("--dry-run", action="store_true", help="gpu: tiny sizes on the CPU, 1 process (checks the script)")

@@ -105,6 +105,24 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def exit_now_if_distributed(code: int) -> None:
+    """Under a multi-process launcher, end the process without C++ static destructors (after
+    :func:`teardown_distributed`; every file and the W&B run closed by then, output flushed here).
+
+    Why: gloo's and DeepSpeed's communication objects are still referenced from module globals
+    (``deepspeed.comm``'s backend, ZeRO's groups) after ``destroy_process_group``, so their
+    worker threads are destroyed during interpreter finalisation, in no fixed order with the
+    thread pools they wait on; a rank then aborted ("terminate called without an active
+    exception", SIGABRT) about once in ten runs, turning a finished run into a failed one.
+    Every multi-rank entry point (the CLI, the tools, the test scripts) ends through here."""
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 @dataclass(frozen=True)
 class ModelSize:
     """What the ZeRO settings are derived from, counted on the meta device (no memory)."""

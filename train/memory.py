@@ -148,9 +148,9 @@ def main(argv=None) -> None:
             raise SystemExit("under torchrun, measure one ZeRO stage (--zero Z): each stage needs fresh processes")
         cfg = load_config(args.config, args.overrides)
         env, _ = setup_distributed()
-        manifest = ensure_prepared(cfg.data, log=lambda *a: None) if env.is_main else None
+        manifest = ensure_prepared(cfg.data, log=lambda *a: None)[0] if env.is_main else None
         barrier()
-        manifest = manifest or ensure_prepared(cfg.data, log=lambda *a: None)
+        manifest = manifest or ensure_prepared(cfg.data, log=lambda *a: None)[0]
         rows = all_gather_objects(measure(cfg, stages[0], manifest))
         if not env.is_main:
             rows = []
@@ -165,6 +165,6 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-    from train.cli import _exit_now_if_distributed
+    from train.engine import exit_now_if_distributed
 
-    _exit_now_if_distributed(0)
+    exit_now_if_distributed(0)
