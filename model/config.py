@@ -63,6 +63,8 @@ class ModelConfig:
                        f"{name} must be one of {list(typing.get_args(tp))}, got {getattr(self, name)!r}")
         for name in ("d_model", "n_layers", "n_heads", "ff_mult", "max_len"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in _MOST.items():  # beyond these no tensor's size fits an int64 count of bytes
+            _check(getattr(self, name) <= most, f"{name} must be <= {most:,}, got {getattr(self, name):,}")
         for name in ("dropout", "emb_dropout"):
             _check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _check(self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -93,6 +95,10 @@ class ModelConfig:
         _check(not self.view_domains or dual, f"view_domains={self.view_domains} needs sequence=dual, got {self.sequence!r}")
         _check(self.view_layers >= 0, f"view_layers must be >= 0, got {self.view_layers}")
         _check(not self.view_layers or dual, f"view_layers={self.view_layers} needs sequence=dual, got {self.sequence!r}")
+
+
+# Upper bounds of the sizes (far above any model that trains: xl is d_model 2048, 24 layers)
+_MOST = {"d_model": 65536, "n_layers": 4096, "n_heads": 4096, "ff_mult": 256, "max_len": 1 << 20}
 
 
 def _check(ok: bool, message: str) -> None:

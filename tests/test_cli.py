@@ -203,12 +203,18 @@ def test_data_fetch_downloads_a_release_checked_by_sha256_and_refuses_a_changed_
     assert f"train with data.path={out}" in p.stdout
     again = xdrec("data", "fetch", "amazon-beauty-electronics", "--to", str(out), "--base-url", url)
     assert again.stdout.count("present, sha256 matches") == 3  # nothing downloaded twice
-    with open(mirror / "map_user_50.txt", "a") as f:
-        f.write(" ")
+    changed = bytearray((mirror / "map_user_50.txt").read_bytes())
+    changed[10] ^= 1  # same size, other content
+    (mirror / "map_user_50.txt").write_bytes(bytes(changed))
     line = one_error_line(xdrec("data", "fetch", "amazon-beauty-electronics", "--to", str(tmp_path / "bad"),
                                 "--base-url", url))
     assert f"{url}/abe/map_user_50.txt: sha256 " in line and "nothing kept" in line
     assert not (tmp_path / "bad" / "map_user_50.txt").exists() and not list((tmp_path / "bad").glob("*.part"))
+    (mirror / "map_user_50.txt").write_bytes(bytes(changed) + b"x" * 4096)  # longer than the release's file
+    line = one_error_line(xdrec("data", "fetch", "amazon-beauty-electronics", "--to", str(tmp_path / "long"),
+                                "--base-url", url))
+    assert "map_user_50.txt: longer than the release's 105,126 bytes; nothing kept" in line
+    assert not list((tmp_path / "long").glob("*.part")) and not (tmp_path / "long" / "map_user_50.txt").exists()
     line = one_error_line(xdrec("data", "fetch", "movielens"))
     assert "unknown data set 'movielens'; known: amazon-food-kitchen, amazon-beauty-electronics" in line
 

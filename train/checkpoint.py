@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -70,16 +71,90 @@ class LoopState:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """This process's RNG states as tensors, numbers and strings only (``torch.load(weights_only=True)``
+    reads them back; nothing in the file is a pickled object)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss_next": gauss_next},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n, p = s["numpy"], s["python"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["state"].tolist()), p["gauss_next"])
+    np.random.set_state(n)  # tuples: a checkpoint of xdrec before 2026-12-06 (numpy arrays pickled)
+    random.setstate(p)
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# The only classes a DeepSpeed checkpoint may hold besides tensors and plain containers (seen in
+# deepspeed 0.19.8's ZeRO 0-3 files, fp32, bf16 and fp16): enums and plain records, no code.
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds something other than data (tensors, numbers, strings, containers and
+    the few DeepSpeed records allowed): it could run code when unpickled, so it is not loaded."""
+
+
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array names: its reconstructor, ndarray and dtypes (data, no code)."""
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_data(path: Path, *, deepspeed_types: bool = False, numpy_arrays: bool = False, mmap: bool = False):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only (with
+    ``deepspeed_types``, also :func:`_deepspeed_safe_globals`; ``numpy_arrays``, plain numpy
+    arrays); anything else is refused with :class:`UnsafeCheckpoint` naming the file."""
+    allowed = (_deepspeed_safe_globals() if deepspeed_types else []) + (_numpy_array_globals() if numpy_arrays else [])
+    try:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not (mmap and "mmap" in str(e)):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # a file of the legacy format
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"{path}: refused to load: {_unsafe_what(str(e))}, not only tensors and plain data "
+                               "(unpickling it could run code); xdrec loads received files as data only") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UnsafeCheckpoint(f"{path}: not a readable torch file ({type(e).__name__}: "
+                               f"{next((ln for ln in str(e).splitlines() if ln.strip()), '')[:200]})") from None
+
+
+def _unsafe_what(text: str) -> str:
+    """What torch's weights-only unpickler refused, from its message (e.g. 'it names GLOBAL posix.system')."""
+    m = re.search(r"(?:unsupported|Unsupported global:)\s*(GLOBAL [\w.]+)", text)
+    return f"it names {m.group(1)}" if m else "it holds an object"
+
+
+def verify_data_only(folder: Path) -> None:
+    """Every ``*.pt`` in ``folder`` loads as data only (:func:`load_data`), so DeepSpeed's own
+    unpickling of them (it does not restrict what it loads) runs no code; else :class:`UnsafeCheckpoint`."""
+    for f in sorted(folder.glob("*.pt")):
+        load_data(f, deepspeed_types=True, mmap=True)
+
+
+def load_weights(engine, ckpt_dir: Path, tag: str = "best"):
+    """DeepSpeed's ``load_checkpoint`` of ``ckpt_dir/tag``'s module weights only, after
+    :func:`verify_data_only` proved its files hold data alone."""
+    verify_data_only(Path(ckpt_dir) / tag)
+    return engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True, load_optimizer_states=False,
+                                  load_lr_scheduler_states=False)
 
 
 # -- manifests -------------------------------------------------------------------------------
@@ -300,13 +375,14 @@ def load_resume(engine, ckpt_dir: Path, *, stage: str, log=print) -> LoopState |
     if tag is None:
         return None
     folder = ckpt_dir / tag
+    verify_data_only(folder)
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     except Exception as e:  # noqa: BLE001 - a file the manifest vouched for still failed to load
         raise ResumeError(f"{folder}: could not be loaded ({type(e).__name__}: {e})") from None
     if path is None or client is None or client.get("stage") != stage:
         raise ResumeError(f"{folder}: not a resume checkpoint of stage {stage!r}")
-    _set_rng_state(torch.load(folder / f"rng_rank{rank()}.pt", weights_only=False))
+    _set_rng_state(load_data(folder / f"rng_rank{rank()}.pt", numpy_arrays=True))
     loop = folder / LOOP
     return LoopState.from_json(loop.read_text()) if loop.is_file() else LoopState(**client["loop"])
 

@@ -59,6 +59,17 @@ def _run_commands(add) -> None:
                                 "eval.transition) and rewrite their metrics, test ranks and the transfer interval")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (else argparse's one usage error, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdrec", description="Cross-domain Transformer recommenders on DeepSpeed.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -89,14 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("export_dir", help="runs/<name>/export-<stage> (xdrec export)")
     r.add_argument("--domain", required=True, help="the domain to recommend from")
     r.add_argument("--history", nargs="+", required=True, help="the user's items, oldest first (the data's own ids)")
-    r.add_argument("-k", type=int, default=10, help="how many items")
+    r.add_argument("-k", type=_positive_int, default=10, help="how many items (>= 1)")
     r.add_argument("--internal", action="store_true", help="history and output in xdrec's item ids")
     r.add_argument("--include-history", action="store_true", help="items of the history may be recommended")
     r.add_argument("--json", action="store_true", help="print JSON: [{item, score}, ...]")
     pl = add("plan", help="parameters by part and predicted memory per rank under ZeRO 0-3")
     pl.add_argument("config", help="experiment YAML")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=1024")
-    pl.add_argument("--world-size", type=int, default=1, help="ranks the model is sharded over")
+    pl.add_argument("--world-size", type=_positive_int, default=1, help="ranks the model is sharded over")
     pl.add_argument("--memory-per-rank", default=None,
                     help="e.g. 80GiB; default: the GPU's memory, or this machine's RAM / world size")
     doc = add("doctor", help="versions, CUDA/NCCL, the DeepSpeed op cache, W&B mode, launcher, Slurm")
@@ -117,6 +128,12 @@ def cmd_report(args) -> int:
 
     from train.report import ReportError, format_markdown, format_report, gather
 
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ReportError(f"--out {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
+    if args.out and Path(args.out).is_dir():
+        raise ReportError(f"--out {args.out}: is a folder; give a file name, e.g. {Path(args.out) / 'report.json'}")
+    if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
+        raise ReportError(f"--plots {args.plots}: exists and is not a folder")
     agg, saved = gather(args.run_dirs)
     if saved and args.plots:
         raise ReportError(f"{args.run_dirs[0]}: --plots draws from run folders (losses per step), not a saved report")
@@ -179,9 +196,14 @@ def cmd_data(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from train.export import export
+    from pathlib import Path
 
-    out = export(args.run_dir, args.out or f"{args.run_dir.rstrip('/')}/export-{args.stage}", stage=args.stage)
+    from train.export import ExportError, export
+
+    out = args.out or f"{args.run_dir.rstrip('/')}/export-{args.stage}"
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ExportError(f"--out {out}: exists and is not a folder")
+    out = export(args.run_dir, out, stage=args.stage)
     print(f"exported {args.stage} to {out}")
     return 0
 
@@ -273,20 +295,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _exit_now_if_distributed(code: int) -> None:
-    """Under a multi-process launcher, leave without running C++ static destructors: gloo's
-    background threads made a rank abort at interpreter exit ("terminate called without an
-    active exception", SIGABRT) about once in ten runs even after the process group was
-    destroyed, turning a finished run into a failed one. Output is flushed first; files and the
-    W&B run are closed by then."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,
             "evaluate": cmd_evaluate, "recommend": cmd_recommend, "report": cmd_report, "plan": cmd_plan,
             "doctor": cmd_doctor}
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, after entry() installed the signal handler: importing torch and DeepSpeed
     # takes seconds, and a SIGUSR1 in that window would otherwise kill the process.
     from launch.env import LaunchError
-    from train.checkpoint import CheckpointError, ResumeError
+    from train.checkpoint import CheckpointError, ResumeError, UnsafeCheckpoint
     from train.config import ConfigError
     from train.data.formats import DataFormatError
     from train.data.prepare import ManifestError
@@ -308,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.export import ExportError
     from train.files import DiskFullError, NonFiniteValue, free_space, is_disk_full
     from train.loop import NonFiniteError
-    from train.record import RecordError
+    from train.record import DataMismatch, RecordError
+    from train.redact import MissingSecret
     from train.report import ReportError
     from train.runlock import RunLocked
 
@@ -318,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.cmd](args)
     except (ConfigError, DataFormatError, ManifestError, LaunchConflict, LaunchError, ResumeError,
             ExportError, ReportError, ShardError, NonFiniteError, NonFiniteScores, NonFiniteValue, CheckpointError,
-            DiskFullError, RunLocked, RecordError, FetchError) as e:
+            DiskFullError, RunLocked, RecordError, FetchError, UnsafeCheckpoint, MissingSecret,
+            DataMismatch) as e:
         # every rank raises these alike: rank 0 says it once; other errors are each rank's own
         collective = (ConfigError, LaunchConflict, ResumeError, RunLocked, NonFiniteError, NonFiniteScores,
                       CheckpointError)
@@ -327,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, collective) or os.environ.get("RANK", "0") == "0":
             print(f"xdrec: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints instead): whatever was half-written is gone
+        print("xdrec: interrupted", file=sys.stderr)
+        return 130
     except OSError as e:
         if not is_disk_full(e):
             raise
@@ -351,9 +364,11 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 def one_line(e: Exception) -> str:
-    """The error's own message on one line: an error re-raised from a DataLoader worker carries the
-    worker's traceback in its message; its last line is the original message."""
-    text = str(e)
+    """The error's own message on one line, URL credentials redacted: an error re-raised from a
+    DataLoader worker carries the worker's traceback in its message; its last line is the original message."""
+    from train.redact import redact
+
+    text = redact(str(e))
     if "Original Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
@@ -364,7 +379,9 @@ def entry() -> None:
     """Console-script and ``python -m train.cli`` entry point."""
     signals.install()  # first: a preemption signal during the imports must not kill the process
     code = main()
-    _exit_now_if_distributed(code)
+    from train.engine import exit_now_if_distributed
+
+    exit_now_if_distributed(code)
     sys.exit(code)
 
 

@@ -34,7 +34,13 @@ from model.config import ModelConfig
 
 StageName = Literal["target_only", "source", "joint"]
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # the one list of stage names, in run order
+REPORTED_KS = (10,)  # the k of the tables, the transfer interval and the plots (HR@10, NDCG@10)
 Metric = Annotated[str, Field(pattern=r"^(hr@\d+|ndcg@\d+|mrr)$", description="hr@k, ndcg@k or mrr")]
+# A name xdrec turns into a folder (run, prepared data, domain): one path component, never '', '.',
+# '..', absolute or with a separator, so no name reaches outside the folder it is meant for.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200, description="one path component: a letter or "
+                            "digit, then letters, digits, '.', '_' or '-' (at most 200)")]
 __all__ = ["ModelConfig", "ExperimentConfig", "ConfigError", "load_config", "save_config", "STAGES"]
 
 
@@ -63,6 +69,11 @@ class SyntheticConfig:
     taste_purity: Annotated[float, Field(ge=0, le=1, description="in [0, 1]")] = 0.8  # else a popularity draw
     popularity: Literal["zipf", "uniform"] = "zipf"  # item draws: Zipf within and across clusters, or uniform
     seed: int = 0
+
+    def check(self) -> None:
+        for key in ("items_per_domain", "events_per_domain"):
+            bad = [v for v in getattr(self, key) if v < 1]
+            _check(not bad, f"{key}={getattr(self, key)}: every domain needs >= 1, got {bad[0] if bad else ''}")
 
 
 @dataclass
@@ -100,7 +111,7 @@ class FilterConfig:
 class DataConfig:
     """Where interactions come from and how they are prepared into shards."""
 
-    name: str = "synthetic"
+    name: Name = "synthetic"
     format: Literal["synthetic", "abxi", "table", "amazon"] = "synthetic"
     # abxi: folder with *_preprocessed.txt and map_item_*.txt; table: one file (or glob) holding
     # every domain, told apart by the table.domain column
@@ -108,7 +119,7 @@ class DataConfig:
     # table / amazon: files (or globs) per domain, e.g. {Books: [reviews_Books_5.json.gz]}; the
     # amazon format is the review JSON lines (reviewerID, asin, unixReviewTime, overall)
     files: dict[str, list[str]] = field(default_factory=dict)
-    domains: list[str] = field(default_factory=lambda: ["A", "B"])  # index order = domain id
+    domains: list[Name] = field(default_factory=lambda: ["A", "B"])  # index order = domain id
     source: str = "A"
     target: str = "B"
     out_dir: str = "data/prepared"  # shards go to <out_dir>/<name>/
@@ -127,6 +138,11 @@ class DataConfig:
             _check(dom in self.domains, f"{key}={dom!r} is not one of data.domains {self.domains}")
         _check(self.source != self.target, f"source and data.target are both {self.source!r}")
         _check(len(self.domains) == 2, f"domains must name exactly 2 domains, got {self.domains}")
+        _check(len(set(self.domains)) == len(self.domains), f"domains names a domain twice: {self.domains}")
+        if self.format == "synthetic":
+            for key in ("items_per_domain", "events_per_domain"):
+                n = len(getattr(self.synthetic, key))
+                _check(n == len(self.domains), f"synthetic.{key} has {n} entries for {len(self.domains)} domains")
         _check(self.format != "abxi" or self.path, "path is empty but data.format='abxi' reads a folder")
         _check(self.format != "table" or self.path or self.files, "format='table' needs data.path (one table with a "
                "domain column) or data.files (files per domain)")
@@ -191,6 +207,8 @@ class TrainConfig:
     stop_after_steps: Annotated[int, _at_least(0)] = 0  # write a resume checkpoint and exit after this many steps
 
     def check(self) -> None:
+        _check(bool(self.stages), "stages is empty: name at least one of " + ", ".join(STAGES))
+        _check(len(set(self.stages)) == len(self.stages), f"stages names a stage twice: {self.stages}")
         _check("joint" not in self.stages or "source" in self.stages or self.init_from,
                "stages has 'joint' without 'source' (joint starts from it; train.init_from names another run's "
                "source stage instead)")
@@ -232,6 +250,17 @@ class EvalConfig:
     # before the split's targets; evaluation only
     transition: Annotated[float, _at_least(0, " (0 = off)")] = 0.0
 
+    def check(self) -> None:
+        bad = [k for k in self.ks if k < 1]
+        _check(not bad, f"ks={self.ks}: every k must be >= 1, got {bad[0] if bad else ''}")
+        need = sorted(set(REPORTED_KS) | ({int(self.select_metric.split("@")[1])} if "@" in self.select_metric else set()))
+        missing = [k for k in need if k not in self.ks]
+        _check(not missing, f"ks={self.ks} lacks {missing}: the result tables and the transfer use @10"
+                            f" and eval.select_metric={self.select_metric} selects epochs by it; add {missing}")
+        edges = self.cold_start
+        _check(all(e >= 1 for e in edges) and all(a < b for a, b in zip(edges, edges[1:])),
+               f"cold_start={edges}: bucket edges must be >= 1 and increasing, e.g. [5, 10]")
+
 
 @dataclass
 class TrackingConfig:
@@ -244,7 +273,7 @@ class TrackingConfig:
 
 @dataclass
 class ExperimentConfig:
-    name: str = "demo"
+    name: Name = "demo"
     seed: int = 0
     runs_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -355,11 +384,21 @@ def _explain(err: dict, cls: type, origin: str) -> str:
     if kind == "literal_error":
         return f"{origin}: key '{key}' must be one of {list(_literal_values(hint))}, got {got!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "string_pattern_mismatch"):
-        desc = next((m.description for m in getattr(hint, "__metadata__", ()) if getattr(m, "description", None)),
-                    str(err.get("ctx")))
+        desc = _description(hint) or str(err.get("ctx"))
         return f"{origin}: {key} must be {desc}, got {got!r}"
     expected = _type_name(hint, element=loc[-1] != name)
     return f"{origin}: key '{key}' expects {expected}, got {got!r} ({type(got).__name__})"
+
+
+def _description(tp: Any) -> str | None:
+    """The ``description`` declared on a field's type or, for a list or dict, on its elements'."""
+    while tp is not None:
+        found = next((m.description for m in getattr(tp, "__metadata__", ()) if getattr(m, "description", None)), None)
+        if found:
+            return found
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        tp = args[0] if origin is Annotated else args[-1] if origin in (list, dict) and args else None
+    return None
 
 
 def _field(cls: type, loc: list[str]) -> tuple[type, str | None]:
@@ -403,9 +442,15 @@ PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def _read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file (give configs/experiment/<x>.yaml)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); a config is a YAML text file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -512,10 +557,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def config_text(cfg: ExperimentConfig) -> str:
+    """The resolved config as ``config.yaml`` holds it: YAML, URL credentials redacted."""
+    from train.redact import redact_tree
+
+    return yaml.safe_dump(redact_tree(to_dict(cfg)), sort_keys=False)
+
+
+def config_sha256(cfg: ExperimentConfig) -> str:
+    """sha256 of :func:`config_text`: which resolved config a result came from."""
+    import hashlib
+
+    return hashlib.sha256(config_text(cfg).encode()).hexdigest()
+
+
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (reloadable with :func:`load_config`), atomically."""
+    """Write the resolved config as YAML (reloadable with :func:`load_config`), atomically, with URL
+    credentials redacted (``train.redact``: a resumed or re-evaluated run gives its ``data.remote``
+    again, or names the secret as ``${VAR}``)."""
     from train.files import write_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(path, config_text(cfg))  # no secret reaches disk

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from train.checkpoint import ResumeError, load_resume
+from train.checkpoint import ResumeError, load_resume, load_weights
 from train.config import ExperimentConfig, save_config
 from train.engine import barrier, build_engine
 from train.evaluate import sampled_protocol
@@ -53,8 +53,10 @@ class Experiment:
         if self.reevaluate:
             record = self.run_.previous
             record.protocol = protocol
+            record.provenance = {**record.provenance, **self.run_.provenance}
             return record
-        record = RunRecord(world_size=self.env.world_size, launcher=self.env.launcher, protocol=protocol)
+        record = RunRecord(world_size=self.env.world_size, launcher=self.env.launcher, protocol=protocol,
+                           provenance=self.run_.provenance)
         if self.run_.init:
             source = self.run_.init[1]
             record.stages["source"] = StageRecord(source.metrics, {**source.meta, "init_from": self.cfg.train.init_from})
@@ -123,8 +125,7 @@ def stage_engine(data: StageData):
 def load_source_weights(engine, run: Run) -> None:
     """The joint stage's start: the best source weights of this run (or of ``train.init_from``)."""
     src = run.init[0] if run.init else run.dir / "source" / "checkpoints"
-    engine.load_checkpoint(str(src), tag="best", load_module_only=True, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)
+    load_weights(engine, src)
     run.log(f"[joint] starting from the best source weights in {src}")
 
 
@@ -137,8 +138,7 @@ def reevaluate(run: Run, stage: str) -> dict:
                           + (f" (stage {stage} was carried over from {carried}: re-evaluate that run)" if carried else ""))
     data = stage_data(run, stage)
     _, engine = stage_engine(data)
-    engine.load_checkpoint(str(ckpt), tag="best", load_module_only=True, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)
+    load_weights(engine, ckpt)
     engine.eval()
     return evaluate_stage(run, engine, data)
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
-from train.config import load_config, save_config
+from train.checkpoint import load_data, verify_data_only
+from train.config import STAGES, load_config, save_config
 from train.data.prepare import load_manifest
+from train.record import RunRecord, check_same_data
 from train.stages import build_model
 
 SCHEMA = 1
@@ -29,11 +31,12 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str = "best") -> dict:
     if list(folder.glob("*zero_pp_rank_*")):  # ZeRO 1-3: the fp32 master weights live in the shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        verify_data_only(folder)  # DeepSpeed's reader unpickles: proven data first
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     states = folder / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise ExportError(f"{folder}: neither ZeRO shards nor {states.name}")
-    return {k: v.float() for k, v in torch.load(states, map_location="cpu", weights_only=False)["module"].items()}
+    return {k: v.float() for k, v in load_data(states, deepspeed_types=True)["module"].items()}
 
 
 def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Path:
@@ -44,6 +47,8 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
         raise ExportError(f"{run_dir / 'config.yaml'} is missing: not a run folder (runs/<name>)")
     cfg = load_config(run_dir / "config.yaml")
     manifest = load_manifest(cfg.data.prepared_dir(), verify=False)
+    provenance = RunRecord.load(run_dir / "metrics.json").provenance
+    check_same_data(provenance, manifest, what=str(run_dir), folder=cfg.data.prepared_dir())
     state = consolidated_state_dict(run_dir / stage / "checkpoints")
     model = build_model(cfg, manifest)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -53,8 +58,10 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     save_config(cfg, out / "config.yaml")
+    provenance = {**provenance, "data_fingerprint": manifest.get("fingerprint"), "run": str(run_dir)}
     (out / "domains.json").write_text(json.dumps({"schema": SCHEMA, "stage": stage, "domains": manifest["domains"],
-                                                  "source": cfg.data.source, "target": cfg.data.target}, indent=1))
+                                                  "source": cfg.data.source, "target": cfg.data.target,
+                                                  "provenance": provenance}, indent=1))
     item_map = cfg.data.prepared_dir() / "item_map.json"
     if item_map.is_file():
         shutil.copy(item_map, out / "item_map.json")
@@ -62,11 +69,19 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
 
 
 def load_info(folder: str | Path) -> dict:
-    """An export's ``domains.json`` (stage, domains, source, target)."""
+    """An export's ``domains.json`` (stage, domains, source, target, provenance), its layout checked."""
     path = Path(folder) / "domains.json"
     if not path.is_file():
         raise ExportError(f"{path} is missing: not an xdrec export folder")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+        names = [str(d["name"]) for d in info["domains"]]
+        [(int(d["n_items"]), int(d["offset"])) for d in info["domains"]]
+        if info["stage"] not in STAGES or not names:
+            raise ValueError(f"stage {info['stage']!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not an xdrec export's domains.json ({type(e).__name__}: {e})") from None
+    return info
 
 
 def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -138,6 +153,7 @@ def evaluate_exported(folder: str | Path, *, splits=("valid", "test")) -> dict:
     model, info = load_exported(folder)
     cfg = load_config(Path(folder) / "config.yaml")
     manifest = load_manifest(cfg.data.prepared_dir())
+    check_same_data(info.get("provenance", {}), manifest, what=f"the export {folder}", folder=cfg.data.prepared_dir())
     ev = Evaluator(manifest, cfg.data.prepared_dir(), cfg.eval, max_len=cfg.model.max_len)
     only = info["stage"] == "target_only"
     domains = [info["target"]] if only else [d["name"] for d in info["domains"]]

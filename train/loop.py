@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from launch.signals import requested
-from train.checkpoint import LoopState, save_best, save_resume
+from train.checkpoint import LoopState, load_weights, save_best, save_resume
 from train.engine import (all_ranks, domain_means, global_domain_loss, grads_finite, loss_value, max_over_ranks,
                           set_lr_scale, step_skipped, sum_over_ranks, world_size)
 from train.files import fault_point
@@ -307,8 +307,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
             monitor.close()
         end_epoch(engine, plan, st, tracker=tracker, elapsed=elapsed, log=log)
         checkpoint()
-    engine.load_checkpoint(str(plan.ckpt_dir), tag="best", load_module_only=True,
-                           load_optimizer_states=False, load_lr_scheduler_states=False)
+    load_weights(engine, plan.ckpt_dir)
     engine.eval()
     return {"best_epoch": st.best_epoch, "best_valid_select": st.best, "steps": st.step, "epoch_losses": st.losses,
             "wall_s": elapsed(), "nonfinite_skipped": st.skipped}

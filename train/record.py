@@ -5,6 +5,7 @@ On disk (schema 2; schema 1, the files written before the schema was recorded, r
     {"<stage>": {"valid": {domain: {protocol: metrics}}, "test": {...}}, ...,
      "transfer": {...paired bootstrap...},
      "_meta": {"schema": 2, "world_size": N, "launcher": "...", "eval": {protocol fields},
+               "provenance": {"run_id", "git_commit", "config_sha256", "data_fingerprint"},
                "<stage>": {"done": true, "best_epoch": ..., "steps": ..., "epoch_losses": [...],
                            "wall_s": ..., "nonfinite_skipped": ..., "init_from": "..."},
                "stopped": {...}, "wall_s": ..., "reevaluated_s": ...}}
@@ -26,6 +27,21 @@ SCHEMA = 2
 
 class RecordError(ValueError):
     """A metrics.json cannot be read; the message names it."""
+
+
+class DataMismatch(ValueError):
+    """Weights or results made on one prepared data set were about to be used with another; the
+    message names both data fingerprints."""
+
+
+def check_same_data(recorded: dict, manifest: dict, *, what: str, folder) -> None:
+    """DataMismatch when ``recorded`` (a provenance: metrics.json's or an export's) names another
+    data fingerprint than the prepared data's ``manifest`` in ``folder``; records made before
+    provenance was recorded are not checked."""
+    theirs, ours = recorded.get("data_fingerprint"), manifest.get("fingerprint")
+    if theirs and theirs != ours:
+        raise DataMismatch(f"{what} was made on data with fingerprint {theirs}, but {folder} holds data with "
+                           f"fingerprint {ours}: its item ids would mean other items; use the data it was made on")
 
 
 @dataclass
@@ -50,6 +66,9 @@ class RunRecord:
     protocol: dict | None = None  # the evaluation protocol the metrics were measured under
     stopped: dict | None = None
     times: dict = field(default_factory=dict)  # wall_s, reevaluated_s
+    # where the results come from: run_id (one per run, kept across resumes), git_commit,
+    # config_sha256 (of config.yaml), data_fingerprint (the prepared data's manifest)
+    provenance: dict = field(default_factory=dict)
     schema: int = SCHEMA
 
     def stage(self, name: str) -> StageRecord:
@@ -64,7 +83,8 @@ class RunRecord:
 
     def to_json(self) -> dict:
         meta = {"schema": self.schema, "world_size": self.world_size, "launcher": self.launcher, "eval": self.protocol,
-                **{s: r.meta for s, r in self.stages.items() if r.meta}, **self.times}
+                "provenance": self.provenance or None, **{s: r.meta for s, r in self.stages.items() if r.meta},
+                **self.times}
         if self.stopped:
             meta["stopped"] = self.stopped
         out = {s: r.metrics for s, r in self.stages.items() if r.metrics}
@@ -78,7 +98,8 @@ class RunRecord:
         stages = {s: StageRecord(d.get(s, {}), meta.get(s, {})) for s in STAGES if s in d or s in meta}
         return cls(stages=stages, transfer=d.get("transfer"), world_size=meta.get("world_size"),
                    launcher=meta.get("launcher"), protocol=meta.get("eval"), stopped=meta.get("stopped"),
-                   times={k: meta[k] for k in ("wall_s", "reevaluated_s") if k in meta}, schema=meta.get("schema", 1))
+                   times={k: meta[k] for k in ("wall_s", "reevaluated_s") if k in meta},
+                   provenance=dict(meta.get("provenance") or {}), schema=meta.get("schema", 1))
 
     @classmethod
     def load(cls, path: Path) -> "RunRecord":

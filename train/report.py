@@ -1,13 +1,15 @@
 """``xdrec report runs/<name>-seed0 runs/<name>-seed1 ...``: mean and std over runs (seeds) of the
 test metrics each run's ``metrics.json`` holds, and each run's paired-bootstrap transfer interval.
 
-    {"runs": [...], "num_negatives": N or None, "prior": eval.prior, "transition": eval.transition, "test": {stage: {domain: {protocol: {metric: {...}}}}},
+    {"runs": [...], "provenance": [{run_id, git_commit, config_sha256, data_fingerprint} per run],
+     "num_negatives": N or None, "prior": eval.prior, "transition": eval.transition, "test": {stage: {domain: {protocol: {metric: {...}}}}},
      "transfer": {protocol: {"diff": {...mean/std...}, "ci95": [[lo, hi] per run], "runs_ci_above_0": k}},
      "wall_s": {stage: {...mean/std...}, "total": {...}}}
 
 ``wall_s`` holds each stage's training time (``_meta.<stage>.wall_s``: summed over resumes; for a
 run started from another run's source stage, that run's source time) for the stages every run
-records, and ``total``, their sum per run.
+records, and ``total``, their sum per run. A run given twice (the same folder, or a copy of it: the
+same ``run_id``) is refused: it would count twice.
 
 Runs whose metrics.json record different protocols (``_meta.eval``: the number of negatives,
 their seed, ``eval.prior`` and ``eval.transition``; a field recorded after a run was made counts as its default) are
@@ -66,7 +68,21 @@ def _load(run_dirs: list[str | Path]) -> list[tuple[str, RunRecord]]:
         runs.append((str(d), RunRecord.load(path)))
     if not runs:
         raise ReportError("no run folders given")
+    refuse_repeats([(str(Path(d).resolve()), rec.provenance.get("run_id")) for d, rec in runs], [d for d, _ in runs])
     return runs
+
+
+def refuse_repeats(keys: list[tuple[str, str | None]], names: list[str]) -> None:
+    """ReportError when one run would count twice: the same folder (``key[0]``) or the same run
+    (``key[1]``, the run_id metrics.json records; a copy of a run folder keeps it) given again."""
+    seen: dict = {}
+    for (where, run_id), name in zip(keys, names):
+        for key in (("folder", where), ("run", run_id)):
+            if key[1] is not None and key in seen:
+                raise ReportError(f"{name} and {seen[key]} are the same {key[0]}"
+                                  f"{f' (run_id {run_id})' if key[0] == 'run' else ''}: a run counts once in a mean "
+                                  "± std; give each run once")
+            seen.setdefault(key, name)
 
 
 def _test_metrics(runs: list[tuple[str, RunRecord]]) -> dict:
@@ -88,7 +104,7 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
     protocol = _protocol(runs)
     out: dict = {"runs": [d for d, _ in runs], "num_negatives": protocol.get("num_negatives"),
                  "prior": protocol.get("prior", 0.0), "transition": protocol.get("transition", 0.0),
-                 "test": _test_metrics(runs)}
+                 "test": _test_metrics(runs), "provenance": [rec.provenance for _, rec in runs]}
     tr = [rec.transfer for _, rec in runs if rec.transfer]
     if tr and len(tr) == len(runs):
         out["transfer"] = {"domain": tr[0]["domain"], "metric": tr[0]["metric"]}
@@ -131,10 +147,15 @@ def merge_saved(reports: list[tuple[str, dict]]) -> dict:
         raise ReportError("the reports were evaluated under different protocols: " + "; ".join(
             f"{p}: " + ", ".join(f"{k}={r.get(k)}" for k in keys) for p, r in reports))
     first = reports[0][1]
+    runs = [(run, (r.get("provenance") or [{}] * len(r["runs"]))[k]) for _, r in reports for k, run in enumerate(r["runs"])]
+    # saved reports name runs by the path they had; a run_id, where recorded, tells copies apart
+    refuse_repeats([(run if not prov.get("run_id") else None, prov.get("run_id")) for run, prov in runs],
+                   [f"run {run}" for run, _ in runs])
     layout = lambda r: {s: sorted(d) for s, d in r["test"].items()}
     if any(layout(r) != layout(first) for _, r in reports):
         raise ReportError(f"{', '.join(p for p, _ in reports)}: different stages or domains; merge reports of one experiment")
-    out = {"runs": [run for _, r in reports for run in r["runs"]], **{k: first.get(k) for k in keys}, "test": {
+    out = {"runs": [run for run, _ in runs], "provenance": [prov for _, prov in runs], **{k: first.get(k) for k in keys},
+           "test": {
         s: {d: {p: {k: _merge_stats([r["test"][s][d][p][k] for _, r in reports]) for k in m} for p, m in res.items()}
             for d, res in doms.items()} for s, doms in first["test"].items()}}
     if all("transfer" in r for _, r in reports):

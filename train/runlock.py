@@ -10,6 +10,7 @@ it is this Slurm job's own (a requeued job is the same run).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -39,6 +40,17 @@ def _who(info: dict) -> str:
     return f"host {info.get('host', '?')} pid {info.get('pid', '?')}{job}, started {info.get('started', '?')}"
 
 
+def open_lock_file(path: Path) -> int:
+    """The lock file's descriptor, created if absent; never through a symbolic link (a link planted
+    there would make xdrec truncate whatever it points to): RunLocked naming it."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RunLocked(f"{path} is a symbolic link; xdrec does not follow links for its locks: remove it") from None
+        raise
+
+
 class RunLock:
     """``acquire()`` or :class:`RunLocked`; ``release()`` at the end (also on errors)."""
 
@@ -51,7 +63,7 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -113,3 +125,50 @@ class RunLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+
+
+class DataLock:
+    """A prepared data folder's lock, ``<out_dir>/.<name>.lock`` (beside the folder, which prepare
+    replaces): every run reading the folder holds it shared for its life, ``prepare`` exclusively.
+    So a run never trains on shards another experiment of the same ``data.name`` is rewriting."""
+
+    def __init__(self, folder: Path, log=print):
+        folder = Path(folder)
+        self.folder, self.path, self.log = folder, folder.with_name(f".{folder.name}.lock"), log
+        self._fd: int | None = None
+
+    def shared(self) -> "DataLock":
+        """Hold the folder for reading (waiting, with a message, while another process prepares it)."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            self.log(f"waiting for {self.folder}: another xdrec process is preparing it ({_who(_holder(RunLock._read(fd)))})")
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        return self
+
+    def exclusive(self) -> "DataLock":
+        """Hold the folder for writing, or RunLocked when another process reads or prepares it."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunLocked(f"{self.folder} is in use by another xdrec process (a run training on it, or a prepare) "
+                            "and this data config would prepare it again: give this experiment another data.name, "
+                            "or wait for that process to finish") from None
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return self
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = open_lock_file(self.path)
+        return self._fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

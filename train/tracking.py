@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from train.config import STAGES, ExperimentConfig, flatten, to_dict
+from train.redact import redact, redact_tree
 from train.files import DiskFullError, is_disk_full
 
 
@@ -101,10 +102,14 @@ class Tracker:
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
+        # W&B's system metadata records the command line; a secret on it (data.remote=https://u:TOKEN@...)
+        # would reach disk and the server, so the metadata is left out then (the config is redacted)
+        secret_in_argv = any(redact(a) != a for a in sys.argv)
         self.run = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity, name=cfg.name,
-                              group=wandb_group(cfg), job_type=job_type, config={**to_dict(cfg), "run": context},
-                              dir=str(run_dir), mode=mode, id=run_id, resume="allow",
-                              settings=wandb.Settings(quiet=True))
+                              group=wandb_group(cfg), job_type=job_type,
+                              config=redact_tree({**to_dict(cfg), "run": context}), dir=str(run_dir), mode=mode,
+                              id=run_id, resume="allow", settings=wandb.Settings(quiet=True,
+                                                                                 x_disable_meta=secret_in_argv))
         for stage in STAGES:
             self.run.define_metric(f"{stage}/stage_step")
             self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/stage_step")

@@ -56,9 +56,14 @@ def _abxi_files(folder: Path) -> tuple[Path, Path]:
 def read_abxi_item_domains(map_path: Path, n_domains: int) -> dict[str, int]:
     """``{item_id (as str): domain index}`` from an ABXI ``map_item`` JSON file."""
     try:
-        raw = json.loads(map_path.read_text())
+        raw = json.loads(map_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{map_path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{map_path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{map_path}: expected a JSON object {{asin: [item_id, domain]}}, got a "
+                              f"{type(raw).__name__}")
     out: dict[str, int] = {}
     for asin, val in raw.items():
         if not (isinstance(val, list) and len(val) == 2 and all(isinstance(v, int) for v in val)):
@@ -134,7 +139,7 @@ def _text_lines(path: Path) -> Iterator[str]:
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield raw.decode("utf-8")
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not in the header
             except UnicodeDecodeError:
                 raise DataFormatError(f"{path}:{lineno}: not UTF-8 text") from None
 

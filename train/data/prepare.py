@@ -32,9 +32,11 @@ import numpy as np
 from train.config import DataConfig, to_dict
 from train.data.events import apply_filters, chronological, collect, id_sort_key, summary
 from train.data.formats import DataFormatError, Event, read_abxi, read_files, table_files
-from train.data.stream import DomainIndex
+from train.data.stream import DomainIndex, bad_shard_path
 from train.data.synthetic import generate
 from train.files import sha256_file
+from train.redact import redact, redact_tree
+from train.runlock import DataLock
 
 SCHEMA_VERSION = 2
 SPLITS = ("train", "valid", "test")
@@ -168,12 +170,42 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: P
     return user_map, counts, shards, most
 
 
-def prepare(cfg: DataConfig, log=print) -> Path:
-    """Prepare ``cfg`` into ``cfg.prepared_dir()`` (written beside it, then renamed); returns the manifest path."""
-    out = cfg.prepared_dir()
+def prepare(cfg: DataConfig, log=print, lock: DataLock | None = None) -> Path:
+    """Prepare ``cfg`` into ``cfg.prepared_dir()`` (written beside it, then renamed); returns the
+    manifest path. Holds the folder's :class:`DataLock` exclusively meanwhile (``lock``: the
+    caller's, held shared so far; else one of its own). A folder in the way that xdrec did not
+    make (no manifest.json in it), or a link, is refused, never deleted."""
+    own = lock is None
+    lock = (lock or DataLock(cfg.prepared_dir(), log=log)).exclusive()
+    try:
+        return _prepare(cfg, log)
+    finally:
+        if own:
+            lock.release()
+
+
+_TMP_MARK = ".xdrec-prepare"  # in the folder prepare writes to, before anything else
+
+
+def _claim_folders(out: Path) -> Path:
+    """The temporary folder prepare writes to (emptied if an earlier prepare left it), once
+    ``out`` and it are known to be xdrec's own or absent; ManifestError naming one that is not."""
     tmp = out.with_name(out.name + ".tmp")
+    for folder, mark in ((out, "manifest.json"), (tmp, _TMP_MARK)):
+        if folder.is_symlink() or (folder.exists() and not (folder / mark).is_file()):
+            raise ManifestError(f"{folder} exists and is not a folder xdrec prepared (no {mark} in it"
+                                f"{'; it is a link' if folder.is_symlink() else ''}); xdrec deletes only what it "
+                                "made: move it away or choose another data.name / data.out_dir")
     if tmp.exists():
         shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / _TMP_MARK).write_text("written by xdrec prepare; removed when it finishes\n")
+    return tmp
+
+
+def _prepare(cfg: DataConfig, log) -> Path:
+    out = cfg.prepared_dir()
+    tmp = _claim_folders(out)
     n_dom = len(cfg.domains)
     table = collect(read_events(cfg), n_dom)
     if not len(table):
@@ -187,7 +219,7 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     dom_events = np.bincount(table.domain[keep], minlength=n_dom).tolist()
     manifest = {
         "schema_version": SCHEMA_VERSION, "name": cfg.name, "format": cfg.format, "fingerprint": data_fingerprint(cfg),
-        "data_config": to_dict(cfg), "n_users": len(user_map), "n_events": int(keep.sum()),
+        "data_config": redact_tree(to_dict(cfg)), "n_users": len(user_map), "n_events": int(keep.sum()),
         "read": {"events": len(table), "users": len(table.users), "items": len(table.items)},
         "filtered": reports,
         "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d], "max_user_items": most[d]}
@@ -198,8 +230,9 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     }
     for name, obj in (("manifest.json", manifest), ("item_map.json", item_map), ("user_map.json", user_map)):
         (tmp / name).write_text(json.dumps(obj, indent=1 if name == "manifest.json" else None))
+    (tmp / _TMP_MARK).unlink()
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # an earlier prepare's (checked by _claim_folders)
     tmp.rename(out)
     log(f"prepared {cfg.name}: read {len(table)} events of {len(table.users)} users; kept {manifest['n_events']} "
         f"events of {len(user_map)} users, " + ", ".join(f"{x['name']}: {x['n_items']} items" for x in manifest["domains"])
@@ -224,17 +257,20 @@ class ManifestError(ValueError):
 
 
 def load_manifest(folder: str | Path, verify: bool = True) -> dict:
-    """Read ``manifest.json`` and (by default) check every shard's presence and sha256."""
+    """Read ``manifest.json``, check its layout (every shard path one xdrec writes: a manifest is
+    data from whoever made the folder) and (by default) every shard's presence and sha256."""
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if not mpath.is_file():
         raise ManifestError(f"{mpath}: no manifest; run `xdrec prepare` first")
     try:
         m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{mpath}: not valid JSON: {e}") from None
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise ManifestError(f"{mpath}: schema_version {m.get('schema_version')!r}, this xdrec reads {SCHEMA_VERSION}")
+    if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION:
+        got = m.get("schema_version") if isinstance(m, dict) else type(m).__name__
+        raise ManifestError(f"{mpath}: schema_version {got!r}, this xdrec reads {SCHEMA_VERSION}")
+    _check_layout(m, mpath)
     if verify:
         for dom, splits in m["shards"].items():
             for split, shards in splits.items():
@@ -247,22 +283,54 @@ def load_manifest(folder: str | Path, verify: bool = True) -> dict:
     return m
 
 
-def ensure_prepared(cfg: DataConfig, log=print) -> dict:
-    """Return the verified manifest of ``cfg``, preparing (again) if absent or stale.
+def _check_layout(m: dict, mpath: Path) -> None:
+    """The keys every reader of a manifest relies on, and shard paths only of xdrec's own form."""
+    try:
+        names = [d["name"] for d in m["domains"]]
+        for d in m["domains"]:
+            int(d["n_items"]), int(d["offset"])
+        for name in names:
+            for split in SPLITS:
+                int(m["counts"][name][split]["samples"])
+                for sh in m["shards"][name][split]:
+                    why = bad_shard_path(sh["path"], name, split)
+                    if why:
+                        raise ManifestError(f"{mpath}: {why}; refused (xdrec writes <domain>/<split>-NNNNNN.tar)")
+                    int(sh["samples"]), str(sh["sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ManifestError):
+            raise
+        raise ManifestError(f"{mpath}: not an xdrec manifest (missing or malformed {e})") from None
+
+
+def ensure_prepared(cfg: DataConfig, log=print) -> tuple[dict, DataLock]:
+    """The verified manifest of ``cfg``, preparing (again) if absent or stale, and the folder's
+    :class:`DataLock`, held shared: the caller releases it when it no longer reads the folder.
 
     With ``data.remote`` the shards are streamed from elsewhere: the manifest must be here (it
-    is small; copy it beside the config) and is used as is; the stream names any bad shard."""
+    is small; copy it beside the config); its layout is checked (shard paths of xdrec's own form
+    only), the stream names any bad shard."""
     folder = cfg.prepared_dir()
     mpath = folder / "manifest.json"
-    if cfg.remote:
-        if not mpath.is_file():
-            raise ManifestError(f"{mpath}: data.remote={cfg.remote!r} streams the shards, but their manifest.json "
-                                "must be local; copy it there")
-        return load_manifest(folder, verify=False)
-    if mpath.is_file():
-        m = json.loads(mpath.read_text())
-        if m.get("fingerprint") == data_fingerprint(cfg) and m.get("schema_version") == SCHEMA_VERSION:
-            return load_manifest(folder)
-        log(f"{mpath}: data config or input changed since it was prepared; preparing again")
-    prepare(cfg, log=log)
-    return load_manifest(folder)
+    lock = DataLock(folder, log=log).shared()
+    try:
+        if cfg.remote:
+            if not mpath.is_file():
+                raise ManifestError(f"{mpath}: data.remote={redact(cfg.remote)!r} streams the shards, but their "
+                                    "manifest.json must be local; copy it there")
+            return load_manifest(folder, verify=False), lock
+        if mpath.is_file():
+            try:
+                current = load_manifest(folder, verify=False).get("fingerprint") == data_fingerprint(cfg)
+                why = "data config or input changed since it was prepared"
+            except ManifestError as e:
+                current, why = False, str(e).removeprefix(f"{mpath}: ")
+            if current:
+                return load_manifest(folder), lock
+            log(f"{mpath}: {why}; preparing again")
+        prepare(cfg, log=log, lock=lock)
+        lock.shared()
+        return load_manifest(folder), lock
+    except BaseException:
+        lock.release()
+        raise

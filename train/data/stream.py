@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shlex
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +30,8 @@ import numpy as np
 import braceexpand
 import torch
 import webdataset as wds
+
+from train.redact import expand_env, redact
 
 
 class DomainIndex:
@@ -81,13 +85,36 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return [u for sp in specs for part in sp.split("::") for u in braceexpand.braceexpand(part)]
 
 
+# The only shard paths xdrec writes (``<domain>/<split>-NNNNNN.tar``): a manifest naming any other
+# path (absolute, with '..', with shell characters) is refused before anything is opened.
+SHARD_PATH = re.compile(r"(?P<domain>[A-Za-z0-9][A-Za-z0-9._-]*)/(?P<split>train|valid|test)-\d{6}\.tar")
+
+
+def bad_shard_path(path, domain: str, split: str) -> str | None:
+    """Why ``path`` is not a shard path xdrec writes for (domain, split); None when it is."""
+    m = SHARD_PATH.fullmatch(path) if isinstance(path, str) else None
+    if m is None or m["domain"] in (".", ".."):
+        return f"shard path {path!r} is not of the form <domain>/<split>-NNNNNN.tar"
+    if (m["domain"], m["split"]) != (domain, split):
+        return f"shard path {path!r} is listed under {domain}/{split}"
+    return None
+
+
 def shard_urls(manifest: dict, folder: str | Path, domain: str, split: str, remote: str = "") -> list[str]:
     """URLs of a (domain, split)'s shards: in ``folder``, or under ``remote`` (a base URL such as
     ``https://host/x`` or ``file:///mnt/x``, or a pattern with ``{path}`` such as
-    ``pipe:aws s3 cp s3://bucket/x/{path} -``)."""
+    ``pipe:aws s3 cp s3://bucket/x/{path} -``, where each path goes in shell-quoted). A base URL's
+    ``${VAR}`` references are filled in from the environment here (``train.redact``); a ``pipe:``
+    command's are left to its shell."""
     paths = [s["path"] for s in manifest["shards"][domain][split]]
+    for p in paths:
+        if bad_shard_path(p, domain, split):
+            raise ShardError(f"manifest of {folder}: {bad_shard_path(p, domain, split)}; refused")
     if not remote:
         return [str(Path(folder) / p) for p in paths]
+    if remote.startswith("pipe:"):
+        return [remote.replace("{path}", shlex.quote(p)) for p in paths]
+    remote = expand_env(remote)
     if "{path}" in remote:
         return [remote.replace("{path}", p) for p in paths]
     return [remote.rstrip("/") + "/" + p for p in paths]
@@ -163,11 +190,11 @@ class _Errors:
 
     def shard(self, exn: Exception) -> bool:
         where = next((a for a in reversed(exn.args) if isinstance(a, str) and a not in str(exn.args[:1])), None)
-        what = f"{where or 'a shard'}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        what = redact(f"{where or 'a shard'}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}")
         if self.policy == "skip":
             self._skip("shards", f"the rest of {what}")
             return True
-        raise ShardError(f"{what} (set data.on_error=skip to skip and count bad shards)") from None
+        raise ShardError(redact(f"{what} (set data.on_error=skip to skip and count bad shards)")) from None
 
     def count_check(self, expected: dict[str, int]):
         """Stage over whole shards: a shard ending with fewer samples than the manifest lists
@@ -187,14 +214,14 @@ class _Errors:
         want = expected.get(url)
         if url is None or not want or n % want == 0:  # resampled: the same shard may come twice in a row
             return
-        what = f"{url}: ended after {n % want} of its {want} samples (truncated?)"
+        what = redact(f"{url}: ended after {n % want} of its {want} samples (truncated?)")
         if self.policy == "skip":
             self._skip("shards", what)
             return
         raise ShardError(what + " (set data.on_error=skip to skip and count bad shards)")
 
     def sample(self, sample: dict, problem: str) -> None:
-        what = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')!r}: {problem}"
+        what = redact(f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')!r}: {problem}")
         if self.policy == "skip":
             self._skip("samples", what)
             return
