@@ -43,8 +43,12 @@ class SequenceEmbedding(nn.Module):
         self.scale = d_model ** 0.5
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
-        L = items.shape[1]
-        pos = torch.arange(L, device=items.device)
+        """Positions count from the right (the last column is always position max_len - 1), so a
+        batch trimmed of its leading padding columns is embedded as the full-width one."""
+        L, width = items.shape[1], self.position.num_embeddings
+        if L > width:
+            raise ValueError(f"items have {L} columns, more than model.max_len={width}")
+        pos = torch.arange(width - L, width, device=items.device)
         x = self.item(items) * self.scale + self.position(pos)[None]  # (B, L, D)
         if self.domain is not None:
             x = x + self.domain(self.item_domain[items])

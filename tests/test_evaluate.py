@@ -99,17 +99,20 @@ def test_the_prior_adds_its_weight_times_log_count_to_the_scores_only_when_asked
     manifest, folder = prepared
     d = manifest["domains"][1]
     lo, k = d["offset"] + 1, 20
-    ev = Evaluator(manifest, folder, EvalConfig(num_negatives=k, prior=0.7), max_len=20)
+    ev = Evaluator(manifest, folder, EvalConfig(num_negatives=k, prior=0.7, exclude_history=False), max_len=20)
     ramp = 0.3 * (np.arange(d["n_items"]) % 7)  # model scores on the scale of the prior, so its weight matters
     score_fn = matrix_score_fn(lambda items, dom: torch.from_numpy(np.tile(ramp, (items.shape[0], 1))))
     total = ramp + 0.7 * np.log1p(observed_counts(manifest, folder, "test"))[lo:lo + d["n_items"]]
-    want_full, want_sampled, users, targets = [], [], [], []
+    want_full, want_sampled, want_unseen, users, targets = [], [], [], [], []
     for b in eval_batches(manifest, folder, d["name"], "test", batch_size=512, max_len=20):
         t = (b["target"] - lo).numpy()
         negs = ev._negs(d["name"], "test", b["user"], b["exclude"]) - lo
         for r in range(len(t)):  # ties count against the target (the full count includes it)
             want_full.append(int((total >= total[t[r]]).sum()))
             want_sampled.append(1 + int((total[negs[r]] >= total[t[r]]).sum()))
+            seen = np.setdiff1d(b["history"][r][(b["history"][r] >= lo) & (b["history"][r] < lo + d["n_items"])] - lo,
+                                [t[r]])  # the user's items of the domain but the target
+            want_unseen.append(want_full[-1] - int((total[seen] >= total[t[r]]).sum()))
         users += b["user"].tolist()
         targets += t.tolist()
     order = np.argsort(users, kind="stable")
@@ -119,6 +122,11 @@ def test_the_prior_adds_its_weight_times_log_count_to_the_scores_only_when_asked
     raw = ev.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu", eval_terms=False)
     want_raw = np.array([int((ramp >= ramp[t]).sum()) for t in targets])[order]  # the model's scores alone
     assert np.array_equal(raw["full"], want_raw) and not np.array_equal(want_raw, got["full"])
+    # eval.exclude_history (the default): the user's own items leave the full ranking's candidates
+    unseen = Evaluator(manifest, folder, EvalConfig(num_negatives=k, prior=0.7), max_len=20)
+    got = unseen.ranks(score_fn, d["name"], "test", only_domain=False, device="cpu")
+    assert np.array_equal(got["full"], np.array(want_unseen)[order]) and (got["full"] < np.array(want_full)[order]).any()
+    assert np.array_equal(got["sampled999"], np.array(want_sampled)[order])  # the sampled protocol excludes them anyway
 
 
 def _hand_transitions(manifest, folder, split):

@@ -551,3 +551,29 @@ def test_item_bias_adds_a_learned_bias_to_every_score_by_hand():
     assert torch.allclose(torch.stack(sums), torch.stack(want), atol=1e-4)
     sum(sums).backward()
     assert biased.item_bias.grad[1:].abs().min() > 0  # every item's bias takes a gradient (full softmax)
+
+
+def test_a_batch_trimmed_of_its_padding_columns_scores_and_trains_as_the_padded_one():
+    """Positions count from the right: dropping leading all-padding columns (train.length_buckets)
+    changes no output, loss or score."""
+    from train.data.stream import trim_batch
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, ff_mult=2, dropout=0.0, emb_dropout=0.0, max_len=10,
+                      sequence="dual", view_layers=1)
+    m = build_recommender(cfg, Vocabulary(("A", "B"), (30, 40))).eval()
+    items = torch.zeros(3, 10, dtype=torch.long)
+    items[0, 6:] = torch.tensor([3, 35, 7, 40])
+    items[1, 7:] = torch.tensor([50, 2, 61])
+    items[2, 5:] = torch.tensor([1, 2, 44, 45, 9])
+    targets = torch.zeros_like(items)
+    targets[:, :-1] = torch.where(items[:, :-1] > 0, items[:, 1:], 0)
+    cut = trim_batch({"items": items, "targets": targets})
+    assert cut["items"].shape[1] == 5
+    with torch.no_grad():
+        for d in (0, 1):
+            assert torch.allclose(m(cut["items"], domain=d), m(items, domain=d), atol=1e-5)
+        a, _ = m(items, targets=targets)
+        b, _ = m(cut["items"], targets=cut["targets"])
+        assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="more than model.max_len=10"):
+        m(torch.ones(1, 11, dtype=torch.long), domain=0)

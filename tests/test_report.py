@@ -99,8 +99,9 @@ def test_runs_of_different_sampled_protocols_are_refused_and_one_protocol_is_nam
     a = _run(tmp_path, "a", 0.2, 0.1, [0.05, 0.15], p999)
     b = _run(tmp_path, "b", 0.2, 0.1, [0.05, 0.15], p99)
     c = _run(tmp_path, "c", 0.2, 0.1, [0.05, 0.15], {"num_negatives": 999, "seed": 7})
-    with pytest.raises(ReportError, match=r"num_negatives=999, prior=0.0, seed=2025, transition=0.0 in \[.*/a'\]; "
-                                          r"num_negatives=99, prior=0.0, seed=2025, transition=0.0 in \[.*/b'\]\); report runs of one protocol"):
+    with pytest.raises(ReportError, match=r"exclude_history=False, num_negatives=999, prior=0.0, seed=2025, transition=0.0 "
+                                          r"in \[.*/a'\]; exclude_history=False, num_negatives=99, prior=0.0, seed=2025, "
+                                          r"transition=0.0 in \[.*/b'\]\); report runs of one protocol"):
         aggregate([a, b])
     with pytest.raises(ReportError, match="different protocols"):
         aggregate([a, c])  # same N, other negatives

@@ -96,3 +96,31 @@ def test_batches_per_rank_from_the_manifest_match_the_stream(tmp_path, monkeypat
                                                     buffer=20, only_domain=True,
                                                     reader=ReaderOptions(num_workers=workers))))
         assert got == want, (epoch, split_mode(n_shards, workers))
+
+
+def test_length_buckets_group_like_rows_trim_padding_and_keep_every_sample_once(synth):
+    """train.length_buckets: the same samples and batch count per epoch as without buckets; each
+    batch holds rows of like length, trimmed of padding columns; reproducible per (seed, epoch)."""
+    m, folder = synth
+    kw = dict(batch_size=8, max_len=12, seed=1, epoch=0, buffer=50)
+    plain = list(train_batches(m, folder, "A", **kw))
+    bucketed = list(train_batches(m, folder, "A", **kw, buckets=4))
+    assert len(bucketed) == len(plain)
+    users = lambda bs: sorted(u for b in bs for u in b["user"].tolist())
+    assert users(bucketed) == users(plain)
+    assert all(bool((b["items"] != 0).any(0)[0] | (b["targets"] != 0).any(0)[0]) for b in bucketed)  # no all-pad column
+    assert sum(b["items"].shape[1] for b in bucketed) < sum(b["items"].shape[1] for b in plain)
+    spread = lambda bs: float(np.mean([int(n.max() - n.min()) for n in ((b["items"] != 0).sum(1) for b in bs)]))
+    assert spread(bucketed) < spread(plain)  # rows of like length train together
+    again = list(train_batches(m, folder, "A", **kw, buckets=4))
+    assert [b["user"].tolist() for b in again] == [b["user"].tolist() for b in bucketed]
+    # every row's real columns are the padded row's: the same items and targets, right-aligned
+    full = {u: (b["items"][r], b["targets"][r]) for b in plain for r, u in enumerate(b["user"].tolist())}
+    for b in bucketed:
+        for r, u in enumerate(b["user"].tolist()):
+            w = b["items"].shape[1]
+            assert torch.equal(full[u][0][-w:], b["items"][r]) and not full[u][0][:-w].any()
+            assert torch.equal(full[u][1][-w:], b["targets"][r]) and not full[u][1][:-w].any()
+    mixed = list(mixed_batches(m, folder, source="A", target="B", batch_size=16, mix_ratio=0.25, max_len=12, seed=0,
+                               epoch=0, buffer=30, buckets=2))
+    assert mixed and all(b["items"].shape == b["targets"].shape and b["items"].shape[0] <= 16 for b in mixed)

@@ -51,7 +51,7 @@ def test_metrics_json_has_the_agreed_shape(tiny_run):
                     r = m[stage][split][d][proto]
                     assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and 0.0 < r["mrr"] <= 1.0
                     assert r["n_users"] > 0
-    assert m["_meta"]["eval"] == {"num_negatives": 50, "seed": 2025, "prior": 0.0, "transition": 0.0}  # the tiny experiment's protocol
+    assert m["_meta"]["eval"] == {"num_negatives": 50, "seed": 2025, "prior": 0.0, "transition": 0.0, "exclude_history": True}  # the tiny experiment's protocol
 
 
 def test_report_names_the_recorded_sampled_protocol(tiny_run):
@@ -136,7 +136,7 @@ def test_report_writes_plots_and_markdown_with_the_numbers_of_metrics_json(tiny_
     assert "±" not in row  # one run: no spread to show
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"| source-then-joint | B | {m['joint']['test']['B']['full']['hr@10']:.4f} |" in md and "![loss](loss.png)" in md
-    assert "[target_only] epoch 1/3" in stdout and "valid sampled ndcg@10 (B)" in stdout  # the training's names
+    assert "[target_only] epoch 1/3" in stdout and "valid full ndcg@10 (B)" in stdout  # the training's names
 
 
 def test_cli_reports_config_errors_before_work(tmp_path):
@@ -176,8 +176,8 @@ def test_resume_under_another_sampled_protocol_is_refused_before_work(tmp_path):
                            capture_output=True, text=True)
     assert again.returncode == 2
     assert (f"{tmp_path / 'tiny' / 'metrics.json'}: its stages were evaluated with {{'num_negatives': 50, "
-            "'seed': 2025, 'prior': 0.0, 'transition': 0.0}, this run with {'num_negatives': 20, 'seed': 2025, 'prior': 0.0, "
-            "'transition': 0.0}") in again.stderr
+            "'seed': 2025, 'prior': 0.0, 'transition': 0.0, 'exclude_history': True}, this run with {'num_negatives': 20, "
+            "'seed': 2025, 'prior': 0.0, 'transition': 0.0, 'exclude_history': True}") in again.stderr
     assert (tmp_path / "tiny" / "config.yaml").read_text() == config  # refused before the run was touched
     same = subprocess.run([*base, "--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True)
     assert same.returncode == 0 and "finished in the run being resumed" in same.stdout, same.stderr[-2000:]
@@ -314,7 +314,7 @@ def test_joint_stage_can_select_on_the_mean_of_both_domains(tmp_path):
                "train.source.epochs=2", "train.joint.epochs=1", "eval.select_domains=all")
     run = tmp_path / "tiny"
     valid = json.loads((run / "metrics.json").read_text())["joint"]["valid"]
-    a, b = (valid[d]["sampled999"]["ndcg@10"] for d in ("A", "B"))
+    a, b = (valid[d]["full"]["ndcg@10"] for d in ("A", "B"))  # eval.select_protocol=full
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     selected = [r["joint/valid_select"] for r in logged if "joint/valid_select" in r]
     assert len(selected) == 1 and abs(a - b) > 1e-4

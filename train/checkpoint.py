@@ -34,7 +34,7 @@ import yaml
 
 from train.config import flatten, to_dict
 from train.engine import all_gather_objects, barrier, max_over_ranks, rank, world_size
-from train.evaluate import PROTOCOL_FIELDS
+from train.evaluate import LEGACY_PROTOCOL, PROTOCOL_FIELDS
 from train.files import disk_is_full, fault_point, finite_json, free_space, is_disk_full, sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
@@ -418,8 +418,9 @@ def check_same_config(conf: Path, cfg, what: str, *, protocol: bool) -> None:
     from ``cfg`` in what its weights depend on (model and data) or, with ``protocol``, in what its
     metrics depend on (``eval.num_negatives``, ``eval.seed``, ``eval.prior``, ``eval.transition``)."""
     theirs, ours = flatten(yaml.safe_load(conf.read_text()), sep="."), flatten(to_dict(cfg), sep=".")
-    # a key added to the config tree after that run was made: it ran with the key's default
-    theirs = {**flatten(to_dict(type(cfg)()), sep="."), **theirs}
+    # a key added to the config tree after that run was made: it ran with the key's default then
+    legacy = {f"eval.{k}": v for k, v in LEGACY_PROTOCOL.items()}
+    theirs = {**flatten(to_dict(type(cfg)()), sep="."), **legacy, **theirs}
     for key in sorted(ours):
         if key.startswith(_WEIGHTS_KEYS) and theirs.get(key) != ours[key]:
             raise ResumeError(f"{what}: {conf} has {key}={theirs.get(key)!r}, this run {ours[key]!r}; "

@@ -194,6 +194,10 @@ class TrainConfig:
     shuffle_buffer: Annotated[int, _at_least(0)] = 2000
     num_workers: Annotated[int, _at_least(0)] = 0  # DataLoader worker processes per rank (0: in the training process)
     resampled: bool = False  # infinite stream: shards drawn with replacement, an epoch = the nominal sample count
+    # > 0: batches of like sequence length, each trimmed of its padding columns: every run of
+    # length_buckets x micro batch samples is sorted by length, cut into batches, and the batches
+    # shuffled; 0: every batch padded to model.max_len
+    length_buckets: Annotated[int, _at_least(0)] = 0
     source: StageConfig = field(default_factory=StageConfig)
     joint: StageConfig = field(default_factory=StageConfig)
     target_only: StageConfig = field(default_factory=StageConfig)
@@ -235,7 +239,7 @@ class EvalConfig:
     batch_size: Annotated[int, _at_least(1)] = 512
     item_chunk: Annotated[int, _at_least(1)] = 65536  # items scored at a time in full ranking (memory batch x chunk)
     select_metric: Metric = "ndcg@10"  # on valid, under select_protocol, on the domains select_domains names
-    select_protocol: Literal["full", "sampled999"] = "sampled999"
+    select_protocol: Literal["full", "sampled999"] = "full"
     # which valid domains pick a stage's best epoch: "stage" = its selection domain (joint and
     # target-only: the target; source: the source); "all" = the mean over every domain the stage
     # is evaluated on (joint: source and target, as ABXI selects on the sum of both domains)
@@ -249,6 +253,9 @@ class EvalConfig:
     # > 0: also add transition * log(1 + n(last -> item)), the first-order transitions observed
     # before the split's targets; evaluation only
     transition: Annotated[float, _at_least(0, " (0 = off)")] = 0.0
+    # full ranking leaves the user's own history items out of the candidates (as HSTU reports;
+    # the sampled protocol never draws them); the held-out item itself always stays in
+    exclude_history: bool = True
 
     def check(self) -> None:
         bad = [k for k in self.ks if k < 1]

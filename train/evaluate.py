@@ -1,6 +1,8 @@
 """Ranking evaluation per domain: full ranking and the ABXI sampled protocol.
 
-- ``full``: the held-out item is ranked against every item of its domain (no sampling).
+- ``full``: the held-out item is ranked against every item of its domain (no sampling); with
+  ``eval.exclude_history`` (the default, as HSTU reports) the items of the user's own history are
+  left out of the candidates (never the held-out item itself, should it repeat one).
 - ``sampled999``: against ``num_negatives`` items drawn uniformly, without replacement, from its
   domain, excluding every item of the user's sequence (ABXI, WWW'25). Negatives depend only on
   (eval seed, split, user), so every model and stage is ranked against the same ones.
@@ -31,7 +33,10 @@ SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives
 PROTOCOLS = ("full", SAMPLED)  # every result holds both, in this order
 # The eval.* fields the sampled numbers depend on, recorded in metrics.json as ``_meta.eval``: runs,
 # resumed stages and a carried-over source stage compare only when these agree.
-PROTOCOL_FIELDS = ("num_negatives", "seed", "prior", "transition")
+PROTOCOL_FIELDS = ("num_negatives", "seed", "prior", "transition", "exclude_history")
+# A protocol field recorded after runs were made, with the value those runs were evaluated under
+# where it differs from today's default: full ranking kept the history in before exclude_history.
+LEGACY_PROTOCOL = {"exclude_history": False}
 
 
 def sampled_protocol(ev: EvalConfig) -> dict:
@@ -42,8 +47,8 @@ def sampled_protocol(ev: EvalConfig) -> dict:
 
 def recorded_protocol(recorded: dict) -> dict:
     """A metrics.json's ``_meta.eval`` with every protocol field: one recorded after that run was
-    made counts as its default (the run was evaluated with it)."""
-    return {**sampled_protocol(EvalConfig()), **recorded}
+    made counts as the value that run was evaluated with (its default then, :data:`LEGACY_PROTOCOL`)."""
+    return {**sampled_protocol(EvalConfig()), **LEGACY_PROTOCOL, **recorded}
 
 
 def protocol_label(protocol: str, num_negatives: int) -> str:
@@ -125,11 +130,12 @@ def _add(scores: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
 
 
 def rank_in_chunks(scorer, target_cols: torch.Tensor, neg_cols: torch.Tensor, terms: Terms | None,
-                   chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+                   chunk: int, hist_cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Full and sampled ranks (as :func:`ranks_of_targets`, ties against the target, a NaN never
     in its favour) of each row's target, scoring ``chunk`` items at a time: memory ``B x chunk``
     whatever the vocabulary, the same ranks as scoring every item at once. Returns ``(full [B],
-    sampled [B], rows with a non-finite score)``.
+    sampled [B], rows with a non-finite score)``. ``hist_cols`` ``[B, H]`` (-1 = none): items the
+    full ranking leaves out of row r's candidates (its history, never its target).
 
     The target's score is taken first from a ``[B, B]`` product (the same matrix product, so on
     the same kernels the same bits) and, exactly, from its own chunk during the pass; a row where
@@ -138,6 +144,8 @@ def rank_in_chunks(scorer, target_cols: torch.Tensor, neg_cols: torch.Tensor, te
     at_target = terms.at(target_cols[:, None])
     first = _add(scorer.at(target_cols).float(), None if at_target is None else at_target[:, 0])
     exact, negs = torch.empty_like(first), torch.empty(neg_cols.shape, dtype=first.dtype, device=first.device)
+    hist_cols = neg_cols.new_full((len(first), 0), -1) if hist_cols is None else hist_cols
+    hist = torch.full(hist_cols.shape, float("-inf"), dtype=first.dtype, device=first.device)
     full = torch.zeros(len(first), dtype=torch.long, device=first.device)
     nonfinite = torch.zeros(len(first), dtype=torch.bool, device=first.device)
     for a in range(0, scorer.n_items, chunk):
@@ -149,6 +157,8 @@ def rank_in_chunks(scorer, target_cols: torch.Tensor, neg_cols: torch.Tensor, te
         exact[mine] = s[mine].gather(1, (target_cols[mine] - a)[:, None])[:, 0]
         inside = (neg_cols >= a) & (neg_cols < b)
         negs[inside] = s.gather(1, (neg_cols - a).clamp(0, b - a - 1))[inside]
+        inside = (hist_cols >= a) & (hist_cols < b)
+        hist[inside] = s.gather(1, (hist_cols - a).clamp(0, b - a - 1))[inside]
     again = (exact != first) & ~(exact.isnan() & first.isnan())
     if again.any():  # the [B, B] product rounded differently: count those rows against the exact score
         full[again] = 0
@@ -156,6 +166,7 @@ def rank_in_chunks(scorer, target_cols: torch.Tensor, neg_cols: torch.Tensor, te
             b = min(a + chunk, scorer.n_items)
             s = _add(scorer.columns(a, b).float(), terms.columns(a, b))[again]
             full[again] += (~(s < exact[again][:, None])).sum(1)
+    full -= ((hist_cols >= 0) & ~(hist < exact[:, None])).sum(1)  # history items counted above the target
     sampled = 1 + (~(negs < exact[:, None])).sum(1)
     return full, sampled, int(nonfinite.sum())
 
@@ -253,6 +264,17 @@ def last_of_domain(items: torch.Tensor, offset: int, n_items: int) -> np.ndarray
     pos = inside.shape[1] - 1 - inside.flip(1).to(torch.int8).argmax(1)
     last = items.cpu().gather(1, pos[:, None])[:, 0]
     return torch.where(inside.any(1), last, 0).numpy()
+
+
+def history_columns(histories: list[np.ndarray], targets: torch.Tensor, offset: int, n_items: int) -> torch.Tensor:
+    """``[B, H]`` int64: each row's history items of the domain (global ids offset + 1 ...
+    offset + n_items) as 0-based columns, its target left out, padded with -1."""
+    rows = [h[(h > offset) & (h <= offset + n_items) & (h != int(t))] - offset - 1
+            for h, t in zip(histories, targets.tolist())]
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, np.int64)
+    for r, cols in enumerate(rows):
+        out[r, :len(cols)] = cols
+    return torch.from_numpy(out)
 
 
 class NonFiniteScores(RuntimeError):
@@ -360,9 +382,11 @@ class Evaluator:
             tcol = (b["target"] - d["offset"] - 1).to(device)
             negs = torch.from_numpy(self._negs(domain, split, b["user"], b["exclude"]) - d["offset"] - 1).to(device)
             terms = self.terms(domain, split, b["items"], device) if eval_terms else None
+            hist = history_columns(b["history"], b["target"], d["offset"], d["n_items"]).to(device) \
+                if self.cfg.exclude_history else None
             f, s, n_bad = score_fn(b["items"].to(device), d["index"],
                                    partial(rank_in_chunks, target_cols=tcol, neg_cols=negs, terms=terms,
-                                           chunk=self.cfg.item_chunk))
+                                           chunk=self.cfg.item_chunk, hist_cols=hist))
             bad += n_bad
             full.append(f.cpu())
             sampled.append(s.cpu())

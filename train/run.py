@@ -126,8 +126,8 @@ def _checked_previous(cfg: ExperimentConfig, *, resume: bool, reevaluate: bool) 
     recorded, ours = previous.recorded_protocol(), sampled_protocol(cfg.eval)
     if recorded and recorded != ours and not reevaluate:
         raise ResumeError(f"{run_dir / 'metrics.json'}: its stages were evaluated with {recorded}, this run with "
-                          f"{ours}; resume with the same eval.num_negatives, eval.seed, eval.prior and "
-                          "eval.transition, re-evaluate with --reevaluate, or start the run afresh")
+                          f"{ours}; resume with the same eval.num_negatives, eval.seed, eval.prior, "
+                          "eval.transition and eval.exclude_history, re-evaluate with --reevaluate, or start the run afresh")
     return previous
 
 

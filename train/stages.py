@@ -127,7 +127,7 @@ class StageData:
         """One epoch's training batches of this rank (resampled streams: the nominal number)."""
         t, cfg = self.train, self.cfg
         common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer, reader=self.reader,
-                      cloze=cfg.model.objective == "masked", only_domain=self.own_domain_only,
+                      cloze=cfg.model.objective == "masked", only_domain=self.own_domain_only, buckets=t.length_buckets,
                       epoch_batches=self.steps_per_epoch() * t.grad_accum if t.resampled else None)
         if self.spec.mixed:
             return mixed_batches(self.manifest, self.folder, source=self.names["source"], target=self.names["target"],

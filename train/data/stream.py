@@ -12,6 +12,7 @@ Batches are dicts of tensors::
     user    [B]    int64
     target  [B]    int64   eval only: the held-out item
     exclude list[np.ndarray] eval only: the user's items (ABXI negative sampling excludes them)
+    history list[np.ndarray] eval only: the distinct items before the target (eval.exclude_history)
 """
 from __future__ import annotations
 
@@ -371,14 +372,23 @@ def batches_per_rank(manifest: dict, domain: str, *, batch_size: int, seed: int,
     return out
 
 
-def _train_batches_stage(batch_size: int, **kw):
+def _train_batches_stage(batch_size: int, buckets: int = 0, seed: int = 0, epoch: int = 0, **kw):
     """Samples -> batches of exactly ``batch_size`` rows (the last may be short), rows computed
-    a chunk at a time (:func:`train_rows`)."""
+    a chunk at a time (:func:`train_rows`).
+
+    ``buckets`` > 0: each run of ``buckets x batch_size`` samples is ordered by sequence length,
+    cut into batches and those batches shuffled (seeded per reader), and each batch is trimmed
+    to its longest row (:func:`trim_batch`): rows of like length train together and the encoder
+    runs on few padding columns. A reader still yields ceil(its samples / batch_size) batches."""
     def stage(src):
+        rng = _reader_seed("buckets", seed, epoch)
         pending: list[dict] = []
         n = 0
-        for chunk in _chunks(src, batch_size):
+        for chunk in _chunks(src, batch_size * max(buckets, 1)):
             rows = train_rows(chunk, **kw)
+            if buckets:
+                yield from _bucketed(rows, batch_size, rng)
+                continue
             if len(rows["user"]):
                 pending.append(rows)
                 n += len(rows["user"])
@@ -389,6 +399,34 @@ def _train_batches_stage(batch_size: int, **kw):
         if n:
             yield {k: torch.from_numpy(np.concatenate([p[k] for p in pending])) for k in pending[0]}
     return stage
+
+
+def _bucketed(rows: dict[str, np.ndarray], batch_size: int, rng: random.Random) -> Iterator[dict]:
+    """One bucket's rows as batches of like length (longest first within the bucket, then the
+    batches shuffled), each trimmed to its longest row."""
+    length = (rows["items"] != 0).sum(1) + (rows["targets"][:, -1] != 0)
+    order = np.argsort(-length, kind="stable")
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    full, last = (batches[:-1], batches[-1:]) if len(order) % batch_size else (batches, [])
+    rng.shuffle(full)  # a short batch (the reader's last) stays last, as without buckets
+    for idx in full + last:
+        yield trim_batch({k: torch.from_numpy(v[np.sort(idx)]) for k, v in rows.items()})
+
+
+def trim_batch(batch: dict) -> dict:
+    """The batch without its leading columns of padding in every row (``items``, ``targets``,
+    left padded; at least one column kept). The model places positions from the right
+    (``model.embeddings``), so a trimmed row is encoded exactly as the padded one."""
+    used = (batch["items"] != 0).any(0) | (batch["targets"] != 0).any(0)
+    first = int(used.to(torch.int8).argmax()) if bool(used.any()) else batch["items"].shape[1] - 1
+    return {k: v[:, first:] if k in ("items", "targets") else v for k, v in batch.items()}
+
+
+def pad_left(batch: dict, width: int) -> dict:
+    """``items``/``targets`` left padded with 0 to ``width`` columns."""
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0)) if t.shape[1] < width else t
+    return {k: pad(v) if k in ("items", "targets") else v for k, v in batch.items()}
 
 
 def _chunks(src, size: int):
@@ -408,17 +446,18 @@ def eval_example(sample: dict, *, dom: DomainIndex, max_len: int, only_domain: i
     ``history_tail`` events: 1 for test samples, whose history ends with the valid event)."""
     seq = np.asarray(sample["items"], dtype=np.int64)
     n_train = int((dom.of(seq[:len(seq) - history_tail]) == domain).sum())
+    history = np.unique(seq)  # every item before the target, whatever the model's window
     if only_domain is not None:
         seq = seq[dom.of(seq) == only_domain]
     return {"items": _left_pad(seq[-max_len:], max_len), "user": sample["user"], "n_train": n_train,
-            "target": sample["target"], "exclude": np.asarray(sample["exclude"], dtype=np.int64)}
+            "target": sample["target"], "exclude": np.asarray(sample["exclude"], dtype=np.int64), "history": history}
 
 
 def collate(examples: list[dict]) -> dict:
     out = {}
     for k in examples[0]:
         vals = [e[k] for e in examples]
-        if k == "exclude":
+        if k in ("exclude", "history"):  # one array per row, of its own length
             out[k] = vals
         elif isinstance(vals[0], np.ndarray):
             out[k] = torch.from_numpy(np.stack(vals))
@@ -447,15 +486,16 @@ def _loader(pipe: wds.DataPipeline, reader: ReaderOptions, epoch_batches: int | 
 
 def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size: int, max_len: int,
                   seed: int, epoch: int, buffer: int, only_domain: bool = False, cloze: bool = False,
-                  reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None):
-    """One epoch of shuffled training batches of ``domain``'s train split (this rank's share)."""
+                  reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None, buckets: int = 0):
+    """One epoch of shuffled training batches of ``domain``'s train split (this rank's share);
+    ``buckets`` > 0: batches of like length, trimmed (:func:`_train_batches_stage`)."""
     dom = DomainIndex(manifest)
     d = dom.index(domain)
     pipe = sample_stream(shard_urls(manifest, folder, domain, "train", reader.remote), shuffle=True, seed=seed,
                          epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items,
                          sizes=shard_sizes(manifest, domain, "train"))
-    pipe.append(_train_batches_stage(batch_size, dom=dom, label_domain=d, max_len=max_len, only_domain=only_domain,
-                                     cloze=cloze))
+    pipe.append(_train_batches_stage(batch_size, buckets, seed, epoch, dom=dom, label_domain=d, max_len=max_len,
+                                     only_domain=only_domain, cloze=cloze))
     return _loader(pipe, reader, epoch_batches)
 
 
@@ -467,8 +507,8 @@ def joint_rows(batch_size: int, mix_ratio: float) -> tuple[int, int]:
 
 def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: str, batch_size: int,
                   mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int, only_domain: bool = False,
-                  cloze: bool = False,
-                  reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None) -> Iterator[dict]:
+                  cloze: bool = False, reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None,
+                  buckets: int = 0) -> Iterator[dict]:
     """Joint-stage batches: ``round(mix_ratio * B)`` source rows + the rest target rows.
 
     One epoch is one pass over the target domain's training samples (``epoch_batches`` batches
@@ -482,7 +522,8 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
             n = 0
             for b in train_batches(manifest, folder, source, batch_size=n_src, max_len=max_len,
                                    seed=seed + 1, epoch=epoch * 1000 + k, buffer=buffer, reader=reader,
-                                   epoch_batches=epoch_batches, only_domain=only_domain, cloze=cloze):
+                                   epoch_batches=epoch_batches, only_domain=only_domain, cloze=cloze,
+                                   buckets=buckets):
                 n += 1
                 yield b
             if n == 0:
@@ -492,8 +533,10 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
     src = source_forever()
     for tb in train_batches(manifest, folder, target, batch_size=n_tgt, max_len=max_len, seed=seed,
                             epoch=epoch, buffer=buffer, reader=reader, epoch_batches=epoch_batches,
-                            only_domain=only_domain, cloze=cloze):
+                            only_domain=only_domain, cloze=cloze, buckets=buckets):
         sb = next(src)
+        width = max(sb["items"].shape[1], tb["items"].shape[1])
+        sb, tb = pad_left(sb, width), pad_left(tb, width)
         yield {k: torch.cat([sb[k], tb[k]]) for k in tb}
 
 
