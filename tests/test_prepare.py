@@ -185,3 +185,33 @@ def test_same_input_gives_byte_identical_shards(tmp_path):
         m = load_manifest(cfg.prepared_dir())
         hashes.append([sh["sha256"] for d in m["shards"].values() for s in d.values() for sh in s])
     assert hashes[0] == hashes[1] and len(hashes[0]) == 6
+
+
+def _tar_samples(folder: Path, pattern: str) -> list[dict]:
+    out = []
+    for tar in sorted(folder.glob(pattern)):
+        with tarfile.open(tar) as t:
+            out += [json.load(t.extractfile(m)) for m in t.getmembers() if m.name.endswith(".json")]
+    return out
+
+
+def test_target_fraction_keeps_that_share_of_target_training_users_and_every_valid_test_sample(tmp_path):
+    """data.target_fraction=0.25: a quarter of the users with B training targets keep them; the
+    others' B events leave every training sample (A's too); valid and test are the full data's."""
+    full = DataConfig(out_dir=str(tmp_path), synthetic=SyntheticConfig(n_users=200, items_per_domain=[40, 50]))
+    part = DataConfig(out_dir=str(tmp_path), target_fraction=0.25, synthetic=full.synthetic)
+    prepare(full, log=lambda *_: None)
+    prepare(part, log=lambda *_: None)
+    a, b = full.prepared_dir(), part.prepared_dir()
+    assert b.name == "synthetic-B25" and a.name == "synthetic"
+    m = load_manifest(b)
+    lo = m["domains"][1]["offset"]
+    kept = {s["user"] for s in _tar_samples(b, "B/train-*.tar")}
+    assert len(kept) == round(0.25 * len({s["user"] for s in _tar_samples(a, "B/train-*.tar")}))
+    assert m["target_fraction"]["users_dropped"] == 200 - len(kept) and m["target_fraction"]["events_dropped"] > 0
+    for s in _tar_samples(b, "A/train-*.tar"):
+        if s["user"] not in kept:
+            assert all(i <= lo for i in s["items"])  # no B event left in a dropped user's training rows
+    for split in ("valid", "test"):
+        assert _tar_samples(a, f"*/{split}-*.tar") == _tar_samples(b, f"*/{split}-*.tar")
+    assert json.loads((a / "manifest.json").read_text())["domains"] == m["domains"]  # one vocabulary

@@ -129,6 +129,12 @@ class DataConfig:
     # (https://host/x, file:///mnt/x) or a pattern with {path}, e.g. "pipe:aws s3 cp s3://b/x/{path} -"
     remote: str = ""
     on_error: Literal["raise", "skip"] = "raise"  # a corrupt shard or sample: stop naming it, or skip and count
+    # < 1: keep this share of the users with target-domain training events (chosen by
+    # target_fraction_seed); the others' target-domain events leave the training data (their
+    # valid/test samples stay as they are): how the transfer grows as target data shrinks.
+    # Prepared into <out_dir>/<name>-<target><percent>/ beside the full data.
+    target_fraction: Annotated[float, Field(gt=0, le=1, description="in (0, 1]")] = 1.0
+    target_fraction_seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     table: TableConfig = field(default_factory=TableConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -155,6 +161,10 @@ class DataConfig:
                "filter.min_rating needs ratings: data.format 'amazon', or 'table' with data.table.rating (the rating column)")
 
     def prepared_dir(self) -> Path:
+        """``<out_dir>/<name>``, or ``<out_dir>/<name>-<target><percent>`` with a target_fraction < 1."""
+        if self.target_fraction < 1:
+            pct = f"{self.target_fraction * 100:g}".replace(".", "p")
+            return Path(self.out_dir) / f"{self.name}-{self.target}{pct}"
         return Path(self.out_dir) / self.name
 
 

@@ -63,15 +63,19 @@ def read_events(cfg: DataConfig) -> Iterable[Event]:
     return read_files(cfg)
 
 
-def user_samples(user: int, seq: list[int], doms: list[int]) -> Iterator[tuple[int, str, dict]]:
+def user_samples(user: int, seq: list[int], doms: list[int], drop: int | None = None) -> Iterator[tuple[int, str, dict]]:
     """Leave-one-out samples of one user (>= 3 events): ``(domain, split, sample)``.
 
     train: the sequence without its last two events, once per domain that has a training target
-    (positions 1..); valid: target = second last event; test: target = last event.
+    (positions 1..); valid: target = second last event; test: target = last event. ``drop``: a
+    domain whose events leave this user's training samples (``data.target_fraction``); its valid
+    and test samples keep the whole history.
     """
-    train = seq[:-2]
+    train, tdoms = seq[:-2], doms[:-2]
+    if drop is not None:
+        train, tdoms = [i for i, d in zip(train, tdoms) if d != drop], [d for d in tdoms if d != drop]
     exclude = sorted(set(seq))
-    for d in sorted(set(doms[1:-2])):
+    for d in sorted(set(tdoms[1:])):
         yield d, "train", {"user": user, "items": train}
     yield doms[-2], "valid", {"user": user, "items": seq[:-2], "target": seq[-2], "exclude": exclude}
     yield doms[-1], "test", {"user": user, "items": seq[:-1], "target": seq[-1], "exclude": exclude}
@@ -141,10 +145,11 @@ def _item_ids(table, keep: np.ndarray, n_dom: int) -> tuple[np.ndarray, dict, li
     return item_id, item_map, info
 
 
-def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: Path) -> tuple[dict, np.ndarray, dict, list]:
+def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: Path) -> tuple[dict, np.ndarray, dict, list, dict]:
     """Every kept user's leave-one-out samples into shards, users in raw-id order (chronological()):
     (raw user id -> xdrec id, samples per (domain, split), the shards' listing, per domain the most
-    of its items one user evaluated there holds: what the sampled protocol cannot draw for them)."""
+    of its items one user evaluated there holds: what the sampled protocol cannot draw for them,
+    the ``data.target_fraction`` report)."""
     order = chronological(table, cfg.filter.tie_break)
     order = order[keep[order]]
     users_sorted, items_sorted = table.user[order], item_id[table.item[order]]
@@ -154,11 +159,14 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: P
     user_map: dict[str, int] = {}
     counts = np.zeros((len(cfg.domains), len(SPLITS)), np.int64)
     most = [0] * len(cfg.domains)
+    dropped = _dropped_users(cfg, items_sorted, bounds, dom)
+    target = cfg.domains.index(cfg.target)
     for k in range(len(bounds) - 1):
         seq = items_sorted[bounds[k]:bounds[k + 1]]
         user = len(user_map)
         user_map[table.users[users_sorted[bounds[k]]]] = user
-        for d, split, sample in user_samples(user, seq.tolist(), dom.of(seq).tolist()):
+        drop = target if user in dropped else None
+        for d, split, sample in user_samples(user, seq.tolist(), dom.of(seq).tolist(), drop):
             writers[(d, split)].write(sample)
             counts[d, SPLITS.index(split)] += 1
             if split != "train":
@@ -167,7 +175,25 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: P
     for (d, split), w in writers.items():
         shards[cfg.domains[d]][split] = [{"path": str(sh["path"].relative_to(tmp)), "samples": sh["samples"],
                                           "bytes": sh["bytes"], "sha256": sha256_file(sh["path"])} for sh in w.finish()]
-    return user_map, counts, shards, most
+    shrunk = {} if cfg.target_fraction >= 1 else {
+        "domain": cfg.target, "fraction": cfg.target_fraction, "seed": cfg.target_fraction_seed,
+        "users_dropped": len(dropped), "events_dropped": int(sum(
+            (dom.of(items_sorted[bounds[k]:bounds[k + 1]][:-2]) == target).sum() for k in dropped))}
+    return user_map, counts, shards, most, shrunk
+
+
+def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray, dom: DomainIndex) -> set[int]:
+    """The users (xdrec ids) whose target-domain training events ``data.target_fraction`` leaves
+    out: of the users with a target-domain training target, all but round(fraction x their number),
+    chosen by a permutation seeded with ``data.target_fraction_seed``."""
+    if cfg.target_fraction >= 1:
+        return set()
+    target = cfg.domains.index(cfg.target)
+    with_target = [k for k in range(len(bounds) - 1)
+                   if (dom.of(items_sorted[bounds[k]:bounds[k + 1]][1:-2]) == target).any()]
+    keep = round(cfg.target_fraction * len(with_target))
+    order = np.random.default_rng(cfg.target_fraction_seed).permutation(len(with_target))
+    return {with_target[i] for i in order[keep:]}
 
 
 def prepare(cfg: DataConfig, log=print, lock: DataLock | None = None) -> Path:
@@ -215,13 +241,13 @@ def _prepare(cfg: DataConfig, log) -> Path:
         raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
     item_id, item_map, info = _item_ids(table, keep, n_dom)
     dom = DomainIndex({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
-    user_map, counts, shards, most = _write_users(cfg, table, keep, item_id, dom, tmp)
+    user_map, counts, shards, most, shrunk = _write_users(cfg, table, keep, item_id, dom, tmp)
     dom_events = np.bincount(table.domain[keep], minlength=n_dom).tolist()
     manifest = {
         "schema_version": SCHEMA_VERSION, "name": cfg.name, "format": cfg.format, "fingerprint": data_fingerprint(cfg),
         "data_config": redact_tree(to_dict(cfg)), "n_users": len(user_map), "n_events": int(keep.sum()),
         "read": {"events": len(table), "users": len(table.users), "items": len(table.items)},
-        "filtered": reports,
+        "filtered": reports, **({"target_fraction": shrunk} if shrunk else {}),
         "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d], "max_user_items": most[d]}
                     for d, name in enumerate(cfg.domains)],
         "counts": {name: {s: {"samples": int(counts[d, j])} for j, s in enumerate(SPLITS)}
@@ -236,7 +262,9 @@ def _prepare(cfg: DataConfig, log) -> Path:
     tmp.rename(out)
     log(f"prepared {cfg.name}: read {len(table)} events of {len(table.users)} users; kept {manifest['n_events']} "
         f"events of {len(user_map)} users, " + ", ".join(f"{x['name']}: {x['n_items']} items" for x in manifest["domains"])
-        + f"; filters: {summary(reports)} -> {out}")
+        + f"; filters: {summary(reports)}" + (f"; data.target_fraction={shrunk['fraction']:g}: {shrunk['users_dropped']} "
+                                              f"users' {shrunk['events_dropped']} {shrunk['domain']} training events "
+                                              "left out" if shrunk else "") + f" -> {out}")
     return out / "manifest.json"
 
 
@@ -245,6 +273,8 @@ def data_fingerprint(cfg: DataConfig) -> str:
     Keys that do not change the shards (``remote``, ``on_error``, which domain is the source) are
     left out: both transfer directions of a pair share one prepared folder."""
     keys = {k: v for k, v in to_dict(cfg).items() if k not in _READ_ONLY_KEYS}
+    if cfg.target_fraction < 1:  # which domain shrinks shapes the shards then
+        keys["target"] = cfg.target
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for p in _input_files(cfg):
         h.update(p.name.encode())
