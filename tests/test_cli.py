@@ -250,3 +250,18 @@ def test_a_terminal_gets_progress_bars_and_a_pipe_plain_lines(tmp_path):
                   "train.stages=[source]", "train.source.epochs=1", "--overwrite")
     assert plain.returncode == 0 and "[source] epoch 1/1  loss" in plain.stdout
     assert "step/s" not in plain.stdout + plain.stderr and "evaluating A valid:" not in plain.stderr
+
+
+def test_not_at_a_terminal_training_prints_a_plain_progress_line_every_log_every_steps(tmp_path):
+    """Slurm logs and pipes: a line per train.log_every steps (stage, epoch, step of steps, loss,
+    samples/s, ETA) besides the epoch line; XDREC_PROGRESS=0 turns them off."""
+    args = ("train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path}", f"data.out_dir={tmp_path / 'data'}",
+            "train.stages=[source]", "train.source.epochs=1", "train.log_every=2")
+    p = xdrec(*args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[source] epoch 1/1 step")]
+    assert [ln.split("  ")[0] for ln in lines] == ["[source] epoch 1/1 step 2/5", "[source] epoch 1/1 step 4/5"]
+    assert all("samples/s  ETA " in ln and "  loss " in ln for ln in lines)
+    quiet = subprocess.run([sys.executable, "-m", "train.cli", *args, "--overwrite"], cwd=REPO,
+                           env={**ENV, "XDREC_PROGRESS": "0"}, capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and "step 2/5" not in quiet.stdout and "[source] epoch 1/1  loss" in quiet.stdout

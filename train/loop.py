@@ -49,6 +49,7 @@ class StagePlan:
     # epoch -> (batches every rank trains, batches other ranks have beyond those); None: agree per batch
     steps: Callable[[int], tuple[int, int] | None] = lambda epoch: None
     select_label: str = "valid"  # how epoch lines name the selection metric
+    rows_per_batch: int = 0  # rows of one micro batch over every rank (for the samples/s of plain progress lines)
 
 
 class NonFiniteError(RuntimeError):
@@ -105,14 +106,18 @@ def train_step(engine, batch: dict, weights: list[float], device, *, skip: bool 
 class Monitor:
     """A stage's step statistics on the device: the epoch's summed loss and the first
     non-finite step (step, epoch, batch, whether the loss itself was finite, per-domain CE),
-    read on the host at sync points only."""
+    read on the host at sync points only. Progress: a bar at a terminal, else (``log``: rank 0's)
+    a plain line at each sync point (Slurm logs and pipes see training move)."""
 
-    def __init__(self, plan: StagePlan, st: LoopState, device):
+    def __init__(self, plan: StagePlan, st: LoopState, device, log=None):
         self.plan, self.st = plan, st
         self.ep_loss = torch.tensor(st.ep_loss, dtype=torch.float64, device=device)
         self.bad_at = torch.full((4,), -1, dtype=torch.long, device=device)  # step, epoch, batch, loss finite
         self.bad_stats = torch.zeros(2, max(len(plan.domain_names), 1), device=device)
         self.bar = progress_bar(plan, st)
+        self.plain = log if self.bar is None and plan_lines_wanted() else None
+        self.t0, self.first = time.time(), st.batch_in_epoch
+        self.shown = st.batch_in_epoch  # the batch count of the last plain line
 
     def add(self, step: Step) -> None:
         st = self.st
@@ -130,6 +135,12 @@ class Monitor:
         self.st.ep_loss = float(self.ep_loss)
         if self.bar is not None and self.st.ep_n:
             self.bar.set_postfix_str(f"loss {self.st.ep_loss / self.st.ep_n:.4f}")
+        known = self.plan.steps(self.st.epoch)
+        if (self.plain is not None and self.st.ep_n and self.st.batch_in_epoch > self.shown
+                and (known is None or self.st.batch_in_epoch < known[0])):  # the epoch's end has its own line
+            self.shown = self.st.batch_in_epoch
+            self.plain(plain_progress(self.plan, self.st, done=self.st.batch_in_epoch - self.first,
+                                      seconds=time.time() - self.t0))
         step, epoch, batch, loss_finite = (int(x) for x in self.bad_at.tolist())
         if step >= 0:
             what = "gradient norm" if loss_finite else "loss"
@@ -141,6 +152,27 @@ class Monitor:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def plan_lines_wanted() -> bool:
+    """Plain progress lines unless ``XDREC_PROGRESS=0`` (which also turns the bars off)."""
+    import os
+
+    return os.environ.get("XDREC_PROGRESS") != "0"
+
+
+def plain_progress(plan: StagePlan, st: LoopState, *, done: int, seconds: float) -> str:
+    """``[stage] epoch e/E step k/K  loss x  N samples/s  ETA m:ss`` (K, ETA where the epoch's
+    length is known)."""
+    known = plan.steps(st.epoch)
+    total = f"/{known[0]}" if known else ""
+    rate = done / seconds if seconds > 0 else 0.0
+    line = (f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs} step {st.batch_in_epoch}{total}  "
+            f"loss {st.ep_loss / st.ep_n:.4f}  {rate * plan.rows_per_batch:,.0f} samples/s")
+    if known and rate > 0:
+        left = (known[0] - st.batch_in_epoch) / rate
+        line += f"  ETA {int(left // 60)}:{int(left % 60):02d}"
+    return line
 
 
 def progress_bar(plan: StagePlan, st: LoopState):
@@ -299,7 +331,7 @@ def run_stage(engine, plan: StagePlan, *, device, tracker: Tracker, stopper: "St
         set_lr_scale(engine.lr_scheduler, st.lr_scale)
     while not st.done and st.epoch < plan.epochs:
         engine.train()
-        monitor = Monitor(plan, st, device)
+        monitor = Monitor(plan, st, device, log)
         try:
             run_epoch(engine, plan, st, monitor, device=device, tracker=tracker, stopper=stopper,
                       checkpoint=checkpoint, log=log)

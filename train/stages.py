@@ -181,7 +181,8 @@ class StageData:
                          domain_names=DomainIndex(self.manifest).names, plateau_decay=sc.plateau_decay,
                          keep_checkpoints=t.keep_checkpoints, on_nonfinite=t.on_nonfinite,
                          max_nonfinite_skips=t.max_nonfinite_skips, steps=self.known_steps,
-                         select_label=self.select_label())
+                         select_label=self.select_label(),
+                         rows_per_batch=self.train.micro_batch_size * self.world)
 
     def select_label(self) -> str:
         """How the epoch lines name the number an epoch is kept by, e.g. ``valid sampled ndcg@10 (B)``."""
