@@ -43,6 +43,7 @@ def finished(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("finished")
     p = xdrec("train", *tiny(tmp, "train.stages=[target_only]", "train.target_only.epochs=1"))
     assert p.returncode == 0, p.stderr[-3000:]
+    assert list((tmp / "runs" / "tiny" / "plots").glob("*.png"))  # drawn with W&B off (tiny.yaml) too
     return tmp
 
 

@@ -41,8 +41,9 @@ class Experiment:
         run.save(record)
         results = {k: v for k, v in record.to_json().items() if k != "_meta"}
         run.tracker.summary(results)
+        plots = run_plots(run.dir, self.log) if self.env.is_main else []  # drawn whether W&B is on or off
         if run.tracker.run is not None:  # the run's plots and metrics.json go to W&B beside its curves
-            run.tracker.save_files([run.dir / "metrics.json", *run_plots(run.dir, self.log)])
+            run.tracker.save_files([run.dir / "metrics.json", *plots])
         run.tracker.finish()
         return results
 
