@@ -143,3 +143,33 @@ def test_stage_times_of_the_stages_every_run_records_and_their_sum(tmp_path):
     assert "stage time, s: target-only 1,000; source only 600; source-then-joint 2,000; total 3,600" in format_report(one)
     untimed = aggregate([_run(tmp_path, "u", 0.2, 0.1, [0.05, 0.15]), runs[0]])
     assert "wall_s" not in untimed and "stage time" not in format_report(untimed)
+
+
+def test_runs_on_less_target_data_are_reported_by_share_and_never_pooled_with_others(tmp_path):
+    """data.target_fraction (config.yaml) splits runs: one report refuses a mix, --by-fraction
+    pools each share and prints (and draws) target-only vs joint per share."""
+    def at(name, frac, joint, only):
+        d = _run(tmp_path, name, joint, only, [joint - only - 0.01, joint - only + 0.01])
+        (d / "config.yaml").write_text(f"data: {{target_fraction: {frac}}}\n")
+        return d
+    half = [at("h0", 0.5, 0.12, 0.08), at("h1", 0.5, 0.14, 0.08)]
+    full = [at("f0", 1.0, 0.2, 0.18), at("f1", 1.0, 0.22, 0.18)]
+    with pytest.raises(ReportError, match="different shares of the target data"):
+        aggregate([*half, full[0]])
+    saved = []
+    for k, group in enumerate((half, full)):
+        saved.append(tmp_path / f"r{k}.json")
+        p = subprocess.run([sys.executable, "-m", "train.cli", "report", *map(str, group), "--out", str(saved[-1])],
+                           cwd=REPO, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    assert json.loads(saved[0].read_text())["target_fraction"] == 0.5
+    p = subprocess.run([sys.executable, "-m", "train.cli", "report", *map(str, saved)], cwd=REPO, capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "different shares of the target data" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "train.cli", "report", "--by-fraction", *map(str, [*half, *full]),
+                        "--plots", str(tmp_path / "plots")], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = [ln for ln in p.stdout.splitlines() if ln.strip().startswith(("50%", "100%"))]
+    assert rows[0].split() == ["50%", "2", "0.0800", "±", "0.0000", "0.1300", "±", "0.0141", "+62.5%", "2/2"]
+    assert rows[1].split()[:2] == ["100%", "2"] and "+16.7%" in rows[1]
+    assert (tmp_path / "plots" / "fraction.png").stat().st_size > 10_000

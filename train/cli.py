@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--markdown", action="store_true", help="print the report as Markdown")
     rp.add_argument("--plots", default=None, metavar="DIR", help="write PNGs (loss, valid metric, transfer, "
                     "cold start) and report.md into DIR")
+    rp.add_argument("--by-fraction", action="store_true", help="the reports are of several data.target_fraction "
+                    "shares: one line (and with --plots, fraction.png) per share, its runs pooled")
     return p
 
 
@@ -134,6 +136,8 @@ def cmd_report(args) -> int:
         raise ReportError(f"--out {args.out}: is a folder; give a file name, e.g. {Path(args.out) / 'report.json'}")
     if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise ReportError(f"--plots {args.plots}: exists and is not a folder")
+    if args.by_fraction:
+        return _report_by_fraction(args)
     agg, saved = gather(args.run_dirs)
     if saved and args.plots:
         raise ReportError(f"{args.run_dirs[0]}: --plots draws from run folders (losses per step), not a saved report")
@@ -148,6 +152,24 @@ def cmd_report(args) -> int:
         Path(args.out).write_text(json.dumps(agg, indent=1))
     if args.plots:
         print(f"plots and report.md: {args.plots} ({', '.join(p.name for p in plots)})", file=sys.stderr)
+    return 0
+
+
+def _report_by_fraction(args) -> int:
+    import json
+    from pathlib import Path
+
+    from train.evaluate import PROTOCOLS
+    from train.plots import draw_fractions
+    from train.report import by_fraction, format_fractions
+
+    curve = by_fraction(args.run_dirs)
+    print("\n\n".join(format_fractions(curve, p) for p in PROTOCOLS))
+    if args.plots:
+        drawn = draw_fractions(curve, Path(args.plots))
+        print(f"plot: {', '.join(str(p) for p in drawn)}", file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"by_fraction": {f"{f:g}": agg for f, agg in curve.items()}}, indent=1))
     return 0
 
 

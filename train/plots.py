@@ -4,14 +4,16 @@
 - ``valid.png``: each stage's selection metric on valid per epoch (``metrics.jsonl``);
 - ``transfer.png``: target-only vs source-then-joint test NDCG@10 on the target (mean over runs,
   std as error bars) and each run's joint - target-only difference with its 95% bootstrap interval;
-- ``cold_start.png``: target test NDCG@10 per history bucket, target-only vs source-then-joint.
+- ``cold_start.png``: target test NDCG@10 (full ranking) per history bucket, target-only vs source-then-joint;
+- ``fraction.png`` (``xdrec report --by-fraction``): target test NDCG@10 of target-only and
+  source-then-joint against the share of target training users kept (``data.target_fraction``).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from train.evaluate import PROTOCOLS, SAMPLED
+from train.evaluate import PROTOCOLS
 from train.record import RunRecord
 from train.stages import STAGE_LABELS
 
@@ -99,8 +101,8 @@ def _cold_start(records: list[RunRecord], target: str, path: Path) -> Path | Non
         for stage in ("target_only", "joint"):
             cs = rec.stages[stage].metrics.get("test", {}).get(target, {}).get("cold_start") if stage in rec.stages else None
             for name, m in (cs or {}).items():
-                if m[SAMPLED].get("n_users"):  # an empty bucket has no metrics
-                    buckets.setdefault(name, {}).setdefault(stage, []).append(m[SAMPLED]["ndcg@10"])
+                if m["full"].get("n_users"):  # an empty bucket has no metrics
+                    buckets.setdefault(name, {}).setdefault(stage, []).append(m["full"]["ndcg@10"])
     if not buckets:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -109,7 +111,7 @@ def _cold_start(records: list[RunRecord], target: str, path: Path) -> Path | Non
         vals = [float(np.mean(buckets[n].get(stage, [np.nan]))) for n in names]
         ax.bar(np.arange(len(names)) + 0.4 * j, vals, width=0.4, label=STAGE_LABELS[stage])
     ax.set_xticks(np.arange(len(names)) + 0.2, [f"{n} events" for n in names])
-    ax.set(title=f"{target} test sampled NDCG@10 by training events", ylabel="NDCG@10")
+    ax.set(title=f"{target} test NDCG@10 (full ranking) by training events", ylabel="NDCG@10")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -128,3 +130,27 @@ def draw(agg: dict, out: Path) -> list[Path]:
              _transfer(agg, out / "transfer.png"),
              _cold_start(records, target, out / "cold_start.png") if target else None]
     return [p for p in drawn if p is not None]
+
+
+def draw_fractions(curve: dict[float, dict], out: Path) -> list[Path]:
+    """``fraction.png``: per protocol, target-only vs source-then-joint target test NDCG@10 (mean
+    over runs, std as error bars) at each share of target training users."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    shares = [f * 100 for f in curve]
+    fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(5 * len(PROTOCOLS), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], PROTOCOLS):
+        for stage, color in (("target_only", "tab:gray"), ("joint", "tab:blue")):
+            stats = [agg["test"][stage][agg["transfer"]["domain"]][p]["ndcg@10"] for agg in curve.values()]
+            ax.errorbar(shares, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=4,
+                        color=color, label=STAGE_LABELS[stage])
+        dom = next(iter(curve.values()))["transfer"]["domain"]
+        ax.set(title=f"{dom} test NDCG@10, {p}", xlabel="target training users kept, %", ylabel="NDCG@10",
+               xticks=shares)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return [_save(fig, out / "fraction.png")]

@@ -99,10 +99,28 @@ def _test_metrics(runs: list[tuple[str, RunRecord]]) -> dict:
     return out
 
 
+def _target_fraction(run_dirs: list[str | Path]) -> float:
+    """The ``data.target_fraction`` every run was trained with (its config.yaml; 1 where absent);
+    ReportError when they differ: runs on less target data are another experiment."""
+    import yaml
+
+    seen: dict[float, list[str]] = {}
+    for d in run_dirs:
+        conf = Path(d) / "config.yaml"
+        data = (yaml.safe_load(conf.read_text()) or {}).get("data", {}) if conf.is_file() else {}
+        seen.setdefault(float(data.get("target_fraction", 1.0)), []).append(str(d))
+    if len(seen) > 1:
+        raise ReportError("the runs were trained on different shares of the target data ("
+                          + "; ".join(f"data.target_fraction={f:g} in {ds}" for f, ds in seen.items())
+                          + "): report each share apart, or all of them with --by-fraction")
+    return next(iter(seen), 1.0)
+
+
 def aggregate(run_dirs: list[str | Path]) -> dict:
     runs = _load(run_dirs)
     protocol = _protocol(runs)
-    out: dict = {"runs": [d for d, _ in runs], "num_negatives": protocol.get("num_negatives"),
+    out: dict = {"runs": [d for d, _ in runs], "target_fraction": _target_fraction(run_dirs),
+                 "num_negatives": protocol.get("num_negatives"),
                  "prior": protocol.get("prior", 0.0), "transition": protocol.get("transition", 0.0),
                  "test": _test_metrics(runs), "provenance": [rec.provenance for _, rec in runs]}
     tr = [rec.transfer for _, rec in runs if rec.transfer]
@@ -146,6 +164,11 @@ def merge_saved(reports: list[tuple[str, dict]]) -> dict:
     if len(protocols) > 1:
         raise ReportError("the reports were evaluated under different protocols: " + "; ".join(
             f"{p}: " + ", ".join(f"{k}={r.get(k)}" for k in keys) for p, r in reports))
+    fractions = {r.get("target_fraction", 1.0) for _, r in reports}
+    if len(fractions) > 1:
+        raise ReportError("the reports were trained on different shares of the target data: " + "; ".join(
+            f"{p}: data.target_fraction={r.get('target_fraction', 1.0):g}" for p, r in reports)
+            + "; pool reports of one share, or draw them with --by-fraction")
     first = reports[0][1]
     runs = [(run, (r.get("provenance") or [{}] * len(r["runs"]))[k]) for _, r in reports for k, run in enumerate(r["runs"])]
     # saved reports name runs by the path they had; a run_id, where recorded, tells copies apart
@@ -154,7 +177,8 @@ def merge_saved(reports: list[tuple[str, dict]]) -> dict:
     layout = lambda r: {s: sorted(d) for s, d in r["test"].items()}
     if any(layout(r) != layout(first) for _, r in reports):
         raise ReportError(f"{', '.join(p for p, _ in reports)}: different stages or domains; merge reports of one experiment")
-    out = {"runs": [run for run, _ in runs], "provenance": [prov for _, prov in runs], **{k: first.get(k) for k in keys},
+    out = {"runs": [run for run, _ in runs], "provenance": [prov for _, prov in runs],
+           "target_fraction": first.get("target_fraction", 1.0), **{k: first.get(k) for k in keys},
            "test": {
         s: {d: {p: {k: _merge_stats([r["test"][s][d][p][k] for _, r in reports]) for k in m} for p, m in res.items()}
             for d, res in doms.items()} for s, doms in first["test"].items()}}
@@ -180,6 +204,33 @@ def gather(sources: list[str]) -> tuple[dict, bool]:
         raise ReportError("give run folders or saved reports (.json), not both")
     reports = [(s, load_saved(s)) for s in saved]
     return (reports[0][1] if len(reports) == 1 else merge_saved(reports)), True
+
+
+def by_fraction(sources: list[str]) -> dict[float, dict]:
+    """Reports (saved, or run folders) grouped by ``data.target_fraction``, each group pooled
+    (:func:`gather`): ``{fraction: aggregate}``, fractions ascending."""
+    groups: dict[float, list[str]] = {}
+    for s in sources:
+        groups.setdefault(gather([s])[0].get("target_fraction", 1.0), []).append(s)
+    return {f: gather(g)[0] for f, g in sorted(groups.items())}
+
+
+def format_fractions(curve: dict[float, dict], protocol: str = "full") -> str:
+    """One line per share of target data: target-only vs source-then-joint target NDCG@10 (mean ±
+    std over the runs) and the transfer (relative, and the runs whose interval lies above 0)."""
+    lines = [f"target NDCG@10 ({protocol_label(protocol, 999) if protocol != 'full' else 'full ranking'}) by share "
+             "of target training users (data.target_fraction)",
+             f"{'share':>6}  {'runs':>4}  {'target-only':>17}  {'source-then-joint':>17}  {'transfer':>9}  CI above 0"]
+    for f, agg in curve.items():
+        t = agg.get("transfer")
+        if not t:
+            raise ReportError(f"data.target_fraction={f:g}: the runs have no transfer (train target_only and joint)")
+        dom = t["domain"]
+        a, b = agg["test"]["joint"][dom][protocol]["ndcg@10"], agg["test"]["target_only"][dom][protocol]["ndcg@10"]
+        rel = (a["mean"] - b["mean"]) / max(b["mean"], 1e-12) * 100
+        lines.append(f"{f * 100:>5g}%  {a['n']:>4}  {mean_pm(b, 17)}  {mean_pm(a, 17)}  {rel:>+8.1f}%  "
+                     f"{t[protocol]['runs_ci_above_0']}/{t[protocol]['diff']['n']}")
+    return "\n".join(lines)
 
 
 def mean_pm(s: dict, width: int = 0) -> str:
