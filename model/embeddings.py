@@ -31,10 +31,10 @@ class SequenceEmbedding(nn.Module):
     def __init__(self, *, n_items: int, n_domains: int, d_model: int, max_len: int,
                  item_domain: torch.Tensor, domain_embeddings: bool, dropout: float):
         super().__init__()
-        # The random stream as it has always been: the table was first filled N(0, 1), then the
-        # position and domain tables drawn, then the table drawn again N(0, 1/D); registered in
-        # that order too (item, position, domain), which fixes the order ZeRO flattens them in.
-        torch.empty(n_items + 1, d_model).normal_()
+        # Drawn in this order (position, domain, then the item table, N(0, 1/D)) and registered
+        # item, position, domain, which fixes the order ZeRO flattens them in. (Until 2026-12-06 an
+        # (n_items + 1) x D draw was made and discarded first, to keep an older random stream: 538 MB
+        # a rank at a 1M-item vocabulary; every seed's initial weights moved when it went.)
         position = nn.Embedding(max_len, d_model)
         domain = nn.Embedding(n_domains + 1, d_model, padding_idx=0) if domain_embeddings else None
         self.item, self.position, self.domain = ItemTable(n_items + 1, d_model), position, domain
