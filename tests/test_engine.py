@@ -80,3 +80,21 @@ def test_the_gpu_benchmark_script_dry_runs_on_the_cpu(tmp_path):
     for case in res["cases"].values():
         assert case["step_s"] > 0 and case["tokens_per_s"] > 0 and 0 < case["mfu"] < 1
     assert "base zero3: MFU (recorded)" in p.stdout
+
+
+def test_weight_decay_reaches_linear_weights_only():
+    """train.weight_decay decays the linear layers' weight matrices, never biases, norms, the
+    embedding tables or the item bias (every parameter in exactly one group)."""
+    from model import ModelConfig, Vocabulary, build_recommender
+    from train.engine import parameter_groups
+
+    m = build_recommender(ModelConfig(d_model=16, n_layers=2, n_heads=2, item_bias=True, sequence="dual",
+                                      view_layers=1), Vocabulary(("A", "B"), (30, 40)))
+    decay, plain = parameter_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(plain["params"]) == len(list(m.parameters()))
+    assert "encoder.blocks.0.qkv.weight" in decayed and "encoder.blocks.0.ff.0.weight" in decayed
+    assert not any(n.endswith("bias") or ".ln" in n or n.startswith("embedding.") for n in decayed)
+    assert {"embedding.item.weight", "embedding.position.weight", "item_bias"} <= {names[id(p)] for p in plain["params"]}

@@ -194,7 +194,7 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU (stage >= 1)
     activation_checkpointing: bool = False  # recompute each Transformer block in backward
     deepspeed_config: Optional[str] = None  # extra DeepSpeed JSON, checked against the keys above
-    weight_decay: Annotated[float, _at_least(0)] = 0.0
+    weight_decay: Annotated[float, _at_least(0)] = 0.0  # AdamW's, on linear layers' weight matrices only
     grad_clip: Annotated[float, _at_least(0)] = 1.0
     warmup_steps: Annotated[int, _at_least(0)] = 50
     mix_ratio: Annotated[float, Field(gt=0, lt=1, description="in (0, 1)")] = 0.5  # joint: the source's share of a batch

@@ -285,6 +285,16 @@ def construct(build: Callable[[], torch.nn.Module], *, train: TrainConfig, world
     return model, config
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups as the field sets them: ``weight_decay`` on the weight matrices of linear
+    layers only; none on biases, norms, embedding tables (items, positions, domains) or the item
+    bias. Found by module type, so it holds for ZeRO-3's partitioned (0-sized) parameters too."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+
 def build_engine(build: Callable[[], torch.nn.Module], *, train: TrainConfig, stage: StageConfig, total_steps: int,
                  world_size: int):
     """:func:`construct` the model and wrap it in a DeepSpeed engine (optimizer and schedule
@@ -292,7 +302,7 @@ def build_engine(build: Callable[[], torch.nn.Module], *, train: TrainConfig, st
     import deepspeed
 
     model, config = construct(build, train=train, world_size=world_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=train.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=stage.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule(warmup=train.warmup_steps, total=total_steps))
     with op_build_message(log=_rank0_print):  # DeepSpeed loads its comm op here where the above did not
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
