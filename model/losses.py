@@ -157,6 +157,11 @@ def domain_cross_entropy(hidden, targets: torch.Tensor, item_weight: torch.Tenso
 # table, ``own`` (B, 2L) the row's inputs and targets (for exclude_own_items).
 
 
+# Every loss has one interface: ``loss(queries, targets, table, ranges, own)``, ``describe(names)``
+# (names: the domains by index) and ``columns(n_domain_items, batch_rows)``, the logits a target is
+# scored against (what memory and FLOP estimates need). Chosen by name through :data:`LOSSES`.
+
+
 @dataclass(frozen=True)
 class FullSoftmax:
     """Softmax over every item of the target's domain (:func:`domain_ce_sums`)."""
@@ -169,9 +174,12 @@ class FullSoftmax:
         return domain_ce_sums(queries, targets, table, ranges, exclude=own if self.exclude_own_items else None,
                               per_row=self.per_row, label_smoothing=self.label_smoothing)
 
-    def describe(self) -> str:
+    def describe(self, names: list[str] | None = None) -> str:
         return "full softmax over the target's domain" + (
             f", label smoothing {self.label_smoothing:g}" if self.label_smoothing else "")
+
+    def columns(self, n_domain_items: int, batch_rows: int) -> int:
+        return n_domain_items
 
 
 @dataclass(frozen=True)
@@ -184,8 +192,11 @@ class SampledSoftmax:
     def __call__(self, queries, targets, table, ranges, own):
         return domain_sampled_ce_sums(queries, targets, table, ranges, self.num_sampled, per_row=self.per_row)
 
-    def describe(self) -> str:
+    def describe(self, names: list[str] | None = None) -> str:
         return f"sampled softmax (in-batch + {self.num_sampled} uniform negatives of the domain, log-Q corrected)"
+
+    def columns(self, n_domain_items: int, batch_rows: int) -> int:
+        return min(n_domain_items, self.num_sampled + batch_rows)
 
 
 @dataclass(frozen=True)
@@ -201,8 +212,11 @@ class UniformSoftmax:
         return domain_uniform_ce_sums(queries, targets, table, ranges, self.num_sampled, per_row=self.per_row,
                                       domains=None if self.domains is None else list(self.domains))
 
-    def describe(self) -> str:
+    def describe(self, names: list[str] | None = None) -> str:
         return f"softmax over the target and {self.num_sampled} uniform negatives of its domain"
+
+    def columns(self, n_domain_items: int, batch_rows: int) -> int:
+        return self.num_sampled + 1
 
 
 @dataclass(frozen=True)
@@ -222,3 +236,14 @@ class WithUniformAux:
         doms = ", ".join(names[d] for d in self.aux.domains) if names and self.aux.domains else "its domains"
         return (f"{self.base.describe()}, plus {self.weight:g} x the CE against {self.aux.num_sampled} uniform "
                 f"negatives of the domain for {doms}")
+
+    def columns(self, n_domain_items: int, batch_rows: int) -> int:
+        return self.base.columns(n_domain_items, batch_rows) + self.aux.columns(n_domain_items, batch_rows)
+
+
+# model.loss -> how a ModelConfig builds it (``model.recommender.training_loss_of`` adds the auxiliary)
+LOSSES = {
+    "full": lambda cfg, per_row: FullSoftmax(per_row, cfg.label_smoothing, cfg.exclude_own_items),
+    "sampled": lambda cfg, per_row: SampledSoftmax(cfg.sampled_negatives, per_row),
+    "uniform": lambda cfg, per_row: UniformSoftmax(cfg.sampled_negatives, per_row),
+}

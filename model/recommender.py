@@ -17,7 +17,7 @@ from torch import nn
 from model.config import ModelConfig, Vocabulary
 from model.embeddings import SequenceEmbedding
 from model.encoder import Encoder
-from model.losses import FullSoftmax, SampledSoftmax, UniformSoftmax, WithUniformAux
+from model.losses import LOSSES, UniformSoftmax, WithUniformAux
 from model.objective import Cloze, NextItem
 from model.scoring import Scorer, Scoring
 
@@ -141,16 +141,12 @@ class ZeroLinear(nn.Linear):
 
 
 def training_loss_of(cfg: ModelConfig, aux_domains: Sequence[int]):
-    """The loss object ``cfg`` asks for; the uniform auxiliary only where a domain of the stage uses it."""
-    per_row = cfg.loss_mean == "row"
-    if cfg.loss == "sampled":
-        return SampledSoftmax(cfg.sampled_negatives, per_row)
-    if cfg.loss == "uniform":
-        return UniformSoftmax(cfg.sampled_negatives, per_row)
-    full = FullSoftmax(per_row, cfg.label_smoothing, cfg.exclude_own_items)
+    """The loss object ``cfg`` asks for (:data:`model.losses.LOSSES`); the uniform auxiliary only
+    where a domain of the stage uses it."""
+    base = LOSSES[cfg.loss](cfg, cfg.loss_mean == "row")
     if not (cfg.uniform_aux and aux_domains):
-        return full
-    return WithUniformAux(full, UniformSoftmax(cfg.sampled_negatives, per_row, tuple(sorted(aux_domains))),
+        return base
+    return WithUniformAux(base, UniformSoftmax(cfg.sampled_negatives, cfg.loss_mean == "row", tuple(sorted(aux_domains))),
                           cfg.uniform_aux)
 
 

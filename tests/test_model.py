@@ -577,3 +577,19 @@ def test_a_batch_trimmed_of_its_padding_columns_scores_and_trains_as_the_padded_
         assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="more than model.max_len=10"):
         m(torch.ones(1, 11, dtype=torch.long), domain=0)
+
+
+def test_every_loss_has_one_interface_chosen_by_name():
+    """model.losses.LOSSES builds each model.loss; every loss describes itself and says how many
+    logits a target is scored against (no hasattr or name checks elsewhere)."""
+    from model.losses import LOSSES
+    from model.recommender import training_loss_of
+    assert set(LOSSES) == {"full", "sampled", "uniform"}
+    cols = {}
+    for name in LOSSES:
+        loss = training_loss_of(ModelConfig(loss=name, sampled_negatives=100), [])
+        assert loss.describe(["A", "B"]) and loss.describe()
+        cols[name] = loss.columns(5000, 64)
+    assert cols == {"full": 5000, "sampled": 164, "uniform": 101}
+    aux = training_loss_of(ModelConfig(uniform_aux=0.5, sampled_negatives=100), [1])
+    assert aux.columns(5000, 64) == 5101 and "for B" in aux.describe(["A", "B"])

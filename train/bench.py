@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from model.recommender import training_loss_of
 from train.config import DataConfig, SyntheticConfig, TrainConfig
 from train.data.prepare import load_manifest, prepare
 from train.data.stream import ReaderOptions, shard_urls, train_batches
@@ -506,7 +507,7 @@ def train_flops(cfg, params_encoder: int, n_items_domain: int) -> float:
     scores (12 x L x d per token and block) and the training softmax's logits."""
     m, t = cfg.model, cfg.train
     tokens = t.micro_batch_size * m.max_len
-    candidates = n_items_domain if m.loss == "full" else m.sampled_negatives + t.micro_batch_size
+    candidates = training_loss_of(m, []).columns(n_items_domain, t.micro_batch_size)
     return tokens * (6 * params_encoder + 12 * m.n_layers * m.max_len * m.d_model + 6 * m.d_model * candidates)
 
 

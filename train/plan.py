@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.recommender import training_loss_of
 from train.engine import ModelSize, zero_settings
 
 # (replicated, partitioned) bytes per parameter of the model states after a step
@@ -119,7 +120,7 @@ def activation_bytes(cfg, n_domain_items: int) -> int:
     w = weight_bytes(t.precision)
     per_block = 34 * tokens * m.d_model * w // 2 + 5 * m.n_heads * m.max_len * tokens * w // 2
     blocks = m.n_layers * per_block * (1 if not t.activation_checkpointing else 0) + per_block
-    candidates = n_domain_items if m.loss == "full" else m.sampled_negatives + t.micro_batch_size
+    candidates = training_loss_of(m, []).columns(n_domain_items, t.micro_batch_size)
     logits = 3 * tokens * candidates * 4  # logits, their softmax and its gradient, in fp32
     return blocks + logits
 

@@ -152,7 +152,7 @@ class StageData:
         if model.view_domains:
             inputs += ", plus the own-domain view for " + ", ".join(names[d] for d in model.view_domains) + (
                 f" (each through its own {mc.view_layers}-block encoder)" if mc.view_layers else "")
-        loss = model.loss.describe(names) if hasattr(model.loss, "aux") else model.loss.describe()
+        loss = model.loss.describe(names)
         per = "its rows, each row's mean first (every user weighs the same)" if mc.loss_mean == "row" else "its targets"
         scores = model.scoring.describe(model.item_bias is not None)
         return [f"[{stage}] inputs: {inputs}",
