@@ -34,7 +34,8 @@ import yaml
 
 from train.config import flatten, to_dict
 from train.engine import all_gather_objects, barrier, max_over_ranks, rank, world_size
-from train.evaluate import LEGACY_PROTOCOL, PROTOCOL_FIELDS
+from train.protocol import LEGACY_PROTOCOL, PROTOCOL_FIELDS
+from train.record import RunRecord, StageRecord
 from train.files import disk_is_full, fault_point, finite_json, free_space, is_disk_full, sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
@@ -395,12 +396,10 @@ _WEIGHTS_KEYS = ("model", "data.name", "data.domains", "data.source")
 _PROTOCOL_KEYS = tuple(f"eval.{k}" for k in PROTOCOL_FIELDS)
 
 
-def source_of(run: Path, cfg) -> tuple[Path, "StageRecord"]:
+def source_of(run: Path, cfg) -> tuple[Path, StageRecord]:
     """The best-weights folder of ``run``'s finished source stage, for ``cfg``'s joint stage, and
     that run's source stage record; ResumeError naming the file when it is missing, unfinished or
     built with another model or data config (checked before any training)."""
-    from train.record import RunRecord
-
     ckpt = run / "source" / "checkpoints"
     metrics, conf = run / "metrics.json", run / "config.yaml"
     for path in (ckpt / BEST, metrics, conf):

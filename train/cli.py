@@ -159,7 +159,7 @@ def _report_by_fraction(args) -> int:
     import json
     from pathlib import Path
 
-    from train.evaluate import PROTOCOLS
+    from train.protocol import PROTOCOLS
     from train.plots import draw_fractions
     from train.report import by_fraction, format_fractions
 
@@ -280,7 +280,7 @@ def cmd_train(args) -> int:
     from train.config import load_config
     from train.engine import teardown_distributed
     from train.loop import StageInterrupted
-    from train.evaluate import PROTOCOLS, protocol_label
+    from train.protocol import PROTOCOLS, protocol_label
     from train.experiment import Experiment
     from train.stages import format_table
 

@@ -8,7 +8,7 @@ import time
 from train.checkpoint import ResumeError, load_resume, load_weights
 from train.config import ExperimentConfig, save_config
 from train.engine import barrier, build_engine
-from train.evaluate import sampled_protocol
+from train.protocol import sampled_protocol
 from train.loop import NonFiniteError, StageInterrupted, Stopper, run_stage
 from train.record import RunRecord, StageRecord
 from train.run import Run, start

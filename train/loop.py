@@ -10,7 +10,6 @@ checkpoint and evaluation. Exceptions: ``train.on_nonfinite=skip`` reads each st
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

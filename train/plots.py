@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train.evaluate import PROTOCOLS
+from train.protocol import PROTOCOLS
 from train.record import RunRecord
 from train.stages import STAGE_LABELS
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.config import STAGES
-from train.evaluate import recorded_protocol
+from train.protocol import recorded_protocol
 from train.files import finite_json, write_atomic
 
 SCHEMA = 2

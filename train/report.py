@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from train.config import STAGES
-from train.evaluate import PROTOCOLS, protocol_label
+from train.protocol import PROTOCOLS, protocol_label
 from train.record import RunRecord
 from train.stages import STAGE_LABELS
 

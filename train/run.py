@@ -16,7 +16,8 @@ from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import ReaderOptions
 from train.files import sha256_file
 from train.engine import all_gather_objects, barrier, check_launcher_settings, setup_distributed
-from train.evaluate import Evaluator, sampled_protocol
+from train.evaluate import Evaluator
+from train.protocol import sampled_protocol
 from train.record import RunRecord, check_same_data
 from train.runlock import RunLock, RunLocked
 from train.stages import data_problems

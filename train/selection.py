@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.evaluate import PROTOCOLS, ndcg_at, paired_bootstrap, protocol_label
+from train.evaluate import ndcg_at, paired_bootstrap
+from train.protocol import PROTOCOLS, protocol_label
 from train.loop import score_fn
 from train.run import Run
 from train.stages import StageData

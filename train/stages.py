@@ -22,7 +22,7 @@ from model import Vocabulary, build_recommender
 from train.config import STAGES, ExperimentConfig
 from train.data.stream import (DomainIndex, ReaderOptions, batches_per_rank, joint_rows, mixed_batches, split_mode,
                                train_batches)
-from train.evaluate import SAMPLED
+from train.protocol import SAMPLED
 from train.loop import StagePlan
 
 Role = Literal["source", "target"]
