@@ -63,6 +63,26 @@ class Recommender(nn.Module):
             return self._score(items, domain, consume)
         return self.encode(items)
 
+    # -- what an engine needs to know ----------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """The repeated units (every encoder's Transformer blocks): what ZeRO-3 keeps gathered at
+        a time and activation checkpointing recomputes."""
+        return [b for enc in self.encoders() for b in enc.blocks]
+
+    def encoders(self) -> list[Encoder]:
+        """The shared encoder and any view encoders."""
+        return [self.encoder, *(self.view_encoders.values() if self.view_encoders is not None else ())]
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute every encoder's blocks in backward (activation memory for compute)."""
+        for enc in self.encoders():
+            enc.checkpoint_blocks = on
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters used outside their own module's forward: the tied item table, which also
+        scores (ZeRO-3 must gather it around the recommender's forward)."""
+        return [self.embedding.item.weight]
+
     # -- the parts -------------------------------------------------------------------------------
     def encode(self, items: torch.Tensor) -> torch.Tensor:
         """[B, L] -> hidden states [B, L, D]."""

@@ -98,3 +98,19 @@ def test_weight_decay_reaches_linear_weights_only():
     assert "encoder.blocks.0.qkv.weight" in decayed and "encoder.blocks.0.ff.0.weight" in decayed
     assert not any(n.endswith("bias") or ".ln" in n or n.startswith("embedding.") for n in decayed)
     assert {"embedding.item.weight", "embedding.position.weight", "item_bias"} <= {names[id(p)] for p in plain["params"]}
+
+
+def test_the_engine_asks_the_model_for_its_blocks_and_checkpointing_instead_of_inspecting_it():
+    """ModelSize's largest block and activation checkpointing come from the recommender's own
+    blocks()/set_activation_checkpointing(); its external parameters are the tied item table."""
+    from model import ModelConfig, Vocabulary, build_recommender
+    from train.engine import ModelSize
+
+    m = build_recommender(ModelConfig(d_model=16, n_layers=2, n_heads=2, sequence="dual", view_layers=1),
+                          Vocabulary(("A", "B"), (30, 40)))
+    assert len(m.blocks()) == 2 + 2 * 1  # the shared encoder's two, one per domain's view encoder
+    block = sum(p.numel() for p in m.blocks()[0].parameters())
+    assert ModelSize.of(m).largest_block == block
+    m.set_activation_checkpointing(True)
+    assert all(enc.checkpoint_blocks for enc in m.encoders()) and len(m.encoders()) == 3
+    assert m.external_parameters() == [m.embedding.item.weight]
