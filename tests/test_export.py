@@ -50,3 +50,36 @@ def test_export_of_a_missing_stage_names_the_folder(tmp_path):
     (tmp_path / "broken").mkdir()
     with pytest.raises(ExportError, match=r"model.safetensors is missing"):
         load_exported(tmp_path / "broken")
+
+
+@pytest.mark.parametrize("sequence", ["mixed", "per_domain", "dual"])
+def test_every_stage_exported_repeats_its_metrics_json(tmp_path, sequence):
+    """The stage's input policy travels with its export: `xdrec evaluate` of each stage's export
+    gives that stage's metrics.json (its domains, valid and test), for each model.sequence; a
+    target-only export recommends only its domain, from the history's items of that domain."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    extra = ["model.view_layers=1"] if sequence == "dual" else []
+    p = subprocess.run([sys.executable, "-m", "train.cli", "train", "configs/experiment/tiny.yaml", f"runs_dir={tmp_path}",
+                        f"data.out_dir={tmp_path / 'data'}", f"model.sequence={sequence}", *extra,
+                        "train.source.epochs=1", "train.joint.epochs=1", "train.target_only.epochs=1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "tiny"
+    recorded = json.loads((run / "metrics.json").read_text())
+    for stage in ("source", "joint", "target_only"):
+        out = export(run, tmp_path / f"export-{stage}", stage=stage)
+        ours = evaluate_exported(out)
+        for split in ("valid", "test"):
+            want = recorded[stage][split]
+            assert sorted(ours[split]) == sorted(want), (stage, split)
+            for dom in want:
+                for proto in ("full", "sampled999"):
+                    for k in ("hr@10", "ndcg@10", "mrr"):
+                        assert ours[split][dom][proto][k] == pytest.approx(want[dom][proto][k], abs=1e-9), \
+                            (stage, split, dom, proto, k)
+    from train.export import recommendations
+    with pytest.raises(ExportError, match=r"--domain 'A': this export \(stage target_only\) scores \['B'\]"):
+        recommendations(tmp_path / "export-target_only", "A", ["1"], internal=True)
+    a_items = recommendations(tmp_path / "export-target_only", "B", ["1", "2", "85"], internal=True)
+    b_only = recommendations(tmp_path / "export-target_only", "B", ["85"], internal=True)
+    assert a_items == b_only  # source items in the history are not the target-only model's input

@@ -14,7 +14,7 @@ from train.checkpoint import load_data, verify_data_only
 from train.config import STAGES, load_config, save_config
 from train.data.prepare import load_manifest
 from train.record import RunRecord, check_same_data
-from train.stages import build_model
+from train.stages import build_model, own_domain_input, stage_domains
 
 SCHEMA = 1
 
@@ -50,7 +50,7 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
     provenance = RunRecord.load(run_dir / "metrics.json").provenance
     check_same_data(provenance, manifest, what=str(run_dir), folder=cfg.data.prepared_dir())
     state = consolidated_state_dict(run_dir / stage / "checkpoints")
-    model = build_model(cfg, manifest)
+    model = build_model(cfg, manifest, domains=stage_domains(stage, cfg))  # the stage's own model, views and all
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"{run_dir / stage}: checkpoint does not match the model of {run_dir / 'config.yaml'}: "
@@ -61,6 +61,8 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
     provenance = {**provenance, "data_fingerprint": manifest.get("fingerprint"), "run": str(run_dir)}
     (out / "domains.json").write_text(json.dumps({"schema": SCHEMA, "stage": stage, "domains": manifest["domains"],
                                                   "source": cfg.data.source, "target": cfg.data.target,
+                                                  "evaluated": stage_domains(stage, cfg),
+                                                  "input": "own_domain" if own_domain_input(stage, cfg) else "mixed",
                                                   "provenance": provenance}, indent=1))
     item_map = cfg.data.prepared_dir() / "item_map.json"
     if item_map.is_file():
@@ -79,6 +81,12 @@ def load_info(folder: str | Path) -> dict:
         [(int(d["n_items"]), int(d["offset"])) for d in info["domains"]]
         if info["stage"] not in STAGES or not names:
             raise ValueError(f"stage {info['stage']!r}")
+        # exports written before these were recorded: the policy and domains their stage had then
+        only = info["stage"] == "target_only"
+        info.setdefault("evaluated", [info["target"]] if only else names)
+        info.setdefault("input", "own_domain" if only else "mixed")
+        if not set(info["evaluated"]) <= set(names) or info["input"] not in ("own_domain", "mixed"):
+            raise ValueError(f"evaluated {info['evaluated']!r}, input {info['input']!r}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ExportError(f"{path}: not an xdrec export's domains.json ({type(e).__name__}: {e})") from None
     return info
@@ -94,7 +102,7 @@ def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
             raise ExportError(f"{folder / name} is missing: not an xdrec export folder")
     cfg = load_config(folder / "config.yaml")
     info = load_info(folder)
-    model = build_model(cfg, {"domains": info["domains"]})
+    model = build_model(cfg, {"domains": info["domains"]}, domains=info["evaluated"])
     try:
         model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     except RuntimeError as e:
@@ -133,9 +141,13 @@ def recommendations(folder: str | Path, domain: str, history: list[str], *, k: i
     folder = Path(folder)
     model, info = load_exported(folder)
     names = [d["name"] for d in info["domains"]]
-    if domain not in names:
-        raise ExportError(f"--domain {domain!r} is not one of {names}")
+    if domain not in info["evaluated"]:
+        raise ExportError(f"--domain {domain!r}: this export (stage {info['stage']}) scores {info['evaluated']}"
+                          + (f" of {names}" if len(names) > len(info["evaluated"]) else ""))
     hist = _history_ids(folder, history, sum(d["n_items"] for d in info["domains"]), internal)
+    if info["input"] == "own_domain":  # the stage saw its domain's events alone: so does its export
+        lo, hi = model.ranges[names.index(domain)]
+        hist = [i for i in hist if lo <= i < hi]
     max_len = model.embedding.position.num_embeddings
     hist = hist[-max_len:]
     items = torch.zeros(1, max_len, dtype=torch.long)
@@ -155,8 +167,8 @@ def evaluate_exported(folder: str | Path, *, splits=("valid", "test")) -> dict:
     manifest = load_manifest(cfg.data.prepared_dir())
     check_same_data(info.get("provenance", {}), manifest, what=f"the export {folder}", folder=cfg.data.prepared_dir())
     ev = Evaluator(manifest, cfg.data.prepared_dir(), cfg.eval, max_len=cfg.model.max_len)
-    only = info["stage"] == "target_only"
-    domains = [info["target"]] if only else [d["name"] for d in info["domains"]]
+    only = info["input"] == "own_domain"
+    score = lambda items, dom, consume: model(items, domain=dom, consume=consume)
     with torch.no_grad():
-        return {split: {d: ev.evaluate(lambda items, dom, consume: model(items, domain=dom, consume=consume), d, split, only_domain=only,
-                                       device=torch.device("cpu")) for d in domains} for split in splits}
+        return {split: {d: ev.evaluate(score, d, split, only_domain=only, device=torch.device("cpu"))
+                        for d in info["evaluated"]} for split in splits}

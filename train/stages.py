@@ -83,6 +83,19 @@ def data_problems(cfg: ExperimentConfig, manifest: dict, folder) -> list[str]:
     return problems
 
 
+def own_domain_input(stage: str, cfg: ExperimentConfig) -> bool:
+    """A stage's input policy, the one place it is decided: rows hold their own domain's events
+    alone (the target-only baseline, or ``model.sequence=per_domain``), else the mixed sequence.
+    Training, evaluation, an export and ``recommend`` all apply it."""
+    return SPECS[stage].target_only or cfg.model.sequence == "per_domain"
+
+
+def stage_domains(stage: str, cfg: ExperimentConfig) -> list[str]:
+    """The domains a stage trains its scores for and is evaluated on, by name."""
+    names = {"source": cfg.data.source, "target": cfg.data.target}
+    return [names[r] for r in SPECS[stage].evaluates]
+
+
 def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None = None) -> torch.nn.Module:
     """The experiment's recommender over the manifest's vocabulary, seeded by ``cfg.seed``.
     ``domains``: the names of the domains the model will train and score (a stage's; None: every
@@ -100,12 +113,12 @@ class StageData:
         self.train = cfg.train.for_stage(spec.name)
         self.reader = ReaderOptions.of(cfg)
         self.driver = self.names[spec.driver]
-        self.domains = [self.names[r] for r in spec.evaluates]
+        self.domains = stage_domains(spec.name, cfg)
 
     @property
     def own_domain_only(self) -> bool:
-        """Inputs hold only the row's own domain: the target-only baseline, or model.sequence=per_domain."""
-        return self.spec.target_only or self.cfg.model.sequence == "per_domain"
+        """Inputs hold only the row's own domain (:func:`own_domain_input`)."""
+        return own_domain_input(self.spec.name, self.cfg)
 
     def weights(self) -> list[float]:
         """w_d per domain index: the stage's source and target weights."""
