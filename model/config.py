@@ -108,7 +108,9 @@ def _check(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """The domains' item id ranges: domain k owns global ids ``offsets[k] + 1 .. offsets[k] + sizes[k]``; 0 is padding."""
+    """The domains' item id ranges, the one description of them (prepare, stream, evaluate,
+    export and recommend use it): domain k owns global ids ``offsets[k] + 1 .. ends[k]``
+    (``ends[k] = offsets[k] + sizes[k]``); 0 is padding."""
 
     names: tuple[str, ...]
     sizes: tuple[int, ...]
@@ -121,6 +123,26 @@ class Vocabulary:
     @property
     def n_items(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """The id before each domain's first: domain k's ids are ``offsets[k] + 1 .. ends[k]``."""
+        return tuple(lo - 1 for lo, _ in self.ranges)
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """Each domain's last id."""
+        return tuple(hi - 1 for _, hi in self.ranges)
+
+    def of_ids(self, items):
+        """The domain index of each item id (ids >= 1; a numpy array or a tensor, returned alike)."""
+        ends = torch.tensor(self.ends)
+        out = torch.searchsorted(ends, torch.as_tensor(items), side="left")
+        return out if isinstance(items, torch.Tensor) else out.numpy()
+
+    def columns(self, domain: int, items):
+        """Global ids of ``domain`` as its 0-based columns (what scores and rankings index)."""
+        return items - self.offsets[domain] - 1
 
     @property
     def ranges(self) -> list[tuple[int, int]]:

@@ -593,3 +593,14 @@ def test_every_loss_has_one_interface_chosen_by_name():
     assert cols == {"full": 5000, "sampled": 164, "uniform": 101}
     aux = training_loss_of(ModelConfig(uniform_aux=0.5, sampled_negatives=100), [1])
     assert aux.columns(5000, 64) == 5101 and "for B" in aux.describe(["A", "B"])
+
+
+def test_the_vocabulary_is_the_one_description_of_item_id_ranges():
+    import numpy as np
+    v = Vocabulary(("A", "B", "C"), (3, 4, 2))
+    assert v.ranges == [(1, 4), (4, 8), (8, 10)] and v.offsets == (0, 3, 7) and v.ends == (3, 7, 9) and v.n_items == 9
+    ids = np.array([1, 3, 4, 7, 8, 9])
+    assert v.of_ids(ids).tolist() == [0, 0, 1, 1, 2, 2] and isinstance(v.of_ids(ids), np.ndarray)
+    assert v.of_ids(torch.tensor([9, 1])).tolist() == [2, 0]
+    assert v.columns(1, torch.tensor([4, 7])).tolist() == [0, 3]
+    assert v.item_domain().tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 3, 3]

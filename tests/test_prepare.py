@@ -8,7 +8,7 @@ import pytest
 from train.config import DataConfig, SyntheticConfig
 from train.data.formats import DataFormatError
 from train.data.prepare import ManifestError, load_manifest, prepare
-from train.data.stream import DomainIndex, sample_stream, shard_urls
+from train.data.stream import vocabulary, sample_stream, shard_urls
 
 
 def _samples(manifest, folder, domain, split):
@@ -39,7 +39,7 @@ def test_counts_and_vocab_on_real_slice(prepared):
     food, kitchen = m["domains"]
     # ABXI ids: food 1..11837, kitchen above; the slice keeps the original global ids.
     assert food["offset"] == 0 and kitchen["offset"] == food["n_items"]
-    dom = DomainIndex(m)
+    dom = vocabulary(m)
     all_items = {i for s in raw.values() for i in s}
     assert dom.n_items == len(all_items)
     assert food["n_events"] + kitchen["n_events"] == m["n_events"]
@@ -58,7 +58,7 @@ def test_leave_one_out_splits_do_not_leak(prepared):
     user_map = json.loads((folder / "user_map.json").read_text())
     inv_user = {v: int(k) for k, v in user_map.items()}
     seqs = {inv_user[u]: s for u, s in ((u, [item_map[str(i)] for i in raw[inv_user[u]]]) for u in inv_user)}
-    dom = DomainIndex(m)
+    dom = vocabulary(m)
     test_users = set()
     for d in ("food", "kitchen"):
         for s in _samples(m, folder, d, "train"):
@@ -67,7 +67,7 @@ def test_leave_one_out_splits_do_not_leak(prepared):
         for s in _samples(m, folder, d, "valid"):
             full = seqs[inv_user[s["user"]]]
             assert s["items"] == full[:-2] and s["target"] == full[-2]
-            assert m["domains"][int(dom.of([s["target"]])[0])]["name"] == d
+            assert m["domains"][int(dom.of_ids([s["target"]])[0])]["name"] == d
         for s in _samples(m, folder, d, "test"):
             full = seqs[inv_user[s["user"]]]
             assert s["items"] == full[:-1] and s["target"] == full[-1]

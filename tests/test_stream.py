@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import prepared_synthetic
-from train.data.stream import DomainIndex, eval_batches, mixed_batches, train_batches, train_example
+from train.data.stream import vocabulary, eval_batches, mixed_batches, train_batches, train_example
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def synth(tmp_path_factory):
 
 def test_train_example_trims_pads_and_masks_other_domain():
     m = {"domains": [{"name": "A", "offset": 0, "n_items": 10}, {"name": "B", "offset": 10, "n_items": 10}]}
-    dom = DomainIndex(m)
+    dom = vocabulary(m)
     ex = train_example({"user": 3, "items": [1, 11, 2, 12, 13, 3]}, dom=dom, label_domain=1, max_len=4,
                        only_domain=False)
     # last max_len + 1 = 5 events: [11, 2, 12, 13, 3]; inputs [11, 2, 12, 13], targets [2, 12, 13, 3]
@@ -31,15 +31,15 @@ def test_train_example_trims_pads_and_masks_other_domain():
 
 def test_mixed_batches_hold_the_configured_ratio(synth):
     m, folder = synth
-    dom = DomainIndex(m)
+    dom = vocabulary(m)
     batches = list(mixed_batches(m, folder, source="A", target="B", batch_size=16, mix_ratio=0.25, max_len=12,
                                  seed=0, epoch=0, buffer=50))
     n_target_train = m["counts"]["B"]["train"]["samples"]
     assert sum(len(b["user"]) for b in batches) > n_target_train  # source rows come on top of one target pass
     for b in batches[:-1]:
         t = b["targets"]
-        rows_a = ((t > 0) & (torch.from_numpy(dom.of(t.numpy())) == 0)).any(1)
-        rows_b = ((t > 0) & (torch.from_numpy(dom.of(t.numpy())) == 1)).any(1)
+        rows_a = ((t > 0) & (torch.from_numpy(dom.of_ids(t.numpy())) == 0)).any(1)
+        rows_b = ((t > 0) & (torch.from_numpy(dom.of_ids(t.numpy())) == 1)).any(1)
         assert rows_a.sum() == 4 and rows_b.sum() == 12 and not (rows_a & rows_b).any()
 
 
@@ -64,7 +64,7 @@ def test_chunked_batches_equal_one_sample_at_a_time(synth):
     from train.data.stream import sample_stream, shard_sizes, shard_urls
 
     m, folder = synth
-    dom = DomainIndex(m)
+    dom = vocabulary(m)
     for only in (False, True):
         kw = dict(dom=dom, label_domain=1, max_len=6, only_domain=only)
         stream = sample_stream(shard_urls(m, folder, "B", "train"), shuffle=True, seed=4, epoch=2, buffer=30,

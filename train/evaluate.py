@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from train.config import EvalConfig
-from train.data.stream import DomainIndex, ReaderOptions, eval_batches, eval_samples
+from train.data.stream import vocabulary, ReaderOptions, eval_batches, eval_samples
 from train.engine import gather_arrays, max_over_ranks, world_size
 from train.progress import bar
 from train.protocol import PROTOCOLS, SAMPLED
@@ -172,7 +172,7 @@ def observed_counts(manifest: dict, folder, split: str, reader: ReaderOptions = 
     """``[n_items + 1]`` int64 (by global id, 0 = padding): each item's events among the inputs of
     every ``split`` sample of every domain (:func:`_observed_inputs`). Summed over ranks (each
     reads its share of the shards)."""
-    counts = np.zeros(DomainIndex(manifest).n_items + 1, np.int64)
+    counts = np.zeros(vocabulary(manifest).n_items + 1, np.int64)
     for items in _observed_inputs(manifest, folder, split, reader):
         np.add.at(counts, items, 1)
     return gather_arrays({"c": counts})["c"].reshape(world_size(), -1).sum(0)
@@ -219,10 +219,10 @@ class Transitions:
 
 def observed_transitions(manifest: dict, folder, split: str, reader: ReaderOptions = ReaderOptions()) -> Transitions:
     """The :class:`Transitions` of ``split``'s inputs, the pairs of every rank's share of the shards."""
-    dom = DomainIndex(manifest)
+    dom = vocabulary(manifest)
     base, pairs = dom.n_items + 1, []
     for items in _observed_inputs(manifest, folder, split, reader):
-        of = dom.of(items)
+        of = dom.of_ids(items)
         for d in np.unique(of):
             seq = items[of == d]
             pairs.append(seq[:-1] * base + seq[1:])
@@ -279,7 +279,7 @@ class Evaluator:
 
     def __init__(self, manifest: dict, folder, cfg: EvalConfig, *, max_len: int, reader: ReaderOptions = ReaderOptions()):
         self.manifest, self.folder, self.cfg, self.max_len, self.reader = manifest, folder, cfg, max_len, reader
-        self.domains = {d["name"]: d for d in manifest["domains"]}
+        self.vocab = vocabulary(manifest)
         self._negatives: dict = {}
         self._log_counts: dict = {}
         self._transitions: dict = {}
@@ -289,9 +289,8 @@ class Evaluator:
         if split not in self._log_counts:
             counts = observed_counts(self.manifest, self.folder, split, self.reader)
             self._log_counts[split] = torch.from_numpy(np.log1p(counts)).float()
-        d = self.domains[domain]
-        lo = d["offset"] + 1
-        return (self.cfg.prior * self._log_counts[split][lo:lo + d["n_items"]]).to(device)
+        lo, hi = self.vocab.ranges[self.vocab.index(domain)]
+        return (self.cfg.prior * self._log_counts[split][lo:hi]).to(device)
 
     def terms(self, domain: str, split: str, items: torch.Tensor, device) -> Terms | None:
         """The batch's evaluation-time terms (None when ``eval.prior`` and ``eval.transition`` are 0)."""
@@ -302,17 +301,18 @@ class Evaluator:
     def _markov(self, domain: str, split: str, items: torch.Tensor, device) -> "Markov":
         if split not in self._transitions:
             self._transitions[split] = observed_transitions(self.manifest, self.folder, split, self.reader)
-        d = self.domains[domain]
-        return Markov(self._transitions[split], last_of_domain(items, d["offset"], d["n_items"]), d["offset"],
+        k = self.vocab.index(domain)
+        offset, n = self.vocab.offsets[k], self.vocab.sizes[k]
+        return Markov(self._transitions[split], last_of_domain(items, offset, n), offset,
                       self.cfg.transition, device)
 
     def _negs(self, domain: str, split: str, users, excludes) -> np.ndarray:
-        d = self.domains[domain]
+        k = self.vocab.index(domain)
         cache = self._negatives.setdefault((domain, split), {})
         rows = []
         for u, ex in zip(users.tolist(), excludes):
             if u not in cache:
-                cache[u] = sample_negatives(n_items=d["n_items"], offset=d["offset"], exclude=ex,
+                cache[u] = sample_negatives(n_items=self.vocab.sizes[k], offset=self.vocab.offsets[k], exclude=ex,
                                             k=self.cfg.num_negatives, seed=self.cfg.seed,
                                             split=("valid", "test").index(split), user=u)
             rows.append(cache[u])
@@ -331,7 +331,7 @@ class Evaluator:
         ``eval_terms``: add ``eval.prior``'s and ``eval.transition``'s terms to the scores (where
         they are > 0), False ranks by the scores alone.
         """
-        d = self.domains[domain]
+        k = self.vocab.index(domain)
         users, full, sampled, n_train = [], [], [], []
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
                                     max_len=self.max_len, only_domain=only_domain, reader=self.reader))
@@ -351,14 +351,14 @@ class Evaluator:
             if not more:
                 break
             if b is None:
-                score_fn(torch.zeros(1, self.max_len, dtype=torch.long, device=device), d["index"], lambda s: None)
+                score_fn(torch.zeros(1, self.max_len, dtype=torch.long, device=device), k, lambda s: None)
                 continue
-            tcol = (b["target"] - d["offset"] - 1).to(device)
-            negs = torch.from_numpy(self._negs(domain, split, b["user"], b["exclude"]) - d["offset"] - 1).to(device)
+            tcol = self.vocab.columns(k, b["target"]).to(device)
+            negs = torch.from_numpy(self.vocab.columns(k, self._negs(domain, split, b["user"], b["exclude"]))).to(device)
             terms = self.terms(domain, split, b["items"], device) if eval_terms else None
-            hist = history_columns(b["history"], b["target"], d["offset"], d["n_items"]).to(device) \
+            hist = history_columns(b["history"], b["target"], self.vocab.offsets[k], self.vocab.sizes[k]).to(device) \
                 if self.cfg.exclude_history else None
-            f, s, n_bad = score_fn(b["items"].to(device), d["index"],
+            f, s, n_bad = score_fn(b["items"].to(device), k,
                                    partial(rank_in_chunks, target_cols=tcol, neg_cols=negs, terms=terms,
                                            chunk=self.cfg.item_chunk, hist_cols=hist))
             bad += n_bad

@@ -20,7 +20,7 @@ import torch
 
 from model import Vocabulary, build_recommender
 from train.config import STAGES, ExperimentConfig
-from train.data.stream import (DomainIndex, ReaderOptions, batches_per_rank, joint_rows, mixed_batches, split_mode,
+from train.data.stream import (vocabulary, ReaderOptions, batches_per_rank, joint_rows, mixed_batches, split_mode,
                                train_batches)
 from train.protocol import SAMPLED
 from train.loop import StagePlan
@@ -122,7 +122,7 @@ class StageData:
 
     def weights(self) -> list[float]:
         """w_d per domain index: the stage's source and target weights."""
-        sc, dom = self.cfg.train.stage(self.spec.name), DomainIndex(self.manifest)
+        sc, dom = self.cfg.train.stage(self.spec.name), vocabulary(self.manifest)
         w = [0.0] * len(dom.names)
         w[dom.index(self.names["source"])], w[dom.index(self.names["target"])] = sc.source_weight, sc.target_weight
         return w
@@ -160,7 +160,7 @@ class StageData:
 
     def describe(self, model) -> list[str]:
         """The stage's log lines: its inputs, loss and scoring, and how its data is read."""
-        names, mc, stage = DomainIndex(self.manifest).names, self.cfg.model, self.spec.name
+        names, mc, stage = vocabulary(self.manifest).names, self.cfg.model, self.spec.name
         inputs = "each row's own domain only" if self.own_domain_only else "the mixed sequence of every domain"
         if model.view_domains:
             inputs += ", plus the own-domain view for " + ", ".join(names[d] for d in model.view_domains) + (
@@ -191,7 +191,7 @@ class StageData:
         return StagePlan(name=self.spec.name, batches=self.batches, weights=self.weights(), epochs=sc.epochs,
                          patience=sc.patience, select=select, ckpt_dir=ckpt_dir, log_every=t.log_every,
                          checkpoint_every=t.checkpoint_every, grad_accum=t.grad_accum,
-                         domain_names=DomainIndex(self.manifest).names, plateau_decay=sc.plateau_decay,
+                         domain_names=vocabulary(self.manifest).names, plateau_decay=sc.plateau_decay,
                          keep_checkpoints=t.keep_checkpoints, on_nonfinite=t.on_nonfinite,
                          max_nonfinite_skips=t.max_nonfinite_skips, steps=self.known_steps,
                          select_label=self.select_label(),

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from train.data.prepare import ManifestError, load_manifest
-from train.data.stream import DomainIndex, sample_stream, shard_urls
+from train.data.stream import vocabulary, sample_stream, shard_urls
 
 
 def _samples(manifest: dict, folder: Path, domain: str, split: str):
@@ -45,7 +45,7 @@ def stats(folder: str | Path) -> dict:
     """Users, items and events per domain, cross-domain overlap, sequence-length percentiles."""
     folder = Path(folder)
     m = load_manifest(folder, verify=False)
-    dom = DomainIndex(m)
+    dom = vocabulary(m)
     # The test sample of a user holds the whole sequence but its last event, plus that target.
     seqs = {}
     for d in dom.names:
@@ -57,7 +57,7 @@ def stats(folder: str | Path) -> dict:
     lengths = []
     for u, seq in seqs.items():
         lengths.append(len(seq))
-        ds = dom.of(seq)
+        ds = dom.of_ids(seq)
         for d in range(len(dom.names)):
             sel = seq[ds == d]
             if len(sel):

@@ -29,10 +29,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from model.config import Vocabulary
 from train.config import DataConfig, to_dict
 from train.data.events import apply_filters, chronological, collect, id_sort_key, summary
 from train.data.formats import DataFormatError, Event, read_abxi, read_files, table_files
-from train.data.stream import DomainIndex, bad_shard_path
+from train.data.stream import bad_shard_path, vocabulary
 from train.data.synthetic import generate
 from train.files import sha256_file
 from train.redact import redact, redact_tree
@@ -145,7 +146,7 @@ def _item_ids(table, keep: np.ndarray, n_dom: int) -> tuple[np.ndarray, dict, li
     return item_id, item_map, info
 
 
-def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: Path) -> tuple[dict, np.ndarray, dict, list, dict]:
+def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Path) -> tuple[dict, np.ndarray, dict, list, dict]:
     """Every kept user's leave-one-out samples into shards, users in raw-id order (chronological()):
     (raw user id -> xdrec id, samples per (domain, split), the shards' listing, per domain the most
     of its items one user evaluated there holds: what the sampled protocol cannot draw for them,
@@ -166,11 +167,11 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: P
         user = len(user_map)
         user_map[table.users[users_sorted[bounds[k]]]] = user
         drop = target if user in dropped else None
-        for d, split, sample in user_samples(user, seq.tolist(), dom.of(seq).tolist(), drop):
+        for d, split, sample in user_samples(user, seq.tolist(), dom.of_ids(seq).tolist(), drop):
             writers[(d, split)].write(sample)
             counts[d, SPLITS.index(split)] += 1
             if split != "train":
-                most[d] = max(most[d], int((dom.of(np.asarray(sample["exclude"])) == d).sum()))
+                most[d] = max(most[d], int((dom.of_ids(np.asarray(sample["exclude"])) == d).sum()))
     shards: dict = {name: {} for name in cfg.domains}
     for (d, split), w in writers.items():
         shards[cfg.domains[d]][split] = [{"path": str(sh["path"].relative_to(tmp)), "samples": sh["samples"],
@@ -178,11 +179,11 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: DomainIndex, tmp: P
     shrunk = {} if cfg.target_fraction >= 1 else {
         "domain": cfg.target, "fraction": cfg.target_fraction, "seed": cfg.target_fraction_seed,
         "users_dropped": len(dropped), "events_dropped": int(sum(
-            (dom.of(items_sorted[bounds[k]:bounds[k + 1]][:-2]) == target).sum() for k in dropped))}
+            (dom.of_ids(items_sorted[bounds[k]:bounds[k + 1]][:-2]) == target).sum() for k in dropped))}
     return user_map, counts, shards, most, shrunk
 
 
-def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray, dom: DomainIndex) -> set[int]:
+def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray, dom: Vocabulary) -> set[int]:
     """The users (xdrec ids) whose target-domain training events ``data.target_fraction`` leaves
     out: of the users with a target-domain training target, all but round(fraction x their number),
     chosen by a permutation seeded with ``data.target_fraction_seed``."""
@@ -190,7 +191,7 @@ def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray
         return set()
     target = cfg.domains.index(cfg.target)
     with_target = [k for k in range(len(bounds) - 1)
-                   if (dom.of(items_sorted[bounds[k]:bounds[k + 1]][1:-2]) == target).any()]
+                   if (dom.of_ids(items_sorted[bounds[k]:bounds[k + 1]][1:-2]) == target).any()]
     keep = round(cfg.target_fraction * len(with_target))
     order = np.random.default_rng(cfg.target_fraction_seed).permutation(len(with_target))
     return {with_target[i] for i in order[keep:]}
@@ -240,7 +241,7 @@ def _prepare(cfg: DataConfig, log) -> Path:
     if not keep.any():
         raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
     item_id, item_map, info = _item_ids(table, keep, n_dom)
-    dom = DomainIndex({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
+    dom = vocabulary({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
     user_map, counts, shards, most, shrunk = _write_users(cfg, table, keep, item_id, dom, tmp)
     dom_events = np.bincount(table.domain[keep], minlength=n_dom).tolist()
     manifest = {

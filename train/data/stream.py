@@ -32,33 +32,13 @@ import braceexpand
 import torch
 import webdataset as wds
 
+from model.config import Vocabulary
 from train.redact import expand_env, redact
 
 
-class DomainIndex:
-    """Global item id -> domain index, from the manifest's per-domain id ranges."""
-
-    def __init__(self, manifest: dict):
-        doms = manifest["domains"]
-        self.names = [d["name"] for d in doms]
-        self.offsets = np.array([d["offset"] for d in doms])
-        self.sizes = np.array([d["n_items"] for d in doms])
-        self.ends = self.offsets + self.sizes
-        self.n_items = int(self.ends[-1])
-
-    def index(self, name: str) -> int:
-        return self.names.index(name)
-
-    def of(self, items: np.ndarray) -> np.ndarray:
-        """Domain index of each id (ids must be >= 1)."""
-        return np.searchsorted(self.ends, items, side="left")
-
-    def item_domain_table(self) -> torch.Tensor:
-        """``[n_items + 1]`` int64: 0 for padding, 1 + domain index for each item."""
-        t = torch.zeros(self.n_items + 1, dtype=torch.long)
-        for d, (o, e) in enumerate(zip(self.offsets, self.ends)):
-            t[o + 1:e + 1] = d + 1
-        return t
+def vocabulary(manifest: dict) -> Vocabulary:
+    """The manifest's item id ranges (:class:`model.Vocabulary`, their one description)."""
+    return Vocabulary.of(manifest["domains"])
 
 
 class ShardError(ValueError):
@@ -307,7 +287,7 @@ def _left_pad(seq: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-def train_rows(samples: list[dict], *, dom: DomainIndex, label_domain: int, max_len: int,
+def train_rows(samples: list[dict], *, dom: Vocabulary, label_domain: int, max_len: int,
                only_domain: bool, cloze: bool = False) -> dict[str, np.ndarray]:
     """One training row per sample, in order, its targets in ``label_domain``. A sample whose
     window holds no target there (its sequence trimmed, or reduced to the domain, past its last
@@ -440,15 +420,15 @@ def _chunks(src, size: int):
         yield buf
 
 
-def eval_example(sample: dict, *, dom: DomainIndex, max_len: int, only_domain: int | None, domain: int = 0,
+def eval_example(sample: dict, *, dom: Vocabulary, max_len: int, only_domain: int | None, domain: int = 0,
                  history_tail: int = 0) -> dict:
     """``n_train``: the user's training events in ``domain`` (the history minus its last
     ``history_tail`` events: 1 for test samples, whose history ends with the valid event)."""
     seq = np.asarray(sample["items"], dtype=np.int64)
-    n_train = int((dom.of(seq[:len(seq) - history_tail]) == domain).sum())
+    n_train = int((dom.of_ids(seq[:len(seq) - history_tail]) == domain).sum())
     history = np.unique(seq)  # every item before the target, whatever the model's window
     if only_domain is not None:
-        seq = seq[dom.of(seq) == only_domain]
+        seq = seq[dom.of_ids(seq) == only_domain]
     return {"items": _left_pad(seq[-max_len:], max_len), "user": sample["user"], "n_train": n_train,
             "target": sample["target"], "exclude": np.asarray(sample["exclude"], dtype=np.int64), "history": history}
 
@@ -489,7 +469,7 @@ def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size
                   reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None, buckets: int = 0):
     """One epoch of shuffled training batches of ``domain``'s train split (this rank's share);
     ``buckets`` > 0: batches of like length, trimmed (:func:`_train_batches_stage`)."""
-    dom = DomainIndex(manifest)
+    dom = vocabulary(manifest)
     d = dom.index(domain)
     pipe = sample_stream(shard_urls(manifest, folder, domain, "train", reader.remote), shuffle=True, seed=seed,
                          epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items,
@@ -545,14 +525,14 @@ def eval_samples(manifest: dict, folder: str | Path, domain: str, split: str,
     """The decoded ``split`` samples of ``domain`` (held-out item in it) of this process, in shard order."""
     reader = ReaderOptions(remote=reader.remote, on_error=reader.on_error)
     return sample_stream(shard_urls(manifest, folder, domain, split, reader.remote), shuffle=False, seed=0, epoch=0,
-                         buffer=0, reader=reader, n_items=DomainIndex(manifest).n_items, eval_fields=True,
+                         buffer=0, reader=reader, n_items=vocabulary(manifest).n_items, eval_fields=True,
                          sizes=shard_sizes(manifest, domain, split))
 
 
 def eval_batches(manifest: dict, folder: str | Path, domain: str, split: str, *, batch_size: int,
                  max_len: int, only_domain: bool = False, reader: ReaderOptions = ReaderOptions()):
     """All ``split`` users whose held-out item is in ``domain``, in shard order (in this process)."""
-    dom = DomainIndex(manifest)
+    dom = vocabulary(manifest)
     d = dom.index(domain) if only_domain else None
     pipe = eval_samples(manifest, folder, domain, split, reader)
     pipe.append(_eval_batches_stage(partial(eval_example, dom=dom, max_len=max_len, only_domain=d,
