@@ -46,7 +46,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m train.bench all --data $(BENCH_DIR) --events $(BENCH_EVENTS) $(BENCH_ARGS)
+	$(BIN)/python -m tools.bench all --data $(BENCH_DIR) --events $(BENCH_EVENTS) $(BENCH_ARGS)
 
 clean:
 	rm -rf runs data/prepared wandb .pytest_cache

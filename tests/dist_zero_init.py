@@ -8,7 +8,7 @@ import torch
 
 from train.config import load_config
 from train.engine import exit_now_if_distributed, teardown_distributed, all_gather_objects, construct, setup_distributed
-from train.memory import _live_bytes
+from tools.memory import _live_bytes
 from train.stages import build_model
 
 env, _ = setup_distributed()

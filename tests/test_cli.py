@@ -123,7 +123,7 @@ def test_bad_recommend_export_and_evaluate_input_is_one_line(exported, tmp_path)
     line = one_error_line(xdrec("recommend", str(exported), "--domain", "B", "--internal", "--history", "5000"))
     assert "--history: no xdrec item id 5000 (this model has ids 1..160)" in line
     line = one_error_line(xdrec("recommend", str(exported), "--domain", "Z", "--history", "1"))
-    assert "--domain 'Z' is not one of ['A', 'B']" in line
+    assert "--domain 'Z': this export (stage target_only) scores ['B'] of ['A', 'B']" in line
     line = one_error_line(xdrec("evaluate", str(tmp_path)))
     assert f"{tmp_path / 'model.safetensors'} is missing: not an xdrec export folder" in line
     data = exported.parents[1] / "data"

@@ -150,7 +150,7 @@ def test_scale_presets_build_on_the_meta_device_with_the_parameter_counts_their_
 
     import torch
 
-    from train.plan import count_parts
+    from tools.plan import count_parts
     from train.stages import build_model
 
     header = (REPO / "configs" / "model" / f"{preset}.yaml").read_text()

@@ -114,11 +114,11 @@ def test_two_rank_zero3_loss_curve_matches_one_rank_with_the_same_global_batch(t
 
 def test_zero_partitions_measured_per_rank(tmp_path):
     """ZeRO-3 leaves each of 2 ranks about half of every parameter; ZeRO-1 keeps the optimizer
-    state of half the parameters; ZeRO-0 replicates everything. Measured by train.memory on real
+    state of half the parameters; ZeRO-0 replicates everything. Measured by tools.memory on real
     engines, each stage in processes of its own."""
     out = tmp_path / "mem.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
-    p = subprocess.run([sys.executable, "-m", "train.memory", "configs/experiment/tiny.yaml", "--zero", "0,1,3",
+    p = subprocess.run([sys.executable, "-m", "tools.memory", "configs/experiment/tiny.yaml", "--zero", "0,1,3",
                         "--nproc", "2", "--out", str(out), f"data.out_dir={tmp_path / 'data'}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -1,5 +1,5 @@
 """xdrec plan: the memory per rank it predicts, checked against a hand computation (and, in make
-bench, against train.memory's measure)."""
+bench, against tools.memory's measure)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from train.engine import ModelSize, zero_settings
-from train.plan import estimate, parse_bytes, recommend
+from tools.plan import estimate, parse_bytes, recommend
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = ModelSize(params=100_000_000, largest_param=3_000_000, largest_block=12_000_000)
@@ -34,7 +34,7 @@ def test_estimate_by_hand(zero, precision, params, optimizer, grads):
     else:  # the reduce bucket and the gathered blocks ZeRO-3 allows
         buffers = (zs["reduce_bucket_size"] + zs["stage3_max_live_parameters"]) * w
     assert e.buffers == buffers
-    # what train.memory sees after a step: the states (ZeRO-3 with its gradient partition) and kept buckets
+    # what tools.memory sees after a step: the states (ZeRO-3 with its gradient partition) and kept buckets
     kept = zs["reduce_bucket_size"] * w if zero == 3 else 0  # measured: ZeRO-1/2 free their buckets after a step
     assert e.states == params + optimizer + (grads if zero == 3 else 0) + kept
 

@@ -176,7 +176,7 @@ def _report_by_fraction(args) -> int:
 def cmd_doctor(args) -> int:
     import json
 
-    from train.doctor import format_doctor, report
+    from tools.doctor import format_doctor, report
 
     r = report()
     print(json.dumps(r, indent=1) if args.json else format_doctor(r))
@@ -185,7 +185,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_plan(args) -> int:
     from train.config import load_config
-    from train.plan import default_memory, parse_bytes, plan, vocabulary
+    from tools.plan import default_memory, parse_bytes, plan, vocabulary
 
     cfg = load_config(args.config, args.overrides)
     memory, cpu = default_memory(args.world_size)

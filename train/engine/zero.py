@@ -66,7 +66,7 @@ def zero_settings(size: ModelSize, *, stage: int, world_size: int, cuda: bool) -
     """ZeRO's buffers sized from each rank's partition and the model's blocks, not from the model.
 
     Measured here (2 gloo ranks, d 1024 x 12 blocks, 156M parameters, bf16; ``python -m
-    train.memory``, live tensors after a step): ZeRO-3's states are 1,192 MiB a rank; its reduce
+    tools.memory``, live tensors after a step): ZeRO-3's states are 1,192 MiB a rank; its reduce
     bucket, sized to the model before, added 298 MiB (1,491, 0.71x of ZeRO-0's 2,087), a bucket
     of a tenth of the partition adds 15 MiB (1,207, 0.58x). ZeRO-2 with the model-sized buckets
     held 2,385 MiB (1.14x), 1,193 with them.

@@ -3,7 +3,7 @@
     xdrec plan configs/experiment/<x>.yaml [a.b=value ...] [--world-size N] [--memory-per-rank 80GiB]
 
 Parameters are counted by part on the meta device (no memory). Per-rank bytes follow what
-DeepSpeed keeps (measured with ``python -m train.memory``, live tensors after a step, 2 ranks,
+DeepSpeed keeps (measured with ``python -m tools.memory``, live tensors after a step, 2 ranks,
 bf16 156M and fp32 60M parameters, each within 2% of these counts):
 
 =========  ==========================  ==========================
@@ -85,7 +85,7 @@ class Estimate:
 
     @property
     def states(self) -> int:
-        """What ``train.memory`` measures as live tensors after a step: weights, master, moments,
+        """What ``tools.memory`` measures as live tensors after a step: weights, master, moments,
         the ZeRO-3 gradient partition, the kept buckets (on a CPU machine the host is the device)."""
         return self.params + self.optimizer + self.host + (self.grads if self.zero == 3 else 0) \
             + self.buffers_after_step

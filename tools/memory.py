@@ -1,6 +1,6 @@
 """Per-rank memory of the training state under ZeRO 0-3, measured (not derived).
 
-    python -m train.memory configs/experiment/demo.yaml --zero 0,1,2,3 --nproc 2 [--out report.json] [a.b=value ...]
+    python -m tools.memory configs/experiment/demo.yaml --zero 0,1,2,3 --nproc 2 [--out report.json] [a.b=value ...]
 
 Each ZeRO stage is measured in processes of its own (``torchrun --standalone``, ``--nproc``
 ranks): a DeepSpeed engine's optimizer hooks keep it reachable after ``del``, so a stage measured
@@ -122,7 +122,7 @@ def measure_apart(config: str, stages: list[int], nproc: int, overrides: list[st
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.json")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   "-m", "train.memory", config, "--zero", str(z), "--out", out, *overrides]
+                   "-m", "tools.memory", config, "--zero", str(z), "--out", out, *overrides]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"measuring ZeRO-{z}: {' '.join(cmd)} exited {done.returncode}:\n"
@@ -133,7 +133,7 @@ def measure_apart(config: str, stages: list[int], nproc: int, overrides: list[st
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m train.memory")
+    ap = argparse.ArgumentParser(prog="python -m tools.memory")
     ap.add_argument("config")
     ap.add_argument("--zero", default="0,1,2,3", help="comma-separated ZeRO stages")
     ap.add_argument("--nproc", type=int, default=2, help="ranks per stage (when not started by torchrun)")
