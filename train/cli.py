@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     e = add("export", help="best ZeRO checkpoint of a stage -> model.safetensors + config")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--stage", default="joint", choices=("source", "joint", "target_only"), help="whose best weights")
-    e.add_argument("--out", default=None, help="default: <run_dir>/export-<stage>")
+    e.add_argument("--domain", default=None, help="target_only with several target domains: whose baseline")
+    e.add_argument("--out", default=None, help="default: <run_dir>/export-<stage>[-<domain>]")
     v = add("evaluate", help="metrics of an exported model on its prepared data (no DeepSpeed)")
     v.add_argument("export_dir", help="runs/<name>/export-<stage> (xdrec export)")
     v.add_argument("--split", default="test", choices=("valid", "test"), help="which split to rank")
@@ -222,11 +223,12 @@ def cmd_export(args) -> int:
 
     from train.export import ExportError, export
 
-    out = args.out or f"{args.run_dir.rstrip('/')}/export-{args.stage}"
+    name = args.stage + (f"-{args.domain}" if args.domain else "")
+    out = args.out or f"{args.run_dir.rstrip('/')}/export-{name}"
     if Path(out).exists() and not Path(out).is_dir():
         raise ExportError(f"--out {out}: exists and is not a folder")
-    out = export(args.run_dir, out, stage=args.stage)
-    print(f"exported {args.stage} to {out}")
+    out = export(args.run_dir, out, stage=args.stage, domain=args.domain)
+    print(f"exported {name} to {out}")
     return 0
 
 
@@ -247,7 +249,7 @@ def cmd_evaluate(args) -> int:
     cfg = load_config(f"{args.export_dir}/config.yaml")
     print(f"{args.split} metrics of {args.export_dir} (stage {info['stage']}; sampled: "
           f"{cfg.eval.num_negatives} negatives):")
-    print(format_table({info["stage"]: metrics}, info["target"], info["source"], split=args.split))
+    print(format_table({info.get("unit", info["stage"]): metrics}, info["evaluated"], [], split=args.split))
     return 0
 
 
@@ -280,9 +282,7 @@ def cmd_train(args) -> int:
     from train.config import load_config
     from train.engine import teardown_distributed
     from train.loop import StageInterrupted
-    from train.protocol import PROTOCOLS, protocol_label
     from train.experiment import Experiment
-    from train.stages import format_table
 
     signals.install_interrupts()  # Ctrl-C / SIGTERM from here on: checkpoint at the next step
     cfg = load_config(args.config, args.overrides)
@@ -303,18 +303,26 @@ def cmd_train(args) -> int:
         exp.close()
     teardown_distributed()
     if exp.env.is_main:
-        print(f"\nTest metrics ({cfg.data.name}; source {cfg.data.source} -> target {cfg.data.target}):")
-        print(format_table(results, cfg.data.target, cfg.data.source))
-        tj = results.get("joint", {}).get("test", {}).get(cfg.data.target)
-        tt = results.get("target_only", {}).get("test", {}).get(cfg.data.target)
-        if tj and tt:
-            for proto in PROTOCOLS:
-                a, b = tj[proto]["ndcg@10"], tt[proto]["ndcg@10"]
-                label = protocol_label(proto, cfg.eval.num_negatives)
-                print(f"{cfg.data.target} NDCG@10, {label}: source-then-joint {a:.4f} vs target-only {b:.4f}"
-                      f" ({'+' if a >= b else ''}{(a - b) / max(b, 1e-12) * 100:.1f}%)")
-        print(f"metrics: {exp.run_dir / 'metrics.json'}")
+        print_results(cfg, results, exp.run_dir)
     return 0
+
+
+def print_results(cfg, results: dict, run_dir) -> None:
+    """The end of a run: the test table and each target's NDCG@10, joint vs its target-only baseline."""
+    from train.protocol import PROTOCOLS, protocol_label
+    from train.stages import format_table
+
+    sources, targets = cfg.data.sources(), cfg.data.targets()
+    print(f"\nTest metrics ({cfg.data.name}; source {', '.join(sources)} -> target {', '.join(targets)}):")
+    print(format_table(results, targets, sources))
+    for t in targets:
+        tj = results.get("joint", {}).get("test", {}).get(t)
+        tt = results.get(cfg.baseline_unit(t), {}).get("test", {}).get(t)
+        for proto in PROTOCOLS if tj and tt else ():
+            a, b = tj[proto]["ndcg@10"], tt[proto]["ndcg@10"]
+            print(f"{t} NDCG@10, {protocol_label(proto, cfg.eval.num_negatives)}: source-then-joint {a:.4f} vs "
+                  f"target-only {b:.4f} ({'+' if a >= b else ''}{(a - b) / max(b, 1e-12) * 100:.1f}%)")
+    print(f"metrics: {run_dir / 'metrics.json'}")
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "data": cmd_data, "export": cmd_export,

@@ -34,6 +34,19 @@ from model.config import ModelConfig
 
 StageName = Literal["target_only", "source", "joint"]
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # the one list of stage names, in run order
+
+
+def baseline_of(units, domain: str) -> str | None:
+    """Among recorded ``units``, the target-only baseline of ``domain``: ``target_only-<domain>``
+    (several targets) or ``target_only`` (one); None when there is none."""
+    units = set(units)
+    return next((u for u in (f"target_only-{domain}", "target_only") if u in units), None)
+
+
+def unit_stage(unit: str) -> str:
+    """The stage of a run's unit: a stage's name, or ``target_only-<domain>``, the target-only
+    baseline of one of several target domains (:meth:`ExperimentConfig.units`)."""
+    return unit.split("-", 1)[0]
 REPORTED_KS = (10,)  # the k of the tables, the transfer interval and the plots (HR@10, NDCG@10)
 Metric = Annotated[str, Field(pattern=r"^(hr@\d+|ndcg@\d+|mrr)$", description="hr@k, ndcg@k or mrr")]
 # A name xdrec turns into a folder (run, prepared data, domain): one path component, never '', '.',
@@ -119,9 +132,12 @@ class DataConfig:
     # table / amazon: files (or globs) per domain, e.g. {Books: [reviews_Books_5.json.gz]}; the
     # amazon format is the review JSON lines (reviewerID, asin, unixReviewTime, overall)
     files: dict[str, list[str]] = field(default_factory=dict)
-    domains: list[Name] = field(default_factory=lambda: ["A", "B"])  # index order = domain id
-    source: str = "A"
-    target: str = "B"
+    domains: list[Name] = field(default_factory=lambda: ["A", "B"])  # any number >= 2; index order = domain id
+    # the source stage pretrains on every source; a target is scored by the joint model against
+    # its own target-only baseline. source: a domain or a list; target: a domain, a list, or "all"
+    # (one joint model, every domain a target; sources are then targets too)
+    source: Union[str, list[str]] = "A"
+    target: Union[str, list[str]] = "B"
     out_dir: str = "data/prepared"  # shards go to <out_dir>/<name>/
     shard_samples: Annotated[int, _at_least(1)] = 1000  # a shard closes at this many samples ...
     shard_bytes: Annotated[int, _at_least(0)] = 0  # ... or (if > 0) once it holds this many bytes
@@ -139,12 +155,27 @@ class DataConfig:
     table: TableConfig = field(default_factory=TableConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
 
+    def sources(self) -> list[str]:
+        """The source domains, in the order given."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    def targets(self) -> list[str]:
+        """The target domains, in the order given (``all``: every domain, in id order)."""
+        if self.target == "all":
+            return list(self.domains)
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
     def check(self) -> None:
-        for key, dom in (("source", self.source), ("target", self.target)):
-            _check(dom in self.domains, f"{key}={dom!r} is not one of data.domains {self.domains}")
-        _check(self.source != self.target, f"source and data.target are both {self.source!r}")
-        _check(len(self.domains) == 2, f"domains must name exactly 2 domains, got {self.domains}")
+        _check(len(self.domains) >= 2, f"domains must name at least 2 domains, got {self.domains}")
         _check(len(set(self.domains)) == len(self.domains), f"domains names a domain twice: {self.domains}")
+        for key, doms in (("source", self.sources()), ("target", self.targets())):
+            _check(bool(doms), f"{key} names no domain")
+            _check(len(set(doms)) == len(doms), f"{key} names a domain twice: {doms}")
+            for dom in doms:
+                _check(dom in self.domains, f"{key}={dom!r} is not one of data.domains {self.domains}")
+        both = sorted(set(self.sources()) & set(self.targets()))
+        _check(self.target == "all" or not both, f"source and data.target are both {both[0] if both else ''!r} "
+               "(a domain is a source or a target; data.target=all makes every domain a target)")
         if self.format == "synthetic":
             for key in ("items_per_domain", "events_per_domain"):
                 n = len(getattr(self.synthetic, key))
@@ -157,6 +188,8 @@ class DataConfig:
             _check(dom in self.domains, f"files.{dom}: {dom!r} is not one of data.domains {self.domains}")
         _check(self.filter.min_domains <= len(self.domains),
                f"filter.min_domains={self.filter.min_domains} must be 1..{len(self.domains)}")
+        _check(self.target_fraction == 1 or (self.target != "all" and len(self.targets()) == 1),
+               f"target_fraction={self.target_fraction} shrinks one target domain; data.target names {self.targets()}")
         _check(self.filter.min_rating is None or self.format == "amazon" or (self.format == "table" and self.table.rating),
                "filter.min_rating needs ratings: data.format 'amazon', or 'table' with data.table.rating (the rating column)")
 
@@ -164,7 +197,7 @@ class DataConfig:
         """``<out_dir>/<name>``, or ``<out_dir>/<name>-<target><percent>`` with a target_fraction < 1."""
         if self.target_fraction < 1:
             pct = f"{self.target_fraction * 100:g}".replace(".", "p")
-            return Path(self.out_dir) / f"{self.name}-{self.target}{pct}"
+            return Path(self.out_dir) / f"{self.name}-{self.targets()[0]}{pct}"
         return Path(self.out_dir) / self.name
 
 
@@ -182,6 +215,8 @@ class StageConfig:
     plateau_decay: Annotated[float, Field(gt=0, le=1, description="in (0, 1]")] = 1.0
     # rows per micro batch in this stage; 0: train.micro_batch_size
     micro_batch_size: Annotated[int, _at_least(0, " (0: train.micro_batch_size)")] = 0
+    # w_d of named domains, over source_weight / target_weight (L = sum_d w_d * mean CE(d))
+    domain_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,12 +336,29 @@ class ExperimentConfig:
 
     def check(self) -> None:
         """The checks across sections (each section checks itself)."""
+        for stage in STAGES:
+            for dom in self.train.stage(stage).domain_weights:
+                _check(dom in self.data.domains, f"train.{stage}.domain_weights: {dom!r} is not one of data.domains "
+                                                 f"{self.data.domains}")
         for key in ("view_domains", "uniform_aux_domains"):
             for dom in getattr(self.model, key):
                 _check(dom in self.data.domains, f"model.{key}: {dom!r} is not one of data.domains {self.data.domains}")
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    def baseline_unit(self, target: str) -> str:
+        """The target-only unit of ``target``: ``target_only``, or ``target_only-<domain>`` when
+        there are several targets (each its own model, checkpoints and record)."""
+        return "target_only" if len(self.data.targets()) == 1 else f"target_only-{target}"
+
+    def units(self) -> list[str]:
+        """What the run trains, in order: each listed stage in ``STAGES`` order, the target-only
+        baseline once per target domain. Units name the run's folders, records and W&B prefixes."""
+        out = []
+        for stage in (s for s in STAGES if s in self.train.stages):
+            out += [self.baseline_unit(t) for t in self.data.targets()] if stage == "target_only" else [stage]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

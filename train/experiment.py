@@ -13,7 +13,7 @@ from train.loop import NonFiniteError, StageInterrupted, Stopper, run_stage
 from train.record import RunRecord, StageRecord
 from train.run import Run, start
 from train.selection import describe_transfer, evaluate_stage, select_value, transfer
-from train.stages import SPECS, StageData, run_order
+from train.stages import StageData
 
 
 class Experiment:
@@ -30,11 +30,12 @@ class Experiment:
     def run(self) -> dict:
         t0, run = time.time(), self.run_
         record = self._first_record()
-        stages = record.finished() if self.reevaluate else run_order(self.cfg.train.stages)
-        for stage in stages:
-            self._stage(stage, record)
+        units = record.finished() if self.reevaluate else self.cfg.units()
+        for unit in units:
+            self._stage(unit, record)
         record.times["reevaluated_s" if self.reevaluate else "wall_s"] = time.time() - t0
-        if self.env.is_main and {"joint", "target_only"} <= set(record.stages):
+        baselines = {self.cfg.baseline_unit(t) for t in self.cfg.data.targets()}
+        if self.env.is_main and {"joint", *baselines} <= set(record.stages):
             record.transfer = transfer(run)
             for line in describe_transfer(record.transfer, self.cfg.eval.num_negatives):
                 self.log(line)
@@ -64,6 +65,7 @@ class Experiment:
         return record
 
     def _stage(self, stage: str, record: RunRecord) -> None:
+        """One unit (``stage``: a stage's name, or ``target_only-<domain>``)."""
         run, previous = self.run_, self.run_.previous.stages.get(stage)
         if self.reevaluate:
             self.log(f"== stage {stage}: evaluating its best weights again ==")
@@ -112,8 +114,8 @@ class Experiment:
         self.run_.close()
 
 
-def stage_data(run: Run, stage: str) -> StageData:
-    return StageData(SPECS[stage], run.cfg, run.manifest, run.folder, run.env.world_size)
+def stage_data(run: Run, unit: str) -> StageData:
+    return StageData(unit, run.cfg, run.manifest, run.folder, run.env.world_size)
 
 
 def stage_engine(data: StageData):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train.checkpoint import load_data, verify_data_only
-from train.config import STAGES, load_config, save_config
+from train.config import STAGES, load_config, save_config, unit_stage
 from train.data.prepare import load_manifest
 from train.record import RunRecord, check_same_data
 from train.stages import build_model, own_domain_input, stage_domains
@@ -39,13 +39,15 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str = "best") -> dict:
     return {k: v.float() for k, v in load_data(states, deepspeed_types=True)["module"].items()}
 
 
-def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Path:
+def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint", domain: str | None = None) -> Path:
+    """Consolidate ``stage``'s best weights (``target_only`` of several targets: ``domain``'s) into ``out``."""
     from safetensors.torch import save_file
 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir / 'config.yaml'} is missing: not a run folder (runs/<name>)")
     cfg = load_config(run_dir / "config.yaml")
+    stage = _unit(cfg, stage, domain)
     manifest = load_manifest(cfg.data.prepared_dir(), verify=False)
     provenance = RunRecord.load(run_dir / "metrics.json").provenance
     check_same_data(provenance, manifest, what=str(run_dir), folder=cfg.data.prepared_dir())
@@ -59,7 +61,8 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     save_config(cfg, out / "config.yaml")
     provenance = {**provenance, "data_fingerprint": manifest.get("fingerprint"), "run": str(run_dir)}
-    (out / "domains.json").write_text(json.dumps({"schema": SCHEMA, "stage": stage, "domains": manifest["domains"],
+    (out / "domains.json").write_text(json.dumps({"schema": SCHEMA, "stage": unit_stage(stage), "unit": stage,
+                                                  "domains": manifest["domains"],
                                                   "source": cfg.data.source, "target": cfg.data.target,
                                                   "evaluated": stage_domains(stage, cfg),
                                                   "input": "own_domain" if own_domain_input(stage, cfg) else "mixed",
@@ -68,6 +71,20 @@ def export(run_dir: str | Path, out: str | Path, *, stage: str = "joint") -> Pat
     if item_map.is_file():
         shutil.copy(item_map, out / "item_map.json")
     return out
+
+
+def _unit(cfg, stage: str, domain: str | None) -> str:
+    """The unit an export names: the stage, or the target-only baseline of ``domain``."""
+    targets = cfg.data.targets()
+    if stage != "target_only":
+        if domain:
+            raise ExportError(f"--domain {domain}: only --stage target_only has one model per target domain")
+        return stage
+    if domain is None and len(targets) > 1:
+        raise ExportError(f"--stage target_only: this run has a baseline per target domain {targets}; name one with --domain")
+    if domain is not None and domain not in targets:
+        raise ExportError(f"--domain {domain!r} is not one of this run's target domains {targets}")
+    return cfg.baseline_unit(domain or targets[0])
 
 
 def load_info(folder: str | Path) -> dict:
@@ -83,6 +100,7 @@ def load_info(folder: str | Path) -> dict:
             raise ValueError(f"stage {info['stage']!r}")
         # exports written before these were recorded: the policy and domains their stage had then
         only = info["stage"] == "target_only"
+        info.setdefault("unit", info["stage"])
         info.setdefault("evaluated", [info["target"]] if only else names)
         info.setdefault("input", "own_domain" if only else "mixed")
         if not set(info["evaluated"]) <= set(names) or info["input"] not in ("own_domain", "mixed"):

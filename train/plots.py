@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from train.config import STAGES, baseline_of, unit_stage
 from train.protocol import PROTOCOLS
 from train.record import RunRecord
-from train.stages import STAGE_LABELS
+from train.record import transfer_entries
+from train.stages import STAGE_LABELS, unit_label
 
 
 def _series(run_dir: Path, key: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -30,7 +32,7 @@ def _series(run_dir: Path, key: str) -> dict[str, tuple[list[int], list[float]]]
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        for stage in STAGE_LABELS:
+        for stage in {k.split("/", 1)[0] for k in row if k.endswith(f"/{key}")}:  # units: stages, target_only-<d>
             if f"{stage}/{key}" in row:
                 x = row.get(f"{stage}/stage_step" if key == "loss" else f"{stage}/epoch", 0)
                 xs, ys = out.setdefault(stage, ([], []))
@@ -43,13 +45,14 @@ def _curves(runs: list[Path], key: str, ylabel: str, xlabel: str, path: Path) ->
     import matplotlib.pyplot as plt
 
     per_run = [(_series(r, key), r.name) for r in runs]
-    stages = [s for s in STAGE_LABELS if any(s in series for series, _ in per_run)]
+    stages = sorted({s for series, _ in per_run for s in series}, key=lambda u: (STAGES.index(unit_stage(u)), u))
     fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(4.5 * max(len(stages), 1), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for series, name in per_run:
             if stage in series:
                 ax.plot(*series[stage], label=name, marker="o" if key != "loss" else None, markersize=3)
-        ax.set(title=STAGE_LABELS[stage], xlabel=xlabel, ylabel=ylabel)
+        ax.set(title=unit_label(stage) + (f" ({stage.split('-', 1)[1]})" if "-" in stage else ""), xlabel=xlabel,
+               ylabel=ylabel)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)
@@ -64,20 +67,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _transfer(agg: dict, path: Path) -> Path | None:
+def _transfer(agg: dict, t: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
-    t = agg.get("transfer")
-    test = agg["test"]
-    if not t or "joint" not in test or "target_only" not in test:
+    test, dom = agg["test"], t["domain"]
+    base = baseline_of(test, dom)
+    if "joint" not in test or base is None:
         return None
-    dom = t["domain"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, p in enumerate(PROTOCOLS):
-        for j, stage in enumerate(("target_only", "joint")):
+        for j, stage in enumerate((base, "joint")):
             s = test[stage][dom][p]["ndcg@10"]
             left.bar(i * 3 + j, s["mean"], yerr=s["std"] if s["n"] > 1 else None, capsize=4,
-                     color=("tab:gray", "tab:blue")[j], label=STAGE_LABELS[stage] if i == 0 else None)
+                     color=("tab:gray", "tab:blue")[j], label=unit_label(stage) if i == 0 else None)
         ci = t[p]["ci95"]
         diffs = t[p]["diff"]["values"]
         xs = [k + i * (len(ci) + 1) for k in range(len(ci))]
@@ -98,7 +100,7 @@ def _cold_start(records: list[RunRecord], target: str, path: Path) -> Path | Non
 
     buckets: dict = {}
     for rec in records:
-        for stage in ("target_only", "joint"):
+        for stage in (baseline_of(rec.stages, target) or "target_only", "joint"):
             cs = rec.stages[stage].metrics.get("test", {}).get(target, {}).get("cold_start") if stage in rec.stages else None
             for name, m in (cs or {}).items():
                 if m["full"].get("n_users"):  # an empty bucket has no metrics
@@ -108,7 +110,8 @@ def _cold_start(records: list[RunRecord], target: str, path: Path) -> Path | Non
     fig, ax = plt.subplots(figsize=(6, 3.4))
     names = list(buckets)
     for j, stage in enumerate(("target_only", "joint")):
-        vals = [float(np.mean(buckets[n].get(stage, [np.nan]))) for n in names]
+        vals = [float(np.mean([v for k, vs in buckets[n].items() if unit_stage(k) == stage for v in vs] or [np.nan]))
+                for n in names]
         ax.bar(np.arange(len(names)) + 0.4 * j, vals, width=0.4, label=STAGE_LABELS[stage])
     ax.set_xticks(np.arange(len(names)) + 0.2, [f"{n} events" for n in names])
     ax.set(title=f"{target} test NDCG@10 (full ranking) by training events", ylabel="NDCG@10")
@@ -124,11 +127,14 @@ def draw(agg: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     runs = [Path(r) for r in agg["runs"]]
     records = [RunRecord.load(r / "metrics.json") for r in runs]
-    target = agg.get("transfer", {}).get("domain")
+    entries = transfer_entries(agg.get("transfer"))
+    one = len(entries) == 1  # one target: transfer.png; several: transfer-<domain>.png each
     drawn = [_curves(runs, "loss", "training loss", "optimizer step", out / "loss.png"),
-             _curves(runs, "valid_select", "valid selection metric", "epoch", out / "valid.png"),
-             _transfer(agg, out / "transfer.png"),
-             _cold_start(records, target, out / "cold_start.png") if target else None]
+             _curves(runs, "valid_select", "valid selection metric", "epoch", out / "valid.png")]
+    for t in entries:
+        suffix = "" if one else f"-{t['domain']}"
+        drawn += [_transfer(agg, t, out / f"transfer{suffix}.png"),
+                  _cold_start(records, t["domain"], out / f"cold_start{suffix}.png")]
     return [p for p in drawn if p is not None]
 
 
@@ -144,11 +150,11 @@ def draw_fractions(curve: dict[float, dict], out: Path) -> list[Path]:
     shares = [f * 100 for f in curve]
     fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(5 * len(PROTOCOLS), 3.6), squeeze=False)
     for ax, p in zip(axes[0], PROTOCOLS):
+        dom = transfer_entries(next(iter(curve.values()))["transfer"])[0]["domain"]
         for stage, color in (("target_only", "tab:gray"), ("joint", "tab:blue")):
-            stats = [agg["test"][stage][agg["transfer"]["domain"]][p]["ndcg@10"] for agg in curve.values()]
+            stats = [agg["test"][stage][dom][p]["ndcg@10"] for agg in curve.values()]
             ax.errorbar(shares, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=4,
                         color=color, label=STAGE_LABELS[stage])
-        dom = next(iter(curve.values()))["transfer"]["domain"]
         ax.set(title=f"{dom} test NDCG@10, {p}", xlabel="target training users kept, %", ylabel="NDCG@10",
                xticks=shares)
         ax.grid(alpha=0.3)

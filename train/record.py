@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.config import STAGES
+from train.config import STAGES, unit_stage
 from train.protocol import recorded_protocol
 from train.files import finite_json, write_atomic
 
@@ -27,6 +27,14 @@ SCHEMA = 2
 
 class RecordError(ValueError):
     """A metrics.json cannot be read; the message names it."""
+
+
+def transfer_entries(transfer: dict | None) -> list[dict]:
+    """A record's (or report's) transfer as a list of per-domain entries: one target records its
+    entry itself, several a ``{domain: entry}`` dict."""
+    if not transfer:
+        return []
+    return [transfer] if "domain" in transfer else list(transfer.values())
 
 
 class DataMismatch(ValueError):
@@ -75,7 +83,12 @@ class RunRecord:
         return self.stages.setdefault(name, StageRecord())
 
     def finished(self) -> list[str]:
-        return [s for s in STAGES if s in self.stages and self.stages[s].done]
+        """The finished units, in run order."""
+        return [u for u in self.units() if self.stages[u].done]
+
+    def units(self) -> list[str]:
+        """The units recorded, in run order (by stage, then name)."""
+        return sorted(self.stages, key=lambda u: (STAGES.index(unit_stage(u)), u))
 
     def recorded_protocol(self) -> dict | None:
         """The protocol with every field (one recorded after the run was made counts as its default)."""
@@ -95,7 +108,8 @@ class RunRecord:
     @classmethod
     def from_json(cls, d: dict) -> "RunRecord":
         meta = d.get("_meta", {})
-        stages = {s: StageRecord(d.get(s, {}), meta.get(s, {})) for s in STAGES if s in d or s in meta}
+        keys = [k for k in {**d, **meta} if unit_stage(k) in STAGES]  # stages, and target_only-<domain> units
+        stages = {s: StageRecord(d.get(s, {}), meta.get(s, {})) for s in keys}
         return cls(stages=stages, transfer=d.get("transfer"), world_size=meta.get("world_size"),
                    launcher=meta.get("launcher"), protocol=meta.get("eval"), stopped=meta.get("stopped"),
                    times={k: meta[k] for k in ("wall_s", "reevaluated_s") if k in meta},

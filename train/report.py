@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from train.config import STAGES
+from train.config import STAGES, baseline_of, unit_stage
 from train.protocol import PROTOCOLS, protocol_label
-from train.record import RunRecord
-from train.stages import STAGE_LABELS
+from train.record import RunRecord, transfer_entries
+from train.stages import unit_label
 
 METRICS = ("hr@10", "ndcg@10", "mrr")
 
@@ -88,7 +88,7 @@ def refuse_repeats(keys: list[tuple[str, str | None]], names: list[str]) -> None
 def _test_metrics(runs: list[tuple[str, RunRecord]]) -> dict:
     """{stage: {domain: {protocol: {metric: stats}}}} over the runs; every run must hold each."""
     out: dict = {}
-    for stage in STAGES:
+    for stage in _units(rec for _, rec in runs):
         tests = {d: rec.stages[stage].metrics.get("test", {}) if stage in rec.stages else {} for d, rec in runs}
         for dom in sorted({dom for t in tests.values() for dom in t}):
             missing = [d for d, t in tests.items() if dom not in t]
@@ -116,6 +116,27 @@ def _target_fraction(run_dirs: list[str | Path]) -> float:
     return next(iter(seen), 1.0)
 
 
+def _units(records) -> list[str]:
+    """Every unit the records hold (stages, and target_only-<domain> baselines), in run order."""
+    return sorted({u for rec in records for u in rec.stages}, key=lambda u: (STAGES.index(unit_stage(u)), u))
+
+
+def _pooled_transfer(per_run: list[list[dict]]) -> dict:
+    """Each run's transfer entries (one per target domain, :func:`transfer_entries`) pooled per
+    domain: one target gives its entry's layout, several ``{domain: entry}``."""
+    out = {}
+    for entry in per_run[0]:
+        dom = entry["domain"]
+        mine = [next(e for e in run if e["domain"] == dom) for run in per_run]
+        pooled = {"domain": dom, "metric": entry["metric"]}
+        for p in PROTOCOLS:
+            diffs = [v for e in mine for v in (e[p]["diff"]["values"] if isinstance(e[p]["diff"], dict) else [e[p]["diff"]])]
+            cis = [ci for e in mine for ci in (e[p]["ci95"] if isinstance(e[p]["ci95"][0], list) else [e[p]["ci95"]])]
+            pooled[p] = {"diff": _stats(diffs), "ci95": cis, "runs_ci_above_0": sum(lo > 0 for lo, _ in cis)}
+        out[dom] = pooled
+    return next(iter(out.values())) if len(out) == 1 else out
+
+
 def aggregate(run_dirs: list[str | Path]) -> dict:
     runs = _load(run_dirs)
     protocol = _protocol(runs)
@@ -123,13 +144,11 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
                  "num_negatives": protocol.get("num_negatives"),
                  "prior": protocol.get("prior", 0.0), "transition": protocol.get("transition", 0.0),
                  "test": _test_metrics(runs), "provenance": [rec.provenance for _, rec in runs]}
-    tr = [rec.transfer for _, rec in runs if rec.transfer]
-    if tr and len(tr) == len(runs):
-        out["transfer"] = {"domain": tr[0]["domain"], "metric": tr[0]["metric"]}
-        for p in PROTOCOLS:
-            out["transfer"][p] = {"diff": _stats([t[p]["diff"] for t in tr]), "ci95": [t[p]["ci95"] for t in tr],
-                                  "runs_ci_above_0": sum(t[p]["ci95"][0] > 0 for t in tr)}
-    timed = [s for s in STAGES if all(s in rec.stages and "wall_s" in rec.stages[s].meta for _, rec in runs)]
+    tr = [transfer_entries(rec.transfer) for _, rec in runs]
+    if all(tr):
+        out["transfer"] = _pooled_transfer(tr)
+    timed = [s for s in _units(rec for _, rec in runs)
+             if all(s in rec.stages and "wall_s" in rec.stages[s].meta for _, rec in runs)]
     if timed:
         out["wall_s"] = {s: _stats([rec.stages[s].meta["wall_s"] for _, rec in runs]) for s in timed}
         out["wall_s"]["total"] = _stats([sum(rec.stages[s].meta["wall_s"] for s in timed) for _, rec in runs])
@@ -183,11 +202,7 @@ def merge_saved(reports: list[tuple[str, dict]]) -> dict:
         s: {d: {p: {k: _merge_stats([r["test"][s][d][p][k] for _, r in reports]) for k in m} for p, m in res.items()}
             for d, res in doms.items()} for s, doms in first["test"].items()}}
     if all("transfer" in r for _, r in reports):
-        out["transfer"] = {"domain": first["transfer"]["domain"], "metric": first["transfer"]["metric"]}
-        for p in PROTOCOLS:
-            cis = [ci for _, r in reports for ci in r["transfer"][p]["ci95"]]
-            out["transfer"][p] = {"diff": _merge_stats([r["transfer"][p]["diff"] for _, r in reports]), "ci95": cis,
-                                  "runs_ci_above_0": sum(lo > 0 for lo, _ in cis)}
+        out["transfer"] = _pooled_transfer([transfer_entries(r["transfer"]) for _, r in reports])
     timed = [s for s in first.get("wall_s", {}) if all(s in r.get("wall_s", {}) for _, r in reports)]
     if timed:
         out["wall_s"] = {s: _merge_stats([r["wall_s"][s] for _, r in reports]) for s in timed}
@@ -222,11 +237,14 @@ def format_fractions(curve: dict[float, dict], protocol: str = "full") -> str:
              "of target training users (data.target_fraction)",
              f"{'share':>6}  {'runs':>4}  {'target-only':>17}  {'source-then-joint':>17}  {'transfer':>9}  CI above 0"]
     for f, agg in curve.items():
-        t = agg.get("transfer")
-        if not t:
-            raise ReportError(f"data.target_fraction={f:g}: the runs have no transfer (train target_only and joint)")
+        entries = transfer_entries(agg.get("transfer"))
+        if len(entries) != 1:
+            raise ReportError(f"data.target_fraction={f:g}: the runs have no transfer of one target domain "
+                              "(train target_only and joint)")
+        t = entries[0]
         dom = t["domain"]
-        a, b = agg["test"]["joint"][dom][protocol]["ndcg@10"], agg["test"]["target_only"][dom][protocol]["ndcg@10"]
+        base = baseline_of(agg["test"], dom) or "target_only"
+        a, b = agg["test"]["joint"][dom][protocol]["ndcg@10"], agg["test"][base][dom][protocol]["ndcg@10"]
         rel = (a["mean"] - b["mean"]) / max(b["mean"], 1e-12) * 100
         lines.append(f"{f * 100:>5g}%  {a['n']:>4}  {mean_pm(b, 17)}  {mean_pm(a, 17)}  {rel:>+8.1f}%  "
                      f"{t[protocol]['runs_ci_above_0']}/{t[protocol]['diff']['n']}")
@@ -247,7 +265,11 @@ def _terms(agg: dict) -> str:
 
 
 def _transfer_lines(agg: dict) -> list[str]:
-    t, lines = agg["transfer"], []
+    return [line for t in transfer_entries(agg["transfer"]) for line in _transfer_entry_lines(agg, t)]
+
+
+def _transfer_entry_lines(agg: dict, t: dict) -> list[str]:
+    lines = []
     for p in PROTOCOLS:
         d = t[p]["diff"]
         cis = ", ".join(f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in t[p]["ci95"])
@@ -258,11 +280,18 @@ def _transfer_lines(agg: dict) -> list[str]:
     return lines
 
 
+def _time_label(unit: str) -> str:
+    """A time line's name of a unit: its stage's label, the domain for one of several baselines."""
+    if unit == "total" or unit_stage(unit) not in STAGES:
+        return unit
+    return unit_label(unit) + (f" ({unit.split('-', 1)[1]})" if "-" in unit else "")
+
+
 def _time_line(agg: dict) -> str:
     if len(agg["runs"]) == 1:
-        return "stage time, s: " + "; ".join(f"{STAGE_LABELS.get(s, s)} {w['mean']:,.0f}" for s, w in agg["wall_s"].items())
+        return "stage time, s: " + "; ".join(f"{_time_label(s)} {w['mean']:,.0f}" for s, w in agg["wall_s"].items())
     return "stage time, s (mean ± std; per run): " + "; ".join(
-        f"{STAGE_LABELS.get(s, s)} {w['mean']:,.0f} ± {w['std']:,.0f} ({' / '.join(f'{v:,.0f}' for v in w['values'])})"
+        f"{_time_label(s)} {w['mean']:,.0f} ± {w['std']:,.0f} ({' / '.join(f'{v:,.0f}' for v in w['values'])})"
         for s, w in agg["wall_s"].items())
 
 
@@ -273,7 +302,7 @@ def format_report(agg: dict) -> str:
     lines = [f"{len(agg['runs'])} run(s){_terms(agg)}: " + ", ".join(agg["runs"]), head, "-" * len(head)]
     for stage, doms in agg["test"].items():
         for dom, res in doms.items():
-            lines.append(f"{STAGE_LABELS[stage]:<20}{dom:<13}" + "".join(mean_pm(res[p][k], width) for p, k in cols))
+            lines.append(f"{unit_label(stage):<20}{dom:<13}" + "".join(mean_pm(res[p][k], width) for p, k in cols))
     if "transfer" in agg:
         lines += _transfer_lines(agg)
     if "wall_s" in agg:
@@ -292,7 +321,7 @@ def format_markdown(agg: dict, plots: list[Path] = ()) -> str:
              "|---|---|" + "---|" * len(cols)]
     for stage, doms in agg["test"].items():
         for dom, res in doms.items():
-            lines.append(f"| {STAGE_LABELS[stage]} | {dom} | " + " | ".join(mean_pm(res[p][k]) for p, k in cols) + " |")
+            lines.append(f"| {unit_label(stage)} | {dom} | " + " | ".join(mean_pm(res[p][k]) for p, k in cols) + " |")
     if "transfer" in agg:
         lines += [""] + [f"- {line}" for line in _transfer_lines(agg)]
     if "wall_s" in agg:

@@ -23,7 +23,7 @@ from train.runlock import RunLock, RunLocked
 from train.stages import data_problems
 from train.tracking import Tracker
 
-_RUN_FILES = ("metrics.json", "config.yaml", "metrics.jsonl", "source", "joint", "target_only")
+_RUN_FILES = ("metrics.json", "config.yaml", "metrics.jsonl", "source", "joint", "target_only")  # (and target_only-<domain>)
 RUN_MARK = ".xdrec-run"  # written into every run folder xdrec starts: --overwrite moves only folders that hold it
 
 

@@ -1,13 +1,19 @@
-"""The stage kinds, each one declared spec (``SPECS``), and what a stage reads.
+"""The stage kinds, each one declared spec (``SPECS``), the run's units, and what a unit reads.
 
-- ``target_only``: the baseline, trained the same way on the target domain's events alone.
-- ``source``: next-item CE on the source-domain targets of the mixed sequences.
+Domains are data: ``data.source`` names one or more domains, ``data.target`` one or more (or
+``all``), and every role below is the list the experiment gives it.
+
+- ``target_only``: the baseline, trained the same way on one target domain's events alone: one
+  unit (its own model) per target domain, named ``target_only`` when there is one target and
+  ``target_only-<domain>`` when there are several.
+- ``source``: next-item CE on the source domains' targets of the mixed sequences.
 - ``joint``: starts from the best ``source`` weights (of this run, or of ``train.init_from``);
-  batches mix source and target rows at ``train.mix_ratio``; L = w_s * mean CE(source) + w_t *
-  mean CE(target).
+  batches mix source and target rows at ``train.mix_ratio`` (with ``data.target=all``, one stream
+  of every domain); L = sum_d w_d * mean CE(d), w_d the stage's source or target weight (or
+  ``train.<stage>.domain_weights[d]``); the two-term loss is the two-domain case.
 
-Each stage selects its best epoch on valid of its selection domain (``eval.select_domains=all``:
-the mean over every domain it is evaluated on), ranking by the model's scores alone.
+Each unit selects its best epoch on valid of its selection domains (the mean where several;
+``eval.select_domains=all``: over every domain it is evaluated on), by the model's scores alone.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from typing import Literal
 import torch
 
 from model import Vocabulary, build_recommender
-from train.config import STAGES, ExperimentConfig
+from train.config import STAGES, ExperimentConfig, baseline_of, unit_stage
 from train.data.stream import (vocabulary, ReaderOptions, batches_per_rank, joint_rows, mixed_batches, split_mode,
                                train_batches)
 from train.protocol import SAMPLED
@@ -34,7 +40,7 @@ class StageSpec:
     driver: Role  # whose training samples make one epoch
     evaluates: tuple[Role, ...]  # the domains the stage scores (and is evaluated on)
     selects_on: Role  # whose valid metric keeps the best epoch (eval.select_domains=stage)
-    target_only: bool = False  # inputs hold the target domain's events alone
+    target_only: bool = False  # inputs hold the target domain's events alone (one unit per target: config.units)
     mixed: bool = False  # batches mix source and target rows (train.mix_ratio)
     from_source: bool = False  # starts from the best source weights
 
@@ -57,18 +63,33 @@ def run_order(stages: list[str]) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
+def unit_label(unit: str) -> str:
+    """How a unit is named to people (its stage's label)."""
+    return STAGE_LABELS[unit_stage(unit)]
+
+
+def roles(unit: str, cfg: ExperimentConfig) -> dict[str, list[str]]:
+    """``{"source": [...], "target": [...]}``: the domains each role means in ``unit`` (a
+    per-target unit's target is its own domain)."""
+    own = unit.split("-", 1)[1] if "-" in unit else None
+    return {"source": cfg.data.sources(), "target": [own] if own else cfg.data.targets()}
+
+
+def _ordered(domains: list[str]) -> list[str]:
+    return list(dict.fromkeys(domains))
+
+
 def data_problems(cfg: ExperimentConfig, manifest: dict, folder) -> list[str]:
     """What the prepared data cannot give the listed stages, each naming the domain and the
     numbers: a stage's training domain without training rows, an evaluated domain without valid
     or test users, or fewer items outside an evaluated user's sequence than ``eval.num_negatives``."""
-    names = {"source": cfg.data.source, "target": cfg.data.target}
     domains = {d["name"]: d for d in manifest["domains"]}
     problems, n = [], cfg.eval.num_negatives
-    evaluated = sorted({names[r] for s in cfg.train.stages for r in SPECS[s].evaluates})
-    for stage in run_order(cfg.train.stages):
-        driver = names[SPECS[stage].driver]
-        if not manifest["counts"][driver]["train"]["samples"]:
-            problems.append(f"stage {stage} trains on domain {driver!r}, which has no training rows in {folder}")
+    evaluated = sorted({d for u in cfg.units() for d in stage_domains(u, cfg)})
+    for unit in cfg.units():
+        for driver in roles(unit, cfg)[SPECS[unit_stage(unit)].driver]:
+            if not manifest["counts"][driver]["train"]["samples"]:
+                problems.append(f"stage {unit} trains on domain {driver!r}, which has no training rows in {folder}")
     for name in evaluated:
         counts, d = manifest["counts"][name], domains[name]
         empty = [s for s in ("valid", "test") if not counts[s]["samples"]]
@@ -83,17 +104,17 @@ def data_problems(cfg: ExperimentConfig, manifest: dict, folder) -> list[str]:
     return problems
 
 
-def own_domain_input(stage: str, cfg: ExperimentConfig) -> bool:
-    """A stage's input policy, the one place it is decided: rows hold their own domain's events
+def own_domain_input(unit: str, cfg: ExperimentConfig) -> bool:
+    """A unit's input policy, the one place it is decided: rows hold their own domain's events
     alone (the target-only baseline, or ``model.sequence=per_domain``), else the mixed sequence.
     Training, evaluation, an export and ``recommend`` all apply it."""
-    return SPECS[stage].target_only or cfg.model.sequence == "per_domain"
+    return SPECS[unit_stage(unit)].target_only or cfg.model.sequence == "per_domain"
 
 
-def stage_domains(stage: str, cfg: ExperimentConfig) -> list[str]:
-    """The domains a stage trains its scores for and is evaluated on, by name."""
-    names = {"source": cfg.data.source, "target": cfg.data.target}
-    return [names[r] for r in SPECS[stage].evaluates]
+def stage_domains(unit: str, cfg: ExperimentConfig) -> list[str]:
+    """The domains a unit trains its scores for and is evaluated on, by name (sources first)."""
+    names = roles(unit, cfg)
+    return _ordered([d for r in SPECS[unit_stage(unit)].evaluates for d in names[r]])
 
 
 def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None = None) -> torch.nn.Module:
@@ -105,35 +126,50 @@ def build_model(cfg: ExperimentConfig, manifest: dict, domains: list[str] | None
 
 
 class StageData:
-    """What one stage of a run reads: its batches, steps per epoch and loss weights."""
+    """What one unit of a run reads: its batches, steps per epoch and loss weights."""
 
-    def __init__(self, spec: StageSpec, cfg: ExperimentConfig, manifest: dict, folder, world: int):
-        self.spec, self.cfg, self.manifest, self.folder, self.world = spec, cfg, manifest, folder, world
-        self.names = {"source": cfg.data.source, "target": cfg.data.target}
-        self.train = cfg.train.for_stage(spec.name)
+    def __init__(self, unit: str, cfg: ExperimentConfig, manifest: dict, folder, world: int):
+        self.unit, self.spec = unit, SPECS[unit_stage(unit)]
+        self.cfg, self.manifest, self.folder, self.world = cfg, manifest, folder, world
+        self.names = roles(unit, cfg)
+        self.train = cfg.train.for_stage(self.spec.name)
         self.reader = ReaderOptions.of(cfg)
-        self.driver = self.names[spec.driver]
-        self.domains = stage_domains(spec.name, cfg)
+        self.domains = stage_domains(unit, cfg)
+        # mixed: source rows beside target rows, unless every source is a target (data.target=all):
+        # then one stream of every target domain drives the stage
+        self.mixed = self.spec.mixed and not set(self.names["source"]) <= set(self.names["target"])
+        self.driver = self.names[self.spec.driver]  # the domains whose training samples make an epoch
 
     @property
     def own_domain_only(self) -> bool:
         """Inputs hold only the row's own domain (:func:`own_domain_input`)."""
-        return own_domain_input(self.spec.name, self.cfg)
+        return own_domain_input(self.unit, self.cfg)
+
+    def selection_domains(self) -> list[str]:
+        """The domains whose valid metric (their mean) keeps a unit's best epoch."""
+        return self.domains if self.cfg.eval.select_domains == "all" else self.names[self.spec.selects_on]
 
     def weights(self) -> list[float]:
-        """w_d per domain index: the stage's source and target weights."""
+        """w_d per domain index: the stage's source weight for its sources, target weight for its
+        targets (a target's where a domain is both), ``domain_weights`` over both."""
         sc, dom = self.cfg.train.stage(self.spec.name), vocabulary(self.manifest)
         w = [0.0] * len(dom.names)
-        w[dom.index(self.names["source"])], w[dom.index(self.names["target"])] = sc.source_weight, sc.target_weight
+        for role, weight in (("source", sc.source_weight), ("target", sc.target_weight)):
+            if role in self.spec.evaluates:
+                for d in self.names[role]:
+                    w[dom.index(d)] = weight
+        for d, weight in sc.domain_weights.items():
+            if d in self.domains:
+                w[dom.index(d)] = weight
         return w
 
     def rows(self) -> int:
         """Driving-domain rows of a micro batch."""
         t = self.train
-        return joint_rows(t.micro_batch_size, t.mix_ratio)[1] if self.spec.mixed else t.micro_batch_size
+        return joint_rows(t.micro_batch_size, t.mix_ratio)[1] if self.mixed else t.micro_batch_size
 
     def steps_per_epoch(self) -> int:
-        n = self.manifest["counts"][self.driver]["train"]["samples"] / self.world
+        n = sum(self.manifest["counts"][d]["train"]["samples"] for d in self.driver) / self.world
         return max(1, math.ceil(n / self.rows() / self.train.grad_accum))
 
     def batches(self, epoch: int):
@@ -142,10 +178,11 @@ class StageData:
         common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer, reader=self.reader,
                       cloze=cfg.model.objective == "masked", only_domain=self.own_domain_only, buckets=t.length_buckets,
                       epoch_batches=self.steps_per_epoch() * t.grad_accum if t.resampled else None)
-        if self.spec.mixed:
-            return mixed_batches(self.manifest, self.folder, source=self.names["source"], target=self.names["target"],
-                                 batch_size=t.micro_batch_size, mix_ratio=t.mix_ratio, **common)
-        return train_batches(self.manifest, self.folder, self.driver, batch_size=t.micro_batch_size, **common)
+        if self.mixed:
+            return mixed_batches(self.manifest, self.folder, source=_one(self.names["source"]),
+                                 target=_one(self.names["target"]), batch_size=t.micro_batch_size,
+                                 mix_ratio=t.mix_ratio, **common)
+        return train_batches(self.manifest, self.folder, _one(self.driver), batch_size=t.micro_batch_size, **common)
 
     def known_steps(self, epoch: int) -> tuple[int, int] | None:
         """(batches every rank trains in ``epoch``, batches other ranks have beyond those), from the
@@ -153,14 +190,14 @@ class StageData:
         if self.reader.on_error != "raise":
             return None
         t = self.train
-        per_rank = batches_per_rank(self.manifest, self.driver, batch_size=self.rows(), seed=self.cfg.seed,
+        per_rank = batches_per_rank(self.manifest, _one(self.driver), batch_size=self.rows(), seed=self.cfg.seed,
                                     epoch=epoch, world=self.world, num_workers=t.num_workers,
                                     epoch_batches=self.steps_per_epoch() * t.grad_accum if t.resampled else None)
         return min(per_rank), sum(per_rank) - len(per_rank) * min(per_rank)
 
     def describe(self, model) -> list[str]:
-        """The stage's log lines: its inputs, loss and scoring, and how its data is read."""
-        names, mc, stage = vocabulary(self.manifest).names, self.cfg.model, self.spec.name
+        """The unit's log lines: its inputs, loss and scoring, and how its data is read."""
+        names, mc, stage = vocabulary(self.manifest).names, self.cfg.model, self.unit
         inputs = "each row's own domain only" if self.own_domain_only else "the mixed sequence of every domain"
         if model.view_domains:
             inputs += ", plus the own-domain view for " + ", ".join(names[d] for d in model.view_domains) + (
@@ -173,7 +210,8 @@ class StageData:
                 f"[{stage}] {self._reading()}; micro batch {self.train.micro_batch_size}"]
 
     def _reading(self) -> str:
-        n_shards, workers = len(self.manifest["shards"][self.driver]["train"]), self.train.num_workers
+        n_shards = sum(len(self.manifest["shards"][d]["train"]) for d in self.driver)
+        workers = self.train.num_workers
         readers = self.world * max(workers, 1)
         if self.train.resampled:
             how = f"every reader draws shards with replacement (resampled), an epoch is {self.steps_per_epoch()} steps"
@@ -182,13 +220,13 @@ class StageData:
         else:
             how = (f"every reader opens every shard, keeping every {readers}th sample; an epoch is one pass, every "
                    "rank takes the same number of steps")
-        return (f"{n_shards} {self.driver} train shards, {self.world} rank(s) x {max(workers, 1)} reader(s) "
+        return (f"{n_shards} {', '.join(self.driver)} train shards, {self.world} rank(s) x {max(workers, 1)} reader(s) "
                 f"({workers} DataLoader workers): {how}")
 
     def plan(self, *, select, ckpt_dir) -> StagePlan:
         """How the training loop runs this stage (``select``: the valid number an epoch is kept by)."""
         t, sc = self.cfg.train, self.cfg.train.stage(self.spec.name)
-        return StagePlan(name=self.spec.name, batches=self.batches, weights=self.weights(), epochs=sc.epochs,
+        return StagePlan(name=self.unit, batches=self.batches, weights=self.weights(), epochs=sc.epochs,
                          patience=sc.patience, select=select, ckpt_dir=ckpt_dir, log_every=t.log_every,
                          checkpoint_every=t.checkpoint_every, grad_accum=t.grad_accum,
                          domain_names=vocabulary(self.manifest).names, plateau_decay=sc.plateau_decay,
@@ -199,28 +237,31 @@ class StageData:
 
     def select_label(self) -> str:
         """How the epoch lines name the number an epoch is kept by, e.g. ``valid sampled ndcg@10 (B)``."""
-        ev = self.cfg.eval
-        where = ", ".join(self.domains) if ev.select_domains == "all" else self.names[self.spec.selects_on]
-        mean = "mean " if ev.select_domains == "all" and len(self.domains) > 1 else ""
-        return f"valid {mean}{'sampled' if ev.select_protocol == SAMPLED else 'full'} {ev.select_metric} ({where})"
+        ev, where = self.cfg.eval, self.selection_domains()
+        mean = "mean " if len(where) > 1 else ""
+        return f"valid {mean}{'sampled' if ev.select_protocol == SAMPLED else 'full'} {ev.select_metric} ({', '.join(where)})"
 
     def model_builder(self):
         """The stage's model constructor (its domains' views and auxiliary losses only)."""
         return partial(build_model, self.cfg, self.manifest, domains=self.domains)
 
 
-def format_table(results: dict, target: str, source: str | None = None, split: str = "test") -> str:
-    """``split`` metrics of target-only vs source-then-joint on ``target`` (and joint on ``source``)."""
+def _one(domains: list[str]) -> str | list[str]:
+    """A single domain as its name (the stream of one domain), several as the list."""
+    return domains[0] if len(domains) == 1 else domains
+
+
+def format_table(results: dict, targets: list[str], sources: list[str] = (), split: str = "test") -> str:
+    """``split`` metrics of each target's target-only baseline vs source-then-joint (and the joint
+    model, and the source stage, on each source that is no target)."""
     cols = [("full", "hr@10"), ("full", "ndcg@10"), ("full", "mrr"),
             (SAMPLED, "hr@10"), (SAMPLED, "ndcg@10"), (SAMPLED, "mrr")]
     head = f"{'stage':<22}{'domain':<14}" + "".join(f"{p[:4] + ' ' + m:>16}" for p, m in cols)
     lines = [head, "-" * len(head)]
-    rows = [("target_only", target), ("joint", target)]
-    if source:
-        rows += [("source", source), ("joint", source)]
-    label = STAGE_LABELS
-    for stage, dom in rows:
-        m = results.get(stage, {}).get(split, {}).get(dom)
+    rows = [(unit, t) for t in targets for unit in (baseline_of(results, t) or "target_only", "joint")]
+    rows += [(unit, s) for s in sources if s not in targets for unit in ("source", "joint")]
+    for unit, dom in rows:
+        m = results.get(unit, {}).get(split, {}).get(dom)
         if m:
-            lines.append(f"{label[stage]:<22}{dom:<14}" + "".join(f"{m[p][k]:>16.4f}" for p, k in cols))
+            lines.append(f"{unit_label(unit):<22}{dom:<14}" + "".join(f"{m[p][k]:>16.4f}" for p, k in cols))
     return "\n".join(lines)

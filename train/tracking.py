@@ -110,7 +110,7 @@ class Tracker:
                               config=redact_tree({**to_dict(cfg), "run": context}), dir=str(run_dir), mode=mode,
                               id=run_id, resume="allow", settings=wandb.Settings(quiet=True,
                                                                                  x_disable_meta=secret_in_argv))
-        for stage in STAGES:
+        for stage in dict.fromkeys([*STAGES, *cfg.units()]):  # target_only-<domain> units log on their own axes
             self.run.define_metric(f"{stage}/stage_step")
             self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/stage_step")
 

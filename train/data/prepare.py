@@ -161,7 +161,7 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Pa
     counts = np.zeros((len(cfg.domains), len(SPLITS)), np.int64)
     most = [0] * len(cfg.domains)
     dropped = _dropped_users(cfg, items_sorted, bounds, dom)
-    target = cfg.domains.index(cfg.target)
+    target = cfg.domains.index(cfg.targets()[0])
     for k in range(len(bounds) - 1):
         seq = items_sorted[bounds[k]:bounds[k + 1]]
         user = len(user_map)
@@ -177,7 +177,7 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Pa
         shards[cfg.domains[d]][split] = [{"path": str(sh["path"].relative_to(tmp)), "samples": sh["samples"],
                                           "bytes": sh["bytes"], "sha256": sha256_file(sh["path"])} for sh in w.finish()]
     shrunk = {} if cfg.target_fraction >= 1 else {
-        "domain": cfg.target, "fraction": cfg.target_fraction, "seed": cfg.target_fraction_seed,
+        "domain": cfg.targets()[0], "fraction": cfg.target_fraction, "seed": cfg.target_fraction_seed,
         "users_dropped": len(dropped), "events_dropped": int(sum(
             (dom.of_ids(items_sorted[bounds[k]:bounds[k + 1]][:-2]) == target).sum() for k in dropped))}
     return user_map, counts, shards, most, shrunk
@@ -189,7 +189,7 @@ def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray
     chosen by a permutation seeded with ``data.target_fraction_seed``."""
     if cfg.target_fraction >= 1:
         return set()
-    target = cfg.domains.index(cfg.target)
+    target = cfg.domains.index(cfg.targets()[0])
     with_target = [k for k in range(len(bounds) - 1)
                    if (dom.of_ids(items_sorted[bounds[k]:bounds[k + 1]][1:-2]) == target).any()]
     keep = round(cfg.target_fraction * len(with_target))
@@ -275,7 +275,7 @@ def data_fingerprint(cfg: DataConfig) -> str:
     left out: both transfer directions of a pair share one prepared folder."""
     keys = {k: v for k, v in to_dict(cfg).items() if k not in _READ_ONLY_KEYS}
     if cfg.target_fraction < 1:  # which domain shrinks shapes the shards then
-        keys["target"] = cfg.target
+        keys["target"] = cfg.targets()[0]
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for p in _input_files(cfg):
         h.update(p.name.encode())

@@ -248,6 +248,7 @@ def _decode(errors: _Errors, fields: dict, n_items: int):
             if bad is not None:
                 errors.sample(s, bad)
                 continue
+            obj["__url__"] = s.get("__url__")  # its shard: whose domain labels a training row
             yield obj
     return stage
 
@@ -287,9 +288,10 @@ def _left_pad(seq: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-def train_rows(samples: list[dict], *, dom: Vocabulary, label_domain: int, max_len: int,
+def train_rows(samples: list[dict], *, dom: Vocabulary, label_domain: int | list[int], max_len: int,
                only_domain: bool, cloze: bool = False) -> dict[str, np.ndarray]:
-    """One training row per sample, in order, its targets in ``label_domain``. A sample whose
+    """One training row per sample, in order, its targets in ``label_domain`` (one domain for
+    every row, or each row's own: a stream over several domains' shards). A sample whose
     window holds no target there (its sequence trimmed, or reduced to the domain, past its last
     target) keeps an all-zero row that adds nothing to the loss: every sample is one row, so each
     rank's batches per epoch follow from the manifest (:func:`batches_per_rank`).
@@ -301,13 +303,15 @@ def train_rows(samples: list[dict], *, dom: Vocabulary, label_domain: int, max_l
     ``cloze`` (masked-item objective): inputs are the last ``max_len`` events and each position's
     target is its own item where it belongs to the label domain (the model picks what to mask).
     """
-    lo, hi = int(dom.offsets[label_domain]), int(dom.ends[label_domain])  # the domain's ids are lo+1..hi
+    labels = np.broadcast_to(np.asarray(label_domain, np.int64), (len(samples),))
+    # each row's label domain's ids are lo+1..hi, as [n, 1] columns against the matrix below
+    lo, hi = (np.asarray(dom.offsets, np.int64)[labels][:, None], np.asarray(dom.ends, np.int64)[labels][:, None])
     width = max_len if cloze else max_len + 1
     mat = np.zeros((len(samples), width), np.int64)
     for r, sample in enumerate(samples):
         seq = np.asarray(sample["items"], dtype=np.int64)
         if only_domain:
-            seq = seq[(seq > lo) & (seq <= hi)]
+            seq = seq[(seq > lo[r, 0]) & (seq <= hi[r, 0])]
         seq = seq[-width:]
         if len(seq):
             mat[r, width - len(seq):] = seq
@@ -326,7 +330,7 @@ def train_example(sample: dict, **kw) -> dict:
     return {k: v[0] for k, v in train_rows([sample], **kw).items()}
 
 
-def batches_per_rank(manifest: dict, domain: str, *, batch_size: int, seed: int, epoch: int, world: int,
+def batches_per_rank(manifest: dict, domain: str | list[str], *, batch_size: int, seed: int, epoch: int, world: int,
                      num_workers: int = 0, epoch_batches: int | None = None) -> list[int]:
     """The batches :func:`train_batches` yields on each of ``world`` ranks in ``epoch`` (one row a
     sample, whole shards or every R-th sample per reader as :func:`split_mode` chooses, the shard
@@ -334,7 +338,7 @@ def batches_per_rank(manifest: dict, domain: str, *, batch_size: int, seed: int,
     stream. The training loop takes the smallest of them on every rank, with no per-step agreement."""
     if epoch_batches is not None:
         return [epoch_batches] * world
-    sizes = shard_sizes(manifest, domain, "train")
+    sizes = [n for d in _domains(domain) for n in shard_sizes(manifest, d, "train")]
     order = list(range(len(sizes)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)  # as sample_stream shuffles the shard list
     workers = max(num_workers, 1)
@@ -352,7 +356,12 @@ def batches_per_rank(manifest: dict, domain: str, *, batch_size: int, seed: int,
     return out
 
 
-def _train_batches_stage(batch_size: int, buckets: int = 0, seed: int = 0, epoch: int = 0, **kw):
+def _domains(domain: str | list[str]) -> list[str]:
+    return [domain] if isinstance(domain, str) else list(domain)
+
+
+def _train_batches_stage(batch_size: int, buckets: int = 0, seed: int = 0, epoch: int = 0,
+                         labels: dict[str, int] | None = None, **kw):
     """Samples -> batches of exactly ``batch_size`` rows (the last may be short), rows computed
     a chunk at a time (:func:`train_rows`).
 
@@ -365,6 +374,8 @@ def _train_batches_stage(batch_size: int, buckets: int = 0, seed: int = 0, epoch
         pending: list[dict] = []
         n = 0
         for chunk in _chunks(src, batch_size * max(buckets, 1)):
+            if labels is not None:  # several domains' shards: each row is labelled by its shard's domain
+                kw["label_domain"] = [labels[s["__url__"]] for s in chunk]
             rows = train_rows(chunk, **kw)
             if buckets:
                 yield from _bucketed(rows, batch_size, rng)
@@ -464,18 +475,20 @@ def _loader(pipe: wds.DataPipeline, reader: ReaderOptions, epoch_batches: int | 
     return loader
 
 
-def train_batches(manifest: dict, folder: str | Path, domain: str, *, batch_size: int, max_len: int,
+def train_batches(manifest: dict, folder: str | Path, domain: str | list[str], *, batch_size: int, max_len: int,
                   seed: int, epoch: int, buffer: int, only_domain: bool = False, cloze: bool = False,
                   reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None, buckets: int = 0):
-    """One epoch of shuffled training batches of ``domain``'s train split (this rank's share);
-    ``buckets`` > 0: batches of like length, trimmed (:func:`_train_batches_stage`)."""
-    dom = vocabulary(manifest)
-    d = dom.index(domain)
-    pipe = sample_stream(shard_urls(manifest, folder, domain, "train", reader.remote), shuffle=True, seed=seed,
-                         epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items,
-                         sizes=shard_sizes(manifest, domain, "train"))
-    pipe.append(_train_batches_stage(batch_size, buckets, seed, epoch, dom=dom, label_domain=d, max_len=max_len,
-                                     only_domain=only_domain, cloze=cloze))
+    """One epoch of shuffled training batches of ``domain``'s train split (this rank's share):
+    one domain, or several (their shards read as one stream, each row labelled by its shard's
+    domain); ``buckets`` > 0: batches of like length, trimmed (:func:`_train_batches_stage`)."""
+    dom, domains = vocabulary(manifest), _domains(domain)
+    per = [shard_urls(manifest, folder, d, "train", reader.remote) for d in domains]
+    urls = [u for us in per for u in us]
+    labels = {u: dom.index(d) for d, us in zip(domains, per) for u in us} if len(domains) > 1 else None
+    pipe = sample_stream(urls, shuffle=True, seed=seed, epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items,
+                         sizes=[n for d in domains for n in shard_sizes(manifest, d, "train")])
+    pipe.append(_train_batches_stage(batch_size, buckets, seed, epoch, labels, dom=dom, label_domain=dom.index(domains[0]),
+                                     max_len=max_len, only_domain=only_domain, cloze=cloze))
     return _loader(pipe, reader, epoch_batches)
 
 
@@ -485,13 +498,14 @@ def joint_rows(batch_size: int, mix_ratio: float) -> tuple[int, int]:
     return n_src, batch_size - n_src
 
 
-def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: str, batch_size: int,
+def mixed_batches(manifest: dict, folder: str | Path, *, source: str | list[str], target: str | list[str], batch_size: int,
                   mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int, only_domain: bool = False,
                   cloze: bool = False, reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None,
                   buckets: int = 0) -> Iterator[dict]:
-    """Joint-stage batches: ``round(mix_ratio * B)`` source rows + the rest target rows.
+    """Joint-stage batches: ``round(mix_ratio * B)`` source rows + the rest target rows (each
+    side one domain or several, :func:`train_batches`).
 
-    One epoch is one pass over the target domain's training samples (``epoch_batches`` batches
+    One epoch is one pass over the target domains' training samples (``epoch_batches`` batches
     when resampled); the source stream restarts (with the next shuffle) whenever it runs out.
     """
     n_src, n_tgt = joint_rows(batch_size, mix_ratio)
@@ -507,7 +521,7 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str, target: st
                 n += 1
                 yield b
             if n == 0:
-                raise ValueError(f"joint stage: source domain {source!r} has no training examples")
+                raise ValueError(f"joint stage: source domain(s) {source!r} have no training examples")
             k += 1
 
     src = source_forever()
