@@ -86,6 +86,14 @@ def test_a_stage_micro_batch_overrides_the_global_one_for_that_stage_only(tmp_pa
     assert cfg.train.micro_batch_size == 64  # the run's config is left as it was
 
 
+def test_an_experiment_naming_only_its_data_trains_every_stage_until_early_stopping(tmp_path):
+    """No fixed epoch count by default: the cap is far above where patience ends a stage."""
+    cfg = load_config(_write(tmp_path, "name: x\ndata: amazon-food-kitchen\n"), [])
+    for stage in ("source", "joint", "target_only"):
+        sc = getattr(cfg.train, stage)
+        assert sc.epochs >= 100 and sc.patience == 3
+
+
 def test_preset_and_overrides_apply_in_order(tmp_path):
     p = _write(tmp_path, "model:\n  preset: small\n  n_layers: 3\n")
     cfg = load_config(p, ["model.n_layers=5", "train.source.lr=0.01"])

@@ -203,9 +203,10 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """One training stage. ``epochs`` passes over the stage's driving stream."""
+    """One training stage: at most ``epochs`` passes over the stage's driving stream; early stopping
+    (``patience``) ends it, so the default cap is one a stage rarely reaches."""
 
-    epochs: Annotated[int, _at_least(1)] = 10
+    epochs: Annotated[int, _at_least(1)] = 100
     lr: Annotated[float, Field(gt=0, description="> 0")] = 1e-3
     source_weight: float = 1.0  # w_s in L = w_s * mean CE(source) + w_t * mean CE(target)
     target_weight: float = 1.0  # w_t
