@@ -1,3 +1,4 @@
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -185,6 +186,50 @@ def test_same_input_gives_byte_identical_shards(tmp_path):
         m = load_manifest(cfg.prepared_dir())
         hashes.append([sh["sha256"] for d in m["shards"].values() for s in d.values() for sh in s])
     assert hashes[0] == hashes[1] and len(hashes[0]) == 6
+
+
+def test_samples_digest_depends_on_the_samples_not_on_their_shards(tmp_path):
+    """Shards of 7 samples or of 1000 hold the same samples: the same samples_sha256 per domain and
+    split, which verify recomputes; other samples (another seed), another digest."""
+    from train.data.inspect import verify
+
+    def digests(k: str, **kw) -> tuple[dict, int]:
+        cfg = DataConfig(out_dir=str(tmp_path / k), synthetic=SyntheticConfig(n_users=60, items_per_domain=[20, 20], **kw),
+                         shard_samples=7 if k == "small" else 1000)
+        prepare(cfg, log=lambda *_: None)
+        m = load_manifest(cfg.prepared_dir())
+        verify(cfg.prepared_dir())
+        assert m["engine"] == "local"
+        n_shards = sum(len(sh) for d in m["shards"].values() for sh in d.values())
+        return {(d, sp): c["samples_sha256"] for d, x in m["counts"].items() for sp, c in x.items()}, n_shards
+
+    (small, n_small), (big, n_big) = digests("small"), digests("big")
+    assert small == big and n_small > n_big == 6
+    other, _ = digests("other", seed=1)
+    assert all(other[k] != small[k] for k in small)
+
+
+def test_verify_names_a_split_whose_samples_changed_under_resealed_shards(prepared):
+    """A shard rewritten with one sample changed (its sha256 and count updated, as a careless
+    tool would): every shard check passes, the samples digest names the split."""
+    from train.data.inspect import verify
+    from train.files import sha256_file
+
+    cfg, m, _ = prepared
+    folder = cfg.prepared_dir()
+    shard = folder / m["shards"]["kitchen"]["test"][0]["path"]
+    with tarfile.open(shard) as t:
+        members = [(x, json.load(t.extractfile(x))) for x in t.getmembers()]
+    members[0][1]["target"] = members[1][1]["target"]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as t:
+        for info, obj in members:
+            data = json.dumps(obj).encode()
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    m["shards"]["kitchen"]["test"][0].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"kitchen/test samples digest .* differs from its samples_sha256"):
+        verify(folder)
 
 
 def _tar_samples(folder: Path, pattern: str) -> list[dict]:

@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     _run_commands(add)
     d = add("data", help="fetch a public data set; inspect a prepared folder")
     d.add_argument("action", choices=("fetch", "verify", "stats"), help="fetch: download a public release, "
-                   "sha256-checked; verify: re-hash and re-count every shard; stats: users/items/events per domain, "
+                   "sha256-checked; verify: re-hash and re-count every shard, recompute every split's samples digest; stats: users/items/events per domain, "
                    "overlap, sequence lengths")
     d.add_argument("folder", help="fetch: a data set name (amazon-food-kitchen, amazon-beauty-electronics); "
                    "verify, stats: data/prepared/<name>")
@@ -209,7 +209,7 @@ def cmd_data(args) -> int:
         return 0
     if args.action == "verify":
         counts = verify(args.folder)
-        print(f"{args.folder}: every shard matches its sha256 and sample count: {json.dumps(counts)}")
+        print(f"{args.folder}: every shard matches its sha256 and sample count, every split its samples_sha256: {json.dumps(counts)}")
         for where in empty_splits(counts):
             print(f"warning: {where} holds no samples: no user's {where.split('/')[1]} event falls in that domain; "
                   "an experiment that trains, selects or reports on it is refused", file=sys.stderr)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train.data.digest import SamplesDigest
 from train.data.prepare import ManifestError, load_manifest
 from train.data.stream import vocabulary, sample_stream, shard_urls
 
@@ -16,24 +17,34 @@ def _samples(manifest: dict, folder: Path, domain: str, split: str):
 
 
 def verify(folder: str | Path) -> dict:
-    """Re-hash every shard and re-count its samples against ``manifest.json``; raises ManifestError
-    naming the first shard that differs. Returns ``{domain: {split: samples}}``."""
+    """Re-hash every shard, re-count its samples and recompute each split's samples digest against
+    ``manifest.json``; raises ManifestError naming the first shard or split that differs.
+    Returns ``{domain: {split: samples}}``."""
     folder = Path(folder)
     m = load_manifest(folder, verify=True)  # presence and sha256 of every shard
     counts: dict = {}
     for dom, splits in m["shards"].items():
         for split, shards in splits.items():
+            digest = SamplesDigest()
             for sh in shards:
-                n = sum(1 for _ in sample_stream([str(folder / sh["path"])], shuffle=False, seed=0, epoch=0,
-                                                 buffer=0))
-                if n != sh["samples"]:
-                    raise ManifestError(f"{folder / sh['path']}: {n} samples, manifest.json says {sh['samples']}")
-            total = sum(sh["samples"] for sh in shards)
-            if total != m["counts"][dom][split]["samples"]:
-                raise ManifestError(f"{folder / 'manifest.json'}: {dom}/{split} shards hold {total} samples, "
-                                    f"counts say {m['counts'][dom][split]['samples']}")
-            counts.setdefault(dom, {})[split] = total
+                part = SamplesDigest()
+                for s in sample_stream([str(folder / sh["path"])], shuffle=False, seed=0, epoch=0, buffer=0):
+                    part.add(s)
+                if part.count != sh["samples"]:
+                    raise ManifestError(f"{folder / sh['path']}: {part.count} samples, manifest.json says {sh['samples']}")
+                digest = digest.merge(part)
+            _check_split(m["counts"][dom][split], digest, folder / "manifest.json", f"{dom}/{split}")
+            counts.setdefault(dom, {})[split] = digest.count
     return counts
+
+
+def _check_split(recorded: dict, digest: SamplesDigest, mpath: Path, where: str) -> None:
+    if digest.count != recorded["samples"]:
+        raise ManifestError(f"{mpath}: {where} shards hold {digest.count} samples, counts say {recorded['samples']}")
+    want = recorded.get("samples_sha256")  # absent in folders prepared before it was recorded
+    if want is not None and digest.hexdigest() != want:
+        raise ManifestError(f"{mpath}: {where} samples digest {digest.hexdigest()[:16]}... differs from its "
+                            f"samples_sha256 {str(want)[:16]}...: the shards hold other samples than were prepared")
 
 
 def empty_splits(counts: dict) -> list[str]:

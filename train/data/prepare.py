@@ -3,8 +3,9 @@ leave-one-out splits, WebDataset tar shards per domain and split, and ``manifest
 
 Layout of ``<data.out_dir>/<data.name>/``::
 
-    manifest.json                  counts, vocab per domain, sha256 per shard, filter report,
-                                   the data config, schema version
+    manifest.json                  counts and samples_sha256 (train.data.digest) per domain and
+                                   split, vocab per domain, sha256 per shard, filter report, the
+                                   data config, the engine, schema version
     item_map.json, user_map.json   raw id -> xdrec id
     <domain>/train-000000.tar ...  one sample per user with >= 1 training target in <domain>
     <domain>/valid-000000.tar ...  users whose validation target (second last event) is in <domain>
@@ -31,6 +32,7 @@ import numpy as np
 
 from model.config import Vocabulary
 from train.config import DataConfig, to_dict
+from train.data.digest import SamplesDigest
 from train.data.events import apply_filters, chronological, collect, id_sort_key, summary
 from train.data.formats import DataFormatError, Event, read_abxi, read_files, table_files
 from train.data.stream import bad_shard_path, vocabulary
@@ -146,9 +148,9 @@ def _item_ids(table, keep: np.ndarray, n_dom: int) -> tuple[np.ndarray, dict, li
     return item_id, item_map, info
 
 
-def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Path) -> tuple[dict, np.ndarray, dict, list, dict]:
+def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Path) -> tuple[dict, dict, dict, list, dict]:
     """Every kept user's leave-one-out samples into shards, users in raw-id order (chronological()):
-    (raw user id -> xdrec id, samples per (domain, split), the shards' listing, per domain the most
+    (raw user id -> xdrec id, per domain and split the samples' count and samples_sha256, the shards' listing, per domain the most
     of its items one user evaluated there holds: what the sampled protocol cannot draw for them,
     the ``data.target_fraction`` report)."""
     order = chronological(table, cfg.filter.tie_break)
@@ -158,7 +160,7 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Pa
     writers = {(d, s): ShardWriter(tmp / name, s, cfg.shard_samples, cfg.shard_bytes)
                for d, name in enumerate(cfg.domains) for s in SPLITS}
     user_map: dict[str, int] = {}
-    counts = np.zeros((len(cfg.domains), len(SPLITS)), np.int64)
+    digests = {key: SamplesDigest() for key in writers}
     most = [0] * len(cfg.domains)
     dropped = _dropped_users(cfg, items_sorted, bounds, dom)
     target = cfg.domains.index(cfg.targets()[0])
@@ -169,7 +171,7 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Pa
         drop = target if user in dropped else None
         for d, split, sample in user_samples(user, seq.tolist(), dom.of_ids(seq).tolist(), drop):
             writers[(d, split)].write(sample)
-            counts[d, SPLITS.index(split)] += 1
+            digests[(d, split)].add(sample)
             if split != "train":
                 most[d] = max(most[d], int((dom.of_ids(np.asarray(sample["exclude"])) == d).sum()))
     shards: dict = {name: {} for name in cfg.domains}
@@ -180,6 +182,8 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Pa
         "domain": cfg.targets()[0], "fraction": cfg.target_fraction, "seed": cfg.target_fraction_seed,
         "users_dropped": len(dropped), "events_dropped": int(sum(
             (dom.of_ids(items_sorted[bounds[k]:bounds[k + 1]][:-2]) == target).sum() for k in dropped))}
+    counts = {name: {s: {"samples": digests[(d, s)].count, "samples_sha256": digests[(d, s)].hexdigest()}
+                     for s in SPLITS} for d, name in enumerate(cfg.domains)}
     return user_map, counts, shards, most, shrunk
 
 
@@ -251,8 +255,7 @@ def _prepare(cfg: DataConfig, log) -> Path:
         "filtered": reports, **({"target_fraction": shrunk} if shrunk else {}),
         "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d], "max_user_items": most[d]}
                     for d, name in enumerate(cfg.domains)],
-        "counts": {name: {s: {"samples": int(counts[d, j])} for j, s in enumerate(SPLITS)}
-                   for d, name in enumerate(cfg.domains)},
+        "engine": "local", "counts": counts,
         "shards": shards,
     }
     for name, obj in (("manifest.json", manifest), ("item_map.json", item_map), ("user_map.json", user_map)):
