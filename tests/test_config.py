@@ -66,13 +66,16 @@ def test_unknown_key_names_key_and_file(tmp_path):
      r"command line: model.label_smoothing needs loss=full without exclude_own_items"),
     ("name: x\n", ["eval.prior=-0.5"], r"command line: eval.prior must be >= 0 \(0 = the model's scores alone\), got -0.5"),
     ("name: x\n", ["eval.transition=-1"], r"command line: eval.transition must be >= 0 \(0 = off\), got -1$"),
+    ("name: x\n", ["data.split=temporal", "data.split_quantiles=[0.9,0.5]"],
+     r"data.split_quantiles=\[0.9, 0.5\]: two increasing quantiles in \(0, 1\)"),
+    ("name: x\n", ["data.split_times=[5]"], r"data.split_times=\[5.0\]: two increasing times"),
 ], ids=["type", "bool-not-int", "literal", "preset", "cross-field", "override-key", "override-type",
         "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files", "bidirectional-next-item",
         "causal-cloze", "no-negatives", "init-from-and-source", "joint-without-source", "plateau-decay",
         "view-without-dual", "view-domain", "view-layers-without-dual", "view-layers-negative",
         "uniform-aux-not-full", "uniform-aux-domain",
         "exclude-own-items-not-full", "stage-micro-batch", "temperature-negative", "label-smoothing-range",
-        "label-smoothing-not-full", "prior-negative", "transition-negative"])
+        "label-smoothing-not-full", "prior-negative", "transition-negative", "split-quantiles", "split-times"])
 def test_bad_values_name_key_and_origin(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text), overrides)

@@ -232,6 +232,49 @@ def test_verify_names_a_split_whose_samples_changed_under_resealed_shards(prepar
         verify(folder)
 
 
+_TIMED = {  # user: [(item, time, domain)]; the cuts are at 100 (valid) and 200 (test)
+    "u1": [("a1", 10, "A"), ("b1", 20, "B"), ("a2", 50, "A"), ("b2", 150, "B"), ("a3", 160, "A"), ("b3", 250, "B"),
+           ("a4", 300, "A")],
+    "u2": [("a1", 10, "A"), ("a2", 20, "A"), ("b1", 30, "B")],  # every event before the valid cut: trains only
+    "u3": [("a5", 120, "A"), ("b4", 130, "B"), ("b5", 210, "B")],  # nothing before the valid cut
+    "u4": [("b1", 10, "B"), ("b2", 20, "B"), ("a1", 220, "A")],  # no event between the cuts
+}
+
+
+def test_temporal_split_trains_on_nothing_after_the_valid_cut(tmp_path):
+    """Every user cut at the same two times: train holds only events before the valid cut; a
+    user's first event in [valid, test) is their valid target, the first at or after the test cut
+    their test target, each with every event before it; users without one are counted."""
+    csv = tmp_path / "log.csv"
+    csv.write_text("user,item,timestamp,domain\n" + "".join(
+        f"{u},{i},{t},{d}\n" for u, evs in _TIMED.items() for i, t, d in evs))
+    cfg = DataConfig(name="timed", format="table", path=str(csv), out_dir=str(tmp_path / "out"),
+                     split="temporal", split_times=[100, 200])
+    prepare(cfg, log=lambda *_: None)
+    folder = cfg.prepared_dir()
+    assert folder.name == "timed-temporal"
+    m = load_manifest(folder)
+    assert m["split"] == {"kind": "temporal", "valid_time": 100, "test_time": 200, "users": 4, "users_with_valid": 1,
+                          "users_with_test": 3, "users_without_training_events": 1, "events_after_valid_cut": 8}
+    name = {v: k for k, v in json.loads((folder / "item_map.json").read_text()).items()}
+    user = {v: k for k, v in json.loads((folder / "user_map.json").read_text()).items()}
+
+    def read(split):
+        return {(user[s["user"]], tuple(name[i] for i in s["items"]), name.get(s.get("target"))): sorted(
+            name[i] for i in s.get("exclude", [])) for s in _tar_samples(folder, f"*/{split}-*.tar")}
+
+    assert set(read("train")) == {("u1", ("a1", "b1", "a2"), None), ("u2", ("a1", "a2", "b1"), None),
+                                  ("u4", ("b1", "b2"), None)}
+    assert read("valid") == {("u1", ("a1", "b1", "a2"), "b2"): ["a1", "a2", "b1", "b2"]}
+    assert read("test") == {("u1", ("a1", "b1", "a2", "b2", "a3"), "b3"): ["a1", "a2", "a3", "b1", "b2", "b3"],
+                            ("u3", ("a5", "b4"), "b5"): ["a5", "b4", "b5"], ("u4", ("b1", "b2"), "a1"): ["a1", "b1", "b2"]}
+    cfg.split_times = []  # the default quantiles of the kept events' times
+    cfg.split_quantiles = [0.5, 0.75]
+    prepare(cfg, log=lambda *_: None)
+    times = sorted(t for evs in _TIMED.values() for _, t, _ in evs)
+    assert load_manifest(folder)["split"]["valid_time"] == pytest.approx(float(np.quantile(times, 0.5)))
+
+
 def _tar_samples(folder: Path, pattern: str) -> list[dict]:
     out = []
     for tar in sorted(folder.glob(pattern)):

@@ -151,6 +151,12 @@ class DataConfig:
     # Prepared into <out_dir>/<name>-<target><percent>/ beside the full data.
     target_fraction: Annotated[float, Field(gt=0, le=1, description="in (0, 1]")] = 1.0
     target_fraction_seed: int = 0
+    # how each user's sequence is cut (train/data/split.py): leave_one_out (the ABXI protocol) or
+    # temporal: every user cut at the same two times, split_times (the data's time unit) or else
+    # split_quantiles of the kept events' times; prepared into <out_dir>/<name>-temporal/
+    split: Literal["leave_one_out", "temporal"] = "leave_one_out"
+    split_quantiles: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    split_times: list[float] = field(default_factory=list)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     table: TableConfig = field(default_factory=TableConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -180,6 +186,10 @@ class DataConfig:
             for key in ("items_per_domain", "events_per_domain"):
                 n = len(getattr(self.synthetic, key))
                 _check(n == len(self.domains), f"synthetic.{key} has {n} entries for {len(self.domains)} domains")
+        q, t = self.split_quantiles, self.split_times
+        _check(len(q) == 2 and 0 < q[0] < q[1] < 1, f"split_quantiles={q}: two increasing quantiles in (0, 1) "
+               "(the valid cut, then the test cut)")
+        _check(not t or (len(t) == 2 and t[0] < t[1]), f"split_times={t}: two increasing times (valid cut, test cut)")
         _check(self.format != "abxi" or self.path, "path is empty but data.format='abxi' reads a folder")
         _check(self.format != "table" or self.path or self.files, "format='table' needs data.path (one table with a "
                "domain column) or data.files (files per domain)")
@@ -194,11 +204,13 @@ class DataConfig:
                "filter.min_rating needs ratings: data.format 'amazon', or 'table' with data.table.rating (the rating column)")
 
     def prepared_dir(self) -> Path:
-        """``<out_dir>/<name>``, or ``<out_dir>/<name>-<target><percent>`` with a target_fraction < 1."""
+        """``<out_dir>/<name>``, ``-temporal`` added with the temporal split, then
+        ``-<target><percent>`` with a target_fraction < 1."""
+        name = self.name + ("-temporal" if self.split == "temporal" else "")
         if self.target_fraction < 1:
             pct = f"{self.target_fraction * 100:g}".replace(".", "p")
-            return Path(self.out_dir) / f"{self.name}-{self.targets()[0]}{pct}"
-        return Path(self.out_dir) / self.name
+            return Path(self.out_dir) / f"{name}-{self.targets()[0]}{pct}"
+        return Path(self.out_dir) / name
 
 
 @dataclass

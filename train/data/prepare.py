@@ -1,5 +1,6 @@
-"""``xdrec prepare``: raw interactions -> filters, id maps, chronological sequences,
-leave-one-out splits, WebDataset tar shards per domain and split, and ``manifest.json``.
+"""``xdrec prepare``: raw interactions -> filters, id maps, chronological sequences, the split
+(leave-one-out or temporal: train/data/split.py), WebDataset tar shards per domain and split,
+and ``manifest.json``.
 
 Layout of ``<data.out_dir>/<data.name>/``::
 
@@ -8,8 +9,8 @@ Layout of ``<data.out_dir>/<data.name>/``::
                                    data config, the engine, schema version
     item_map.json, user_map.json   raw id -> xdrec id
     <domain>/train-000000.tar ...  one sample per user with >= 1 training target in <domain>
-    <domain>/valid-000000.tar ...  users whose validation target (second last event) is in <domain>
-    <domain>/test-000000.tar ...   users whose test target (last event) is in <domain>
+    <domain>/valid-000000.tar ...  users whose validation target (leave-one-out: the second last event) is in <domain>
+    <domain>/test-000000.tar ...   users whose test target (leave-one-out: the last event) is in <domain>
 
 Item ids are global: domain k owns ids ``offset_k + 1 .. offset_k + n_items_k``; 0 is padding.
 Every sample is one JSON object ``{"user", "items", ...}``; valid/test samples add ``target``
@@ -33,6 +34,7 @@ import numpy as np
 from model.config import Vocabulary
 from train.config import DataConfig, to_dict
 from train.data.digest import SamplesDigest
+from train.data.split import Cut, cut_times, leave_one_out, temporal, user_samples
 from train.data.events import apply_filters, chronological, collect, id_sort_key, summary
 from train.data.formats import DataFormatError, Event, read_abxi, read_files, table_files
 from train.data.stream import bad_shard_path, vocabulary
@@ -64,24 +66,6 @@ def read_events(cfg: DataConfig) -> Iterable[Event]:
     if cfg.format == "abxi":
         return read_abxi(cfg.path, len(cfg.domains))
     return read_files(cfg)
-
-
-def user_samples(user: int, seq: list[int], doms: list[int], drop: int | None = None) -> Iterator[tuple[int, str, dict]]:
-    """Leave-one-out samples of one user (>= 3 events): ``(domain, split, sample)``.
-
-    train: the sequence without its last two events, once per domain that has a training target
-    (positions 1..); valid: target = second last event; test: target = last event. ``drop``: a
-    domain whose events leave this user's training samples (``data.target_fraction``); its valid
-    and test samples keep the whole history.
-    """
-    train, tdoms = seq[:-2], doms[:-2]
-    if drop is not None:
-        train, tdoms = [i for i, d in zip(train, tdoms) if d != drop], [d for d in tdoms if d != drop]
-    exclude = sorted(set(seq))
-    for d in sorted(set(tdoms[1:])):
-        yield d, "train", {"user": user, "items": train}
-    yield doms[-2], "valid", {"user": user, "items": seq[:-2], "target": seq[-2], "exclude": exclude}
-    yield doms[-1], "test", {"user": user, "items": seq[:-1], "target": seq[-1], "exclude": exclude}
 
 
 class ShardWriter:
@@ -148,28 +132,45 @@ def _item_ids(table, keep: np.ndarray, n_dom: int) -> tuple[np.ndarray, dict, li
     return item_id, item_map, info
 
 
+def _cuts(cfg: DataConfig, times: np.ndarray, bounds: np.ndarray) -> tuple[list[Cut], dict]:
+    """Every user's cut (``data.split``) and the split's report for the manifest."""
+    n_users = len(bounds) - 1
+    if cfg.split == "leave_one_out":
+        return [leave_one_out(int(bounds[k + 1] - bounds[k])) for k in range(n_users)], {"kind": "leave_one_out"}
+    valid_at, test_at = cut_times(times, cfg.split_quantiles, cfg.split_times)
+    cuts = [temporal(times[bounds[k]:bounds[k + 1]], valid_at, test_at) for k in range(n_users)]
+    report = {"kind": "temporal", "valid_time": valid_at, "test_time": test_at, "users": n_users,
+              "users_with_valid": sum(c.valid is not None for c in cuts),
+              "users_with_test": sum(c.test is not None for c in cuts),
+              "users_without_training_events": sum(c.n_train == 0 for c in cuts),
+              "events_after_valid_cut": int((times >= valid_at).sum())}
+    return cuts, report
+
+
 def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Path) -> tuple[dict, dict, dict, list, dict]:
-    """Every kept user's leave-one-out samples into shards, users in raw-id order (chronological()):
-    (raw user id -> xdrec id, per domain and split the samples' count and samples_sha256, the shards' listing, per domain the most
-    of its items one user evaluated there holds: what the sampled protocol cannot draw for them,
-    the ``data.target_fraction`` report)."""
+    """Every kept user's samples (cut by ``data.split``) into shards, users in raw-id order
+    (chronological()): (raw user id -> xdrec id, per domain and split the samples' count and
+    samples_sha256, the shards' listing, per domain the most of its items one user evaluated
+    there holds: what the sampled protocol cannot draw for them, the split and
+    ``data.target_fraction`` reports)."""
     order = chronological(table, cfg.filter.tie_break)
     order = order[keep[order]]
     users_sorted, items_sorted = table.user[order], item_id[table.item[order]]
     bounds = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1], True])
+    cuts, split_report = _cuts(cfg, table.ts[order], bounds)
     writers = {(d, s): ShardWriter(tmp / name, s, cfg.shard_samples, cfg.shard_bytes)
                for d, name in enumerate(cfg.domains) for s in SPLITS}
     user_map: dict[str, int] = {}
     digests = {key: SamplesDigest() for key in writers}
     most = [0] * len(cfg.domains)
-    dropped = _dropped_users(cfg, items_sorted, bounds, dom)
+    dropped = _dropped_users(cfg, items_sorted, bounds, cuts, dom)
     target = cfg.domains.index(cfg.targets()[0])
     for k in range(len(bounds) - 1):
         seq = items_sorted[bounds[k]:bounds[k + 1]]
         user = len(user_map)
         user_map[table.users[users_sorted[bounds[k]]]] = user
         drop = target if user in dropped else None
-        for d, split, sample in user_samples(user, seq.tolist(), dom.of_ids(seq).tolist(), drop):
+        for d, split, sample in user_samples(user, seq.tolist(), dom.of_ids(seq).tolist(), cuts[k], drop):
             writers[(d, split)].write(sample)
             digests[(d, split)].add(sample)
             if split != "train":
@@ -181,13 +182,14 @@ def _write_users(cfg: DataConfig, table, keep, item_id, dom: Vocabulary, tmp: Pa
     shrunk = {} if cfg.target_fraction >= 1 else {
         "domain": cfg.targets()[0], "fraction": cfg.target_fraction, "seed": cfg.target_fraction_seed,
         "users_dropped": len(dropped), "events_dropped": int(sum(
-            (dom.of_ids(items_sorted[bounds[k]:bounds[k + 1]][:-2]) == target).sum() for k in dropped))}
+            (dom.of_ids(items_sorted[bounds[k]:bounds[k] + cuts[k].n_train]) == target).sum() for k in dropped))}
     counts = {name: {s: {"samples": digests[(d, s)].count, "samples_sha256": digests[(d, s)].hexdigest()}
                      for s in SPLITS} for d, name in enumerate(cfg.domains)}
-    return user_map, counts, shards, most, shrunk
+    return user_map, counts, shards, most, {"split": split_report, **({"target_fraction": shrunk} if shrunk else {})}
 
 
-def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray, dom: Vocabulary) -> set[int]:
+def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray, cuts: list[Cut],
+                   dom: Vocabulary) -> set[int]:
     """The users (xdrec ids) whose target-domain training events ``data.target_fraction`` leaves
     out: of the users with a target-domain training target, all but round(fraction x their number),
     chosen by a permutation seeded with ``data.target_fraction_seed``."""
@@ -195,7 +197,7 @@ def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray
         return set()
     target = cfg.domains.index(cfg.targets()[0])
     with_target = [k for k in range(len(bounds) - 1)
-                   if (dom.of_ids(items_sorted[bounds[k]:bounds[k + 1]][1:-2]) == target).any()]
+                   if (dom.of_ids(items_sorted[bounds[k] + 1:bounds[k] + cuts[k].n_train]) == target).any()]
     keep = round(cfg.target_fraction * len(with_target))
     order = np.random.default_rng(cfg.target_fraction_seed).permutation(len(with_target))
     return {with_target[i] for i in order[keep:]}
@@ -246,13 +248,13 @@ def _prepare(cfg: DataConfig, log) -> Path:
         raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
     item_id, item_map, info = _item_ids(table, keep, n_dom)
     dom = vocabulary({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
-    user_map, counts, shards, most, shrunk = _write_users(cfg, table, keep, item_id, dom, tmp)
+    user_map, counts, shards, most, split_reports = _write_users(cfg, table, keep, item_id, dom, tmp)
     dom_events = np.bincount(table.domain[keep], minlength=n_dom).tolist()
     manifest = {
         "schema_version": SCHEMA_VERSION, "name": cfg.name, "format": cfg.format, "fingerprint": data_fingerprint(cfg),
         "data_config": redact_tree(to_dict(cfg)), "n_users": len(user_map), "n_events": int(keep.sum()),
         "read": {"events": len(table), "users": len(table.users), "items": len(table.items)},
-        "filtered": reports, **({"target_fraction": shrunk} if shrunk else {}),
+        "filtered": reports, **split_reports,
         "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d], "max_user_items": most[d]}
                     for d, name in enumerate(cfg.domains)],
         "engine": "local", "counts": counts,
@@ -266,10 +268,23 @@ def _prepare(cfg: DataConfig, log) -> Path:
     tmp.rename(out)
     log(f"prepared {cfg.name}: read {len(table)} events of {len(table.users)} users; kept {manifest['n_events']} "
         f"events of {len(user_map)} users, " + ", ".join(f"{x['name']}: {x['n_items']} items" for x in manifest["domains"])
-        + f"; filters: {summary(reports)}" + (f"; data.target_fraction={shrunk['fraction']:g}: {shrunk['users_dropped']} "
-                                              f"users' {shrunk['events_dropped']} {shrunk['domain']} training events "
-                                              "left out" if shrunk else "") + f" -> {out}")
+        + f"; filters: {summary(reports)}" + _split_note(split_reports) + f" -> {out}")
     return out / "manifest.json"
+
+
+def _split_note(reports: dict) -> str:
+    """The prepare line's account of the temporal split and of ``data.target_fraction``."""
+    note = ""
+    sp = reports["split"]
+    if sp["kind"] == "temporal":
+        note += (f"; temporal split at {sp['valid_time']:g} / {sp['test_time']:g}: {sp['users_with_valid']} of "
+                 f"{sp['users']} users have a valid target, {sp['users_with_test']} a test target, "
+                 f"{sp['users_without_training_events']} no training event")
+    shrunk = reports.get("target_fraction")
+    if shrunk:
+        note += (f"; data.target_fraction={shrunk['fraction']:g}: {shrunk['users_dropped']} users' "
+                 f"{shrunk['events_dropped']} {shrunk['domain']} training events left out")
+    return note
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
