@@ -27,7 +27,7 @@ import json
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
