@@ -17,7 +17,7 @@ EXP := configs/experiment/$(notdir $(patsubst %/,%,$(DATA))).yaml
 DATA_ARG := data.path=$(DATA)
 endif
 
-BENCH_EVENTS ?= 1000000
+BENCH_EVENTS ?= 1000000,10000000,50000000
 BENCH_DIR ?= data/bench
 
 SEEDS ?= 0 1 2

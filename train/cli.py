@@ -46,6 +46,11 @@ def _run_commands(add) -> None:
         s = add(name, help=help_)
         s.add_argument("config", help="experiment YAML, e.g. configs/experiment/demo.yaml")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4")
+        if name == "prepare":
+            s.add_argument("--engine", choices=("local", "ray"),
+                           help="who prepares (data.engine): this process, or Ray Data (the same samples)")
+            s.add_argument("--address", help="ray: the cluster to join (data.ray_address), e.g. auto or "
+                                             "ray://head:10001; without it a local Ray sized to this machine")
         if name == "train":
             s.add_argument("--resume", choices=("auto", "never"), default="never",
                            help="auto: skip finished stages and continue the latest resume checkpoint "
@@ -273,7 +278,8 @@ def cmd_prepare(args) -> int:
     from train.config import load_config
     from train.data.prepare import prepare
 
-    cfg = load_config(args.config, args.overrides)
+    extra = [f"data.{k}={v}" for k, v in (("engine", args.engine), ("ray_address", args.address)) if v is not None]
+    cfg = load_config(args.config, args.overrides + extra)
     prepare(cfg.data, log=_log)
     return 0
 

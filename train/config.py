@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import re
 import types
 import typing
@@ -157,6 +158,10 @@ class DataConfig:
     split: Literal["leave_one_out", "temporal"] = "leave_one_out"
     split_quantiles: list[float] = field(default_factory=lambda: [0.9, 0.95])
     split_times: list[float] = field(default_factory=list)
+    # who prepares: local (this process) or ray (Ray Data operations: a local Ray sized to this
+    # machine, or the cluster at ray_address); both give the same samples (manifest samples_sha256)
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str = ""  # ray: "auto" (a running `ray start`), host:6379 or ray://host:10001
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     table: TableConfig = field(default_factory=TableConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -190,6 +195,8 @@ class DataConfig:
         _check(len(q) == 2 and 0 < q[0] < q[1] < 1, f"split_quantiles={q}: two increasing quantiles in (0, 1) "
                "(the valid cut, then the test cut)")
         _check(not t or (len(t) == 2 and t[0] < t[1]), f"split_times={t}: two increasing times (valid cut, test cut)")
+        _check(self.engine != "ray" or importlib.util.find_spec("ray") is not None,
+               "engine='ray' needs Ray Data, which is not installed: pip install 'xdrec[ray]' (or ray[data])")
         _check(self.format != "abxi" or self.path, "path is empty but data.format='abxi' reads a folder")
         _check(self.format != "table" or self.path or self.files, "format='table' needs data.path (one table with a "
                "domain column) or data.files (files per domain)")

@@ -17,7 +17,7 @@
 - ``vocab``: the 1M-item preset prepared, trained (sampled softmax) and evaluated; memory and
   step time at ZeRO-0/2/3 with the tied item table (gathered every forward under ZeRO-3).
 - ``stream``: samples/s of the training stream vs raw tar iteration; ``prepare``: time and
-  peak RSS of ``xdrec prepare`` on a generated CSV.
+  peak RSS (driver, largest Ray worker) of ``xdrec prepare`` per engine on generated Parquet tables.
 
 Timings are medians over steps after a warm-up; nothing here is a unit test.
 """
@@ -81,8 +81,9 @@ def main(argv=None) -> None:
     ap.add_argument("--users", type=int, default=20000, help="stream: synthetic users")
     ap.add_argument("--workers", default="0,2", help="stream: DataLoader workers to try")
     ap.add_argument("--repeat", type=int, default=3, help="stream: repetitions")
-    ap.add_argument("--events", type=int, default=1_000_000, help="prepare: events of the generated CSV")
-    ap.add_argument("--prepare-users", type=int, default=100_000, help="prepare: users of the generated CSV")
+    ap.add_argument("--events", default="1000000,10000000,50000000",
+                    help="prepare: events of the generated Parquet tables, a comma list (users: a tenth)")
+    ap.add_argument("--engines", default="local,ray", help="prepare: the engines to run, a comma list")
     ap.add_argument("--dir", default=None, help="stream/prepare: working folder")
     args = ap.parse_args(argv)
     args.dir = args.dir or args.data

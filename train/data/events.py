@@ -128,37 +128,48 @@ def id_sort_key(raw: str):
     return (0, int(raw), "") if raw.isdigit() and raw.isascii() else (1, 0, raw)
 
 
+def filter_plan(f: FilterConfig) -> list[tuple[str, str]]:
+    """The filters ``f`` turns on, in the order they run: (kind, the name its report carries).
+    Both prepare engines run this plan and report under these names."""
+    plan = []
+    if f.min_rating is not None:
+        plan.append(("rating", f"rating >= {f.min_rating:g}"))
+    if f.duplicates != "keep":
+        plan.append(("duplicates", f"duplicate (user, item): keep {f.duplicates}"))
+    if f.user_core > 1 or f.item_core > 1 or f.min_domains > 1:
+        plan.append(("k_core", f"k-core per domain (user >= {f.user_core}, item >= {f.item_core}), "
+                               f"users in >= {f.min_domains} domains"))
+    if f.last_n:
+        plan.append(("last_n", f"last {f.last_n} events per user"))
+    plan.append(("min_events", f"users with < {f.min_events} events"))
+    return plan
+
+
 def apply_filters(t: EventTable, f: FilterConfig, n_domains: int) -> tuple[np.ndarray, list[dict]]:
-    """Keep-mask after every filter of ``f`` (in FilterConfig's order) and one report per filter."""
+    """Keep-mask after every filter of ``f`` (:func:`filter_plan`) and one report per filter."""
     keep = np.ones(len(t), bool)
     reports = []
-    if f.min_rating is not None:
-        new = keep & (t.rating >= f.min_rating)  # nan (no rating) fails the test
-        reports.append(_report(f"rating >= {f.min_rating:g}", t, keep, new))
-        keep = new
     order = chronological(t, f.tie_break)
-    if f.duplicates != "keep":
-        new = keep & _first_or_last(t, keep, order, f.duplicates)
-        reports.append(_report(f"duplicate (user, item): keep {f.duplicates}", t, keep, new))
+    for kind, name in filter_plan(f):
+        extra = {}
+        if kind == "rating":
+            new = keep & (t.rating >= f.min_rating)  # nan (no rating) fails the test
+        elif kind == "duplicates":
+            new = keep & _first_or_last(t, keep, order, f.duplicates)
+        elif kind == "k_core":
+            new, extra["passes"] = k_core(t.user, t.item, t.domain, keep, n_users=len(t.users),
+                                          n_items=len(t.items), n_domains=n_domains, user_core=f.user_core,
+                                          item_core=f.item_core, min_domains=f.min_domains)
+        elif kind == "last_n":
+            o = order[keep[order]]
+            new = np.zeros(len(t), bool)
+            new[o[_rank_from_end(t.user[o]) < f.last_n]] = True
+        else:
+            counts = np.bincount(t.user[keep], minlength=len(t.users))
+            new = keep & (counts[t.user] >= f.min_events)
+        reports.append(_report(name, t, keep, new, **extra))
         keep = new
-    if f.user_core > 1 or f.item_core > 1 or f.min_domains > 1:
-        new, passes = k_core(t.user, t.item, t.domain, keep, n_users=len(t.users), n_items=len(t.items),
-                             n_domains=n_domains, user_core=f.user_core, item_core=f.item_core,
-                             min_domains=f.min_domains)
-        reports.append(_report(f"k-core per domain (user >= {f.user_core}, item >= {f.item_core}), "
-                               f"users in >= {f.min_domains} domains", t, keep, new, passes=passes))
-        keep = new
-    if f.last_n:
-        o = order[keep[order]]
-        from_end = _rank_from_end(t.user[o])
-        new = np.zeros(len(t), bool)
-        new[o[from_end < f.last_n]] = True
-        reports.append(_report(f"last {f.last_n} events per user", t, keep, new))
-        keep = new
-    counts = np.bincount(t.user[keep], minlength=len(t.users))
-    new = keep & (counts[t.user] >= f.min_events)
-    reports.append(_report(f"users with < {f.min_events} events", t, keep, new))
-    return new, reports
+    return keep, reports
 
 
 def _rank_from_end(group: np.ndarray) -> np.ndarray:

@@ -22,10 +22,8 @@ written user by user, so memory grows with events at array cost.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 from typing import Iterable
 
@@ -38,14 +36,15 @@ from train.data.split import Cut, cut_times, leave_one_out, temporal, user_sampl
 from train.data.events import apply_filters, chronological, collect, id_sort_key, summary
 from train.data.formats import DataFormatError, Event, read_abxi, read_files, table_files
 from train.data.stream import bad_shard_path, vocabulary
+from train.data.shards import SPLITS, ShardWriter
 from train.data.synthetic import generate
 from train.files import sha256_file
 from train.redact import redact, redact_tree
 from train.runlock import DataLock
 
 SCHEMA_VERSION = 2
-SPLITS = ("train", "valid", "test")
-_READ_ONLY_KEYS = ("remote", "on_error", "source", "target")  # no effect on the prepared shards
+# no effect on the prepared samples (the engine: same samples, its own shard boundaries)
+_READ_ONLY_KEYS = ("remote", "on_error", "source", "target", "engine", "ray_address")
 
 
 def _input_files(cfg: DataConfig) -> list[Path]:
@@ -66,51 +65,6 @@ def read_events(cfg: DataConfig) -> Iterable[Event]:
     if cfg.format == "abxi":
         return read_abxi(cfg.path, len(cfg.domains))
     return read_files(cfg)
-
-
-class ShardWriter:
-    """Rolling WebDataset tar writer of one (domain, split): a new shard every ``max_samples``
-    samples or once ``max_bytes`` (> 0) are written. Fixed mtime and uid: same input, same bytes."""
-
-    def __init__(self, folder: Path, split: str, max_samples: int, max_bytes: int):
-        self.folder, self.split, self.max_samples, self.max_bytes = folder, split, max_samples, max_bytes
-        self.shards: list[dict] = []
-        self._tar = None
-        self._n = self._bytes = 0
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _path(self) -> Path:
-        return self.folder / f"{self.split}-{len(self.shards):06d}.tar"
-
-    def _open(self) -> None:
-        self._tar = tarfile.open(self._path(), "w", format=tarfile.USTAR_FORMAT)
-        self._n = self._bytes = 0
-
-    def _close(self) -> None:
-        self._tar.close()
-        path = self._path()
-        self.shards.append({"path": path, "samples": self._n, "bytes": path.stat().st_size})
-        self._tar = None
-
-    def write(self, sample: dict) -> None:
-        if self._tar is None:
-            self._open()
-        data = json.dumps(sample, separators=(",", ":")).encode()
-        info = tarfile.TarInfo(f"u{sample['user']:08d}.json")
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        self._tar.addfile(info, io.BytesIO(data))
-        self._n += 1
-        self._bytes += 512 + -(-len(data) // 512) * 512
-        if self._n >= self.max_samples or (self.max_bytes and self._bytes >= self.max_bytes):
-            self._close()
-
-    def finish(self) -> list[dict]:
-        if self._tar is not None:
-            self._close()
-        if not self.shards:  # an empty split still has one (empty) shard, so every listing is uniform
-            self._open()
-            self._close()
-        return self.shards
 
 
 def _item_ids(table, keep: np.ndarray, n_dom: int) -> tuple[np.ndarray, dict, list[dict]]:
@@ -203,7 +157,7 @@ def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray
     return {with_target[i] for i in order[keep:]}
 
 
-def prepare(cfg: DataConfig, log=print, lock: DataLock | None = None) -> Path:
+def prepare(cfg: DataConfig, log=print, lock: DataLock | None = None, address: str | None = None) -> Path:
     """Prepare ``cfg`` into ``cfg.prepared_dir()`` (written beside it, then renamed); returns the
     manifest path. Holds the folder's :class:`DataLock` exclusively meanwhile (``lock``: the
     caller's, held shared so far; else one of its own). A folder in the way that xdrec did not
@@ -211,7 +165,7 @@ def prepare(cfg: DataConfig, log=print, lock: DataLock | None = None) -> Path:
     own = lock is None
     lock = (lock or DataLock(cfg.prepared_dir(), log=log)).exclusive()
     try:
-        return _prepare(cfg, log)
+        return _prepare(cfg, log, address)
     finally:
         if own:
             lock.release()
@@ -236,13 +190,13 @@ def _claim_folders(out: Path) -> Path:
     return tmp
 
 
-def _prepare(cfg: DataConfig, log) -> Path:
-    out = cfg.prepared_dir()
-    tmp = _claim_folders(out)
+def _build_local(cfg: DataConfig, tmp: Path) -> dict:
+    """The in-process engine: every event in this process's arrays; shards and the id maps into
+    ``tmp``; returns the manifest's account of the data (the keys :func:`_prepare` adds aside)."""
     n_dom = len(cfg.domains)
     table = collect(read_events(cfg), n_dom)
     if not len(table):
-        raise DataFormatError(f"data '{cfg.name}': no events read from {cfg.path or cfg.files or 'synthetic'}")
+        raise DataFormatError(no_events(cfg))
     keep, reports = apply_filters(table, cfg.filter, n_dom)
     if not keep.any():
         raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
@@ -250,25 +204,40 @@ def _prepare(cfg: DataConfig, log) -> Path:
     dom = vocabulary({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
     user_map, counts, shards, most, split_reports = _write_users(cfg, table, keep, item_id, dom, tmp)
     dom_events = np.bincount(table.domain[keep], minlength=n_dom).tolist()
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "name": cfg.name, "format": cfg.format, "fingerprint": data_fingerprint(cfg),
-        "data_config": redact_tree(to_dict(cfg)), "n_users": len(user_map), "n_events": int(keep.sum()),
-        "read": {"events": len(table), "users": len(table.users), "items": len(table.items)},
-        "filtered": reports, **split_reports,
-        "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d], "max_user_items": most[d]}
-                    for d, name in enumerate(cfg.domains)],
-        "engine": "local", "counts": counts,
-        "shards": shards,
-    }
-    for name, obj in (("manifest.json", manifest), ("item_map.json", item_map), ("user_map.json", user_map)):
-        (tmp / name).write_text(json.dumps(obj, indent=1 if name == "manifest.json" else None))
+    for name, obj in (("item_map.json", item_map), ("user_map.json", user_map)):
+        (tmp / name).write_text(json.dumps(obj))
+    return {"n_users": len(user_map), "n_events": int(keep.sum()),
+            "read": {"events": len(table), "users": len(table.users), "items": len(table.items)},
+            "filtered": reports, **split_reports,
+            "domains": [{"name": name, "index": d, **info[d], "n_events": dom_events[d], "max_user_items": most[d]}
+                        for d, name in enumerate(cfg.domains)],
+            "engine": "local", "counts": counts, "shards": shards}
+
+
+def no_events(cfg: DataConfig) -> str:
+    return f"data '{cfg.name}': no events read from {cfg.path or cfg.files or 'synthetic'}"
+
+
+def _prepare(cfg: DataConfig, log, address: str | None = None) -> Path:
+    out = cfg.prepared_dir()
+    tmp = _claim_folders(out)
+    if cfg.engine == "ray":
+        from train.data.ray_prepare import build  # imports ray: only when asked for
+        built = build(cfg, tmp, log, address if address is not None else cfg.ray_address)
+    else:
+        built = _build_local(cfg, tmp)
+    manifest = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "format": cfg.format,
+                "fingerprint": data_fingerprint(cfg), "data_config": redact_tree(to_dict(cfg)), **built}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     (tmp / _TMP_MARK).unlink()
     if out.exists():
         shutil.rmtree(out)  # an earlier prepare's (checked by _claim_folders)
     tmp.rename(out)
-    log(f"prepared {cfg.name}: read {len(table)} events of {len(table.users)} users; kept {manifest['n_events']} "
-        f"events of {len(user_map)} users, " + ", ".join(f"{x['name']}: {x['n_items']} items" for x in manifest["domains"])
-        + f"; filters: {summary(reports)}" + _split_note(split_reports) + f" -> {out}")
+    split_reports = {k: manifest[k] for k in ("split", "target_fraction") if k in manifest}
+    log(f"prepared {cfg.name} ({manifest['engine']} engine): read {manifest['read']['events']} events of "
+        f"{manifest['read']['users']} users; kept {manifest['n_events']} events of {manifest['n_users']} users, "
+        + ", ".join(f"{x['name']}: {x['n_items']} items" for x in manifest["domains"])
+        + f"; filters: {summary(manifest['filtered'])}" + _split_note(split_reports) + f" -> {out}")
     return out / "manifest.json"
 
 
