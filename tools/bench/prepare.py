@@ -1,7 +1,8 @@
 """``prepare``: ``xdrec prepare`` with each engine (``--engines``) on generated Parquet tables of
 ``--events`` events (a list: 1M, 10M, 50M), 1M events a file: wall time, events/s, the peak RSS
-of the driver and of the largest Ray worker (VmHWM, read every 0.2 s while they live), and
-whether both engines gave the same samples (samples_sha256 of every domain and split)."""
+of the driver (VmHWM) and the largest private memory of a Ray worker (RssAnon, sampled every
+0.2 s: a worker's RSS also counts the object store's shared pages it maps), and whether both
+engines gave the same samples (samples_sha256 of every domain and split)."""
 from __future__ import annotations
 
 import json
@@ -45,11 +46,12 @@ def write_events_parquet(folder: Path, n_events: int, n_users: int, seed: int = 
     return files
 
 
-def _hwm(pid: int) -> int:
-    """Peak resident bytes of a live process (VmHWM), 0 when it is gone."""
+def _status(pid: int, key: str) -> int:
+    """A byte count of a live process's /proc status (VmHWM: its peak RSS; RssAnon: its private
+    resident memory now, without the object store's shared pages), 0 when it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -57,22 +59,22 @@ def _hwm(pid: int) -> int:
 
 
 def _run_watched(cmd: list[str]) -> dict:
-    """Run ``cmd``; its wall time and the peak RSS of it and of the largest Ray worker."""
+    """Run ``cmd``; its wall time, its peak RSS and the largest Ray worker's private memory."""
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     driver = worker = 0
     while p.poll() is None:
-        driver = max(driver, _hwm(p.pid))
+        driver = max(driver, _status(p.pid, "VmHWM"))
         for proc in psutil.process_iter(["name", "cmdline"]):
             if (proc.info["cmdline"] or [""])[0].startswith("ray::") or "default_worker.py" in " ".join(
                     proc.info["cmdline"] or []):
-                worker = max(worker, _hwm(proc.pid))
+                worker = max(worker, _status(proc.pid, "RssAnon"))
         time.sleep(0.2)
     out = p.stdout.read()
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
     return {"wall_s": round(time.time() - t0, 1), "driver_peak_rss_mib": round(driver / 2**20),
-            "largest_worker_peak_rss_mib": round(worker / 2**20) if worker else None, "log": out.strip()[-300:]}
+            "largest_worker_private_mib": round(worker / 2**20) if worker else None, "log": out.strip()[-300:]}
 
 
 def _one(work: Path, files: list[Path], n_events: int, engine: str) -> dict:
@@ -96,7 +98,7 @@ def bench_prepare(args) -> dict:
         got = {e: _one(work, files, n, e) for e in engines}
         for e, r in got.items():
             print(f"  prepare {n:,} events, {e}: {r['wall_s']} s, driver {r['driver_peak_rss_mib']} MiB, "
-                  f"largest worker {r['largest_worker_peak_rss_mib']} MiB", flush=True)
+                  f"largest worker {r['largest_worker_private_mib']} MiB private", flush=True)
             rows.append({"events": n, "engine": e, **{k: v for k, v in r.items() if k != "counts"}})
             goals.append(goal(f"prepare {n:,} events, {e}: events per s (recorded)", r["events_per_s"], "recorded", True))
         if len(got) > 1:

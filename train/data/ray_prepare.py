@@ -5,7 +5,7 @@ events: input files are read in parallel (one task a file, through the same read
 one-line errors); every event keeps a ``gone`` column (the index in ``filter_plan`` of the filter
 that removed it, ``KEPT`` if none), so each filter's report is counted from it at the end; the
 per-user filters (duplicates, k-core's user side, last n, minimum events), the cut
-(``train.data.split``) and the samples run per user after a hash shuffle by user; k-core's item
+(``train.data.split``) and the samples run per user after a shuffle by a hash of the user; k-core's item
 side joins the item counts of each pass. Ids follow raw-id order: users and items are sorted by
 Ray and numbered as the driver streams the sorted rows (it holds one batch at a time and writes
 ``user_map.json``/``item_map.json`` as it goes). Workers write their shards into a folder of their
@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -136,18 +137,19 @@ def _parts(cfg: DataConfig) -> list[tuple[str, int | None]]:
 
 
 def _read(cfg: DataConfig, plan: list):
-    """The events, one read task a part, with ``pos`` (the input order) and ``gone`` (the rating
-    filter already applied: it looks at one event at a time)."""
+    """The events, one read task a part, with ``pos`` (the input order), ``gone`` (the rating
+    filter already applied: it looks at one event at a time) and ``bucket`` (a stable hash of the
+    user: the per-user work groups by it, every user whole in one bucket)."""
     import ray.data
 
     parts = _parts(cfg)
     rating = next((k for k, (kind, _) in enumerate(plan) if kind == "rating"), None)
     return ray.data.range(len(parts), override_num_blocks=len(parts)).map_batches(
         _read_parts, batch_size=1, batch_format="numpy",
-        fn_kwargs={"cfg": cfg, "parts": parts, "rating": rating})
+        fn_kwargs={"cfg": cfg, "parts": parts, "rating": rating, "buckets": _n_buckets()})
 
 
-def _read_parts(batch: dict, cfg: DataConfig, parts: list, rating: int | None) -> dict:
+def _read_parts(batch: dict, cfg: DataConfig, parts: list, rating: int | None, buckets: int) -> dict:
     cols = {"user": [], "item": [], "ts": [], "domain": [], "rating": []}
     pos = []
     for k in batch["id"].tolist():
@@ -166,6 +168,7 @@ def _read_parts(batch: dict, cfg: DataConfig, parts: list, rating: int | None) -
            "ts": np.array(cols["ts"], np.float64), "domain": np.array(cols["domain"], np.int64),
            "rating": np.array(cols["rating"], np.float64), "pos": np.array(pos, np.int64)}
     out["gone"] = np.full(len(pos), KEPT, np.int64)
+    out["bucket"] = np.array([zlib.crc32(u.encode()) % buckets for u in cols["user"]], np.int64)
     if rating is not None:
         out["gone"][~(out["rating"] >= cfg.filter.min_rating)] = rating  # nan (no rating) fails the test
     return out
@@ -198,8 +201,27 @@ def _alive(events) -> int:
 def _per_user(cfg: DataConfig, events, steps: list, item_counts: list | None = None):
     if not steps:
         return events
-    return events.groupby("user").map_groups(_user_filters, batch_format="numpy", fn_kwargs={
-        "f": cfg.filter, "steps": steps, "item_counts": item_counts}).materialize()
+    return _per_bucket(events, _user_filters, f=cfg.filter, steps=steps, item_counts=item_counts).materialize()
+
+
+def _n_buckets() -> int:
+    import ray
+
+    return 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _per_bucket(ds, fn, **kw):
+    """``fn`` applied to every user's rows, a bucket of users a call (Ray's per-group call would
+    cost more than the per-user work itself)."""
+    return ds.groupby("bucket").map_groups(_by_user, batch_format="numpy", fn_kwargs={"fn": fn, "kw": kw})
+
+
+def _by_user(b: dict, fn, kw: dict) -> dict:
+    order = np.argsort(b["user"], kind="stable")
+    users = b["user"][order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    outs = [fn({k: v[order[s:e]] for k, v in b.items()}, **kw) for s, e in zip(starts, np.r_[starts[1:], len(users)])]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 _TABLES: dict = {}  # per worker process: the broadcast tables it has read, by their refs
@@ -323,8 +345,7 @@ def _with_key(b: dict, column: str) -> dict:
 def _users(cfg: DataConfig, events, times):
     """One row per read user: the last filter it survived, its sort key, its cut's facts."""
     target = cfg.domains.index(cfg.targets()[0])
-    return events.groupby("user").map_groups(_user_row, batch_format="numpy",
-                                             fn_kwargs={"cfg": cfg, "times": times, "target": target})
+    return _per_bucket(events, _user_row, cfg=cfg, times=times, target=target)
 
 
 def _cut(cfg: DataConfig, ts: np.ndarray, times):
@@ -455,8 +476,8 @@ def _write(cfg: DataConfig, kept, item_ids: list, user_ids: list, times, tmp: Pa
     into shards of their own under ``tmp/_parts``: one row per shard written. The id tables reach
     the workers as broadcast tables (users and items must fit a worker's memory, not events)."""
     target = cfg.domains.index(cfg.targets()[0])
-    samples = kept.groupby("user").map_groups(_user_samples, batch_format="numpy", fn_kwargs={
-        "cfg": cfg, "times": times, "target": target, "item_ids": item_ids, "user_ids": user_ids})
+    samples = _per_bucket(kept, _user_samples, cfg=cfg, times=times, target=target, item_ids=item_ids,
+                          user_ids=user_ids)
     return samples.map_batches(_write_part, batch_size=None, batch_format="numpy", fn_kwargs={
         "cfg": cfg, "tmp": str(tmp), "kill": os.environ.get(KILL_ENV, "")}).take_all()
 
