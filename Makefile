@@ -4,7 +4,8 @@
 #   make demo EXP=configs/experiment/x.yaml ARGS="model.n_layers=4"
 #   make test                                         the test suite (CPU, gloo)
 #   make seeds EXP=configs/experiment/x.yaml [SEEDS="0 1 2"] [ARGS=...]   one run per seed (resumed where one stopped), then xdrec report
-#   make bench [BENCH_ARGS="--parts memory,xl"]       every performance goal as a ratio (about an hour): runs/bench/latest.json
+#   make bench [BENCH_ARGS="--parts memory,xl"]       every performance goal as a ratio (about an hour, plus about an hour
+#                                                     for prepare at 1M/10M/50M events; BENCH_EVENTS=1000000 for less): runs/bench/latest.json
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
