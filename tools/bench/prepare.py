@@ -58,14 +58,14 @@ def _status(pid: int, key: str) -> int:
     return 0
 
 
-def _run_watched(cmd: list[str]) -> dict:
+def _run_watched(cmd: list[str], workers: bool) -> dict:
     """Run ``cmd``; its wall time, its peak RSS and the largest Ray worker's private memory."""
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     driver = worker = 0
     while p.poll() is None:
         driver = max(driver, _status(p.pid, "VmHWM"))
-        for proc in psutil.process_iter(["name", "cmdline"]):
+        for proc in psutil.process_iter(["name", "cmdline"]) if workers else ():
             if (proc.info["cmdline"] or [""])[0].startswith("ray::") or "default_worker.py" in " ".join(
                     proc.info["cmdline"] or []):
                 worker = max(worker, _status(proc.pid, "RssAnon"))
@@ -82,7 +82,7 @@ def _one(work: Path, files: list[Path], n_events: int, engine: str) -> dict:
     exp.write_text(json.dumps({"name": "bench-prepare", "data": {
         "name": f"bench-{n_events}", "format": "table", "path": str(files[0].parent / "events-*.parquet"),
         "out_dir": str(work / f"prepared-{engine}"), "shard_samples": 5000}}))
-    res = _run_watched([sys.executable, "-m", "train.cli", "prepare", str(exp), "--engine", engine])
+    res = _run_watched([sys.executable, "-m", "train.cli", "prepare", str(exp), "--engine", engine], engine == "ray")
     m = load_manifest(work / f"prepared-{engine}" / f"bench-{n_events}", verify=False)
     return {**res, "events_read": m["read"]["events"], "users_kept": m["n_users"],
             "events_per_s": round(m["read"]["events"] / res["wall_s"]), "counts": m["counts"]}
