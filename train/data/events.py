@@ -182,6 +182,16 @@ def _rank_from_end(group: np.ndarray) -> np.ndarray:
     return group_end - np.arange(n)
 
 
+def no_events(name: str, source) -> str:
+    """Both engines' error when nothing was read."""
+    return f"data '{name}': no events read from {source or 'synthetic'}"
+
+
+def nothing_kept(name: str, reports: list[dict]) -> str:
+    """Both engines' error when the filters removed every event."""
+    return f"data '{name}': the filters removed every event ({summary(reports)})"
+
+
 def summary(reports: list[dict]) -> str:
     return "; ".join(f"{r['filter']}: -{r['events_removed']} events, -{r['users_removed']} users, "
                      f"-{r['items_removed']} items" for r in reports if r["events_removed"]) or "nothing filtered"

@@ -33,7 +33,7 @@ from model.config import Vocabulary
 from train.config import DataConfig, to_dict
 from train.data.digest import SamplesDigest
 from train.data.split import Cut, cut_times, leave_one_out, temporal, user_samples
-from train.data.events import apply_filters, chronological, collect, id_sort_key, summary
+from train.data.events import apply_filters, chronological, collect, id_sort_key, no_events, nothing_kept, summary
 from train.data.formats import DataFormatError, Event, read_abxi, read_files, table_files
 from train.data.stream import bad_shard_path, vocabulary
 from train.data.shards import SPLITS, ShardWriter
@@ -157,7 +157,7 @@ def _dropped_users(cfg: DataConfig, items_sorted: np.ndarray, bounds: np.ndarray
     return {with_target[i] for i in order[keep:]}
 
 
-def prepare(cfg: DataConfig, log=print, lock: DataLock | None = None, address: str | None = None) -> Path:
+def prepare(cfg: DataConfig, log=print, lock: DataLock | None = None) -> Path:
     """Prepare ``cfg`` into ``cfg.prepared_dir()`` (written beside it, then renamed); returns the
     manifest path. Holds the folder's :class:`DataLock` exclusively meanwhile (``lock``: the
     caller's, held shared so far; else one of its own). A folder in the way that xdrec did not
@@ -165,7 +165,7 @@ def prepare(cfg: DataConfig, log=print, lock: DataLock | None = None, address: s
     own = lock is None
     lock = (lock or DataLock(cfg.prepared_dir(), log=log)).exclusive()
     try:
-        return _prepare(cfg, log, address)
+        return _prepare(cfg, log)
     finally:
         if own:
             lock.release()
@@ -196,10 +196,10 @@ def _build_local(cfg: DataConfig, tmp: Path) -> dict:
     n_dom = len(cfg.domains)
     table = collect(read_events(cfg), n_dom)
     if not len(table):
-        raise DataFormatError(no_events(cfg))
+        raise DataFormatError(no_events(cfg.name, cfg.path or cfg.files))
     keep, reports = apply_filters(table, cfg.filter, n_dom)
     if not keep.any():
-        raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
+        raise DataFormatError(nothing_kept(cfg.name, reports))
     item_id, item_map, info = _item_ids(table, keep, n_dom)
     dom = vocabulary({"domains": [{"name": n, **i} for n, i in zip(cfg.domains, info)]})
     user_map, counts, shards, most, split_reports = _write_users(cfg, table, keep, item_id, dom, tmp)
@@ -214,16 +214,12 @@ def _build_local(cfg: DataConfig, tmp: Path) -> dict:
             "engine": "local", "counts": counts, "shards": shards}
 
 
-def no_events(cfg: DataConfig) -> str:
-    return f"data '{cfg.name}': no events read from {cfg.path or cfg.files or 'synthetic'}"
-
-
-def _prepare(cfg: DataConfig, log, address: str | None = None) -> Path:
+def _prepare(cfg: DataConfig, log) -> Path:
     out = cfg.prepared_dir()
     tmp = _claim_folders(out)
     if cfg.engine == "ray":
         from train.data.ray_prepare import build  # imports ray: only when asked for
-        built = build(cfg, tmp, log, address if address is not None else cfg.ray_address)
+        built = build(cfg, tmp)
     else:
         built = _build_local(cfg, tmp)
     manifest = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "format": cfg.format,

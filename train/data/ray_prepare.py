@@ -36,7 +36,7 @@ import numpy as np
 
 from train.config import DataConfig
 from train.data.digest import SamplesDigest, canonical
-from train.data.events import filter_plan, id_sort_key, summary
+from train.data.events import filter_plan, id_sort_key, no_events, nothing_kept
 from train.data.formats import AMAZON_COLUMNS, DataFormatError, read_abxi, read_table, table_files
 from train.data.shards import SPLITS, ShardWriter, sample_bytes
 from train.data.split import cut_times, leave_one_out, temporal, user_samples
@@ -48,11 +48,12 @@ _PART_BITS = 40  # pos = part << 40 | row: the input order across files
 KILL_ENV = "XDREC_TEST_KILL_WORKER_ONCE"  # tests: a shard writer kills its own process once (_maybe_die)
 
 
-def build(cfg: DataConfig, tmp: Path, log, address: str) -> dict:
-    """Prepare ``cfg`` into ``tmp`` on Ray; returns the manifest's account of the data."""
-    with _ray(address):
+def build(cfg: DataConfig, tmp: Path) -> dict:
+    """Prepare ``cfg`` into ``tmp`` on Ray (``data.ray_address``, or a local Ray); returns the
+    manifest's account of the data."""
+    with _ray(cfg.ray_address):
         try:
-            return _build(cfg, tmp, log)
+            return _build(cfg, tmp)
         except Exception as e:  # a reader's or a check's error inside a Ray task: its own line
             cause = _data_error(e)
             if cause is None:
@@ -100,13 +101,13 @@ def _data_error(e: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
-def _build(cfg: DataConfig, tmp: Path, log) -> dict:
+def _build(cfg: DataConfig, tmp: Path) -> dict:
     n_dom = len(cfg.domains)
     plan = filter_plan(cfg.filter)
     events = _read(cfg, plan).materialize()
     n_read = events.count()
     if not n_read:
-        raise DataFormatError(f"data '{cfg.name}': no events read from {cfg.path or cfg.files or 'synthetic'}")
+        raise DataFormatError(no_events(cfg.name, cfg.path or cfg.files))
     events, passes = _filter(cfg, events, plan)
     items = _items(events, n_dom)
     kept = events.filter(expr=col("gone") == KEPT).materialize()
@@ -115,7 +116,7 @@ def _build(cfg: DataConfig, tmp: Path, log) -> dict:
     users = _users(cfg, events, times).materialize()
     reports = _reports(plan, events, users, items, passes)
     if not n_kept:
-        raise DataFormatError(f"data '{cfg.name}': the filters removed every event ({summary(reports)})")
+        raise DataFormatError(nothing_kept(cfg.name, reports))
     item_ids, info = _number_items(items, n_dom, tmp)
     user_ids, user_report = _number_users(cfg, users, tmp, times, kept)
     counts, shards, most = _place_shards(cfg, _write(cfg, kept, item_ids, user_ids, times, tmp), tmp)
