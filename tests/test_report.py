@@ -12,8 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path, name, ndcg_joint, ndcg_only, ci, protocol=None, walls=None):
-    m = lambda v: {p: {"hr@10": 2 * v, "ndcg@10": v, "mrr": v / 2, "n_users": 10} for p in ("full", "sampled999")}
-    data = {"joint": {"test": {"B": m(ndcg_joint), "A": m(0.3)}}, "target_only": {"test": {"B": m(ndcg_only)}},
+    m = lambda v, n=10: {p: {"hr@10": 2 * v, "ndcg@10": v, "mrr": v / 2, "n_users": n} for p in ("full", "sampled999")}
+    by_last = lambda v: {"last_input": {"A": m(v + 0.1, 4), "B": m(v - 0.1, 6)}}  # users whose latest event is in A / B
+    data = {"joint": {"test": {"B": {**m(ndcg_joint), **by_last(ndcg_joint)}, "A": m(0.3)}},
+            "target_only": {"test": {"B": {**m(ndcg_only), **by_last(ndcg_only)}}},
             "transfer": {"domain": "B", "metric": "ndcg@10",
                          **{p: {"diff": ndcg_joint - ndcg_only, "ci95": ci} for p in ("full", "sampled999")}},
             "_meta": {} if protocol is None else {"eval": protocol}}
@@ -85,6 +87,8 @@ def test_saved_reports_of_runs_made_apart_pool_to_the_report_of_all_runs(tmp_pat
     assert pooled.returncode == 0, pooled.stderr
     assert json.loads((tmp_path / "ab.json").read_text()) == json.loads(json.dumps(aggregate(runs)))
     assert "above 0 in 3/3" in pooled.stdout and "0.2500 ± 0.0500" in pooled.stdout
+    assert ("B test ndcg@10 full (sampled), latest input event in A (4 users): target-only 0.2000 ± 0.0000 "
+            "(0.2000 ± 0.0000); source-then-joint 0.3500 ± 0.0500 (0.3500 ± 0.0500)") in pooled.stdout
     other = _run(tmp_path, "p99", 0.2, 0.1, [0.05, 0.15], {"num_negatives": 99, "seed": 2025})
     subprocess.run([*cli, str(other), "--out", str(tmp_path / "c.json")], cwd=REPO, check=True, capture_output=True)
     mixed = subprocess.run([*cli, str(tmp_path / "a.json"), str(tmp_path / "c.json")], cwd=REPO, capture_output=True,

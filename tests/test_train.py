@@ -82,6 +82,41 @@ def test_cold_start_buckets_and_paired_bootstrap_in_metrics(tiny_run):
     assert "B NDCG@10, sampled (50 negatives): source-then-joint" in out and "sampled999" not in out
 
 
+def test_test_users_grouped_by_the_domain_of_their_latest_input_event(tiny_run):
+    """Each B test user's group is the domain of the last event of the whole history, also for the
+    target-only model, which reads B's events only; the groups split the users; the report prints them."""
+    import numpy as np
+
+    from train.config import load_config
+    from train.data.prepare import load_manifest
+    from train.data.stream import eval_samples, vocabulary
+    from train.report import aggregate, format_report
+
+    run, _ = tiny_run
+    m = json.loads((run / "metrics.json").read_text())
+    folder = load_config(run / "config.yaml").data.prepared_dir()
+    manifest = load_manifest(folder)
+    vocab = vocabulary(manifest)
+    latest = {s["user"]: vocab.names[int(vocab.of_ids(np.asarray(s["items"][-1:]))[0])]
+              for s in eval_samples(manifest, folder, "B", "test")}
+    for stage in ("joint", "target_only"):
+        test = m[stage]["test"]["B"]
+        groups = test["last_input"]
+        assert sorted(groups) == ["A", "B"], groups  # the target-only model's group A: read off the whole history
+        for proto in ("full", "sampled999"):
+            assert sum(g[proto]["n_users"] for g in groups.values()) == test[proto]["n_users"]
+            assert sum(g[proto]["ndcg@10"] * g[proto]["n_users"] for g in groups.values()) == \
+                pytest.approx(test[proto]["ndcg@10"] * test[proto]["n_users"])
+        ranks = np.load(run / stage / "test_ranks.npz")
+        assert [vocab.names[k] for k in ranks["B/last_domain"]] == [latest[u] for u in ranks["B/user"].tolist()]
+        assert groups["A"]["full"]["n_users"] == sum(v == "A" for v in latest.values())
+    text = format_report(aggregate([run]))
+    a_of = lambda stage: m[stage]["test"]["B"]["last_input"]["A"]
+    assert (f"B test ndcg@10 full (sampled), latest input event in A ({a_of('joint')['full']['n_users']:,} users): "
+            f"target-only {a_of('target_only')['full']['ndcg@10']:.4f} ({a_of('target_only')['sampled999']['ndcg@10']:.4f}); "
+            f"source-then-joint {a_of('joint')['full']['ndcg@10']:.4f} ({a_of('joint')['sampled999']['ndcg@10']:.4f})") in text
+
+
 def test_training_lowers_the_loss(tiny_run):
     run, _ = tiny_run
     meta = json.loads((run / "metrics.json").read_text())["_meta"]

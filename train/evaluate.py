@@ -320,8 +320,9 @@ class Evaluator:
 
     @torch.no_grad()
     def ranks(self, score_fn, domain: str, split: str, *, only_domain: bool, device, eval_terms: bool = True) -> dict:
-        """Per-user ranks ``{"user", "full", SAMPLED, "n_train"}`` (numpy, by user id; ``n_train``: the
-        user's training events in ``domain``) for ``split`` users of
+        """Per-user ranks ``{"user", "full", SAMPLED, "n_train", "last_domain"}`` (numpy, by user id;
+        ``n_train``: the user's training events in ``domain``; ``last_domain``: the domain of the
+        user's latest input event, read off the whole history) for ``split`` users of
         ``domain``: each rank scores its own users, then all ranks gather every user's ranks, so
         the metrics equal a single-process evaluation (never an average of per-rank metrics).
 
@@ -332,7 +333,7 @@ class Evaluator:
         they are > 0), False ranks by the scores alone.
         """
         k = self.vocab.index(domain)
-        users, full, sampled, n_train = [], [], [], []
+        users, full, sampled, n_train, last = [], [], [], [], []
         batches = iter(eval_batches(self.manifest, self.folder, domain, split, batch_size=self.cfg.batch_size,
                                     max_len=self.max_len, only_domain=only_domain, reader=self.reader))
         bad = 0  # users of this rank whose scores were not finite, so far
@@ -366,10 +367,12 @@ class Evaluator:
             sampled.append(s.cpu())
             users.append(b["user"])
             n_train.append(b["n_train"])
+            last.append(b["last_domain"])
         if shown is not None:
             shown.close()
         cat = (lambda xs: torch.cat(xs).numpy()) if users else (lambda xs: np.zeros(0, dtype=np.int64))
-        out = gather_arrays({"user": cat(users), "full": cat(full), SAMPLED: cat(sampled), "n_train": cat(n_train)})
+        out = gather_arrays({"user": cat(users), "full": cat(full), SAMPLED: cat(sampled), "n_train": cat(n_train),
+                             "last_domain": cat(last)})
         order = np.argsort(out["user"], kind="stable")
         return {k: v[order] for k, v in out.items()}
 
@@ -389,6 +392,13 @@ class Evaluator:
             sel = (r["n_train"] >= lo) & (r["n_train"] <= hi)
             out[name] = self.metrics({p: r[p][sel] for p in PROTOCOLS})
         return out
+
+    def by_last_input(self, r: dict) -> dict:
+        """Metrics of users grouped by the domain of their latest input event (``{domain name: ...}``,
+        domains no user's history ends in left out): where a cross-domain model gains or loses
+        against a target-only one, which reads only the target's events."""
+        return {name: self.metrics({p: r[p][r["last_domain"] == k] for p in PROTOCOLS})
+                for k, name in enumerate(self.vocab.names) if (r["last_domain"] == k).any()}
 
 
 def history_buckets(edges: list[int]) -> list[tuple[str, int, float]]:

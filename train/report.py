@@ -4,7 +4,12 @@ test metrics each run's ``metrics.json`` holds, and each run's paired-bootstrap 
     {"runs": [...], "provenance": [{run_id, git_commit, config_sha256, data_fingerprint} per run],
      "num_negatives": N or None, "prior": eval.prior, "transition": eval.transition, "test": {stage: {domain: {protocol: {metric: {...}}}}},
      "transfer": {protocol: {"diff": {...mean/std...}, "ci95": [[lo, hi] per run], "runs_ci_above_0": k}},
-     "wall_s": {stage: {...mean/std...}, "total": {...}}}
+     "wall_s": {stage: {...mean/std...}, "total": {...}},
+     "last_input": {stage: {domain: {latest input's domain: {protocol: {"ndcg@10": {...}, "n_users": {...}}}}}}}
+
+``last_input`` groups each domain's test users by the domain of their latest input event (where
+the runs' metrics.json record it): where a cross-domain model gains or loses against the
+target-only one, which reads only the target's events.
 
 ``wall_s`` holds each stage's training time (``_meta.<stage>.wall_s``: summed over resumes; for a
 run started from another run's source stage, that run's source time) for the stages every run
@@ -33,6 +38,7 @@ from train.record import RunRecord, transfer_entries
 from train.stages import unit_label
 
 METRICS = ("hr@10", "ndcg@10", "mrr")
+LAST_INPUT = ("ndcg@10", "n_users")  # what the report keeps of each latest-input group
 
 
 class ReportError(ValueError):
@@ -99,6 +105,20 @@ def _test_metrics(runs: list[tuple[str, RunRecord]]) -> dict:
     return out
 
 
+def _last_input(runs: list[tuple[str, RunRecord]]) -> dict:
+    """{stage: {domain: {latest input's domain: {protocol: {"ndcg@10", "n_users": stats}}}}}: test
+    metrics by the domain of each user's latest input event, where every run records them."""
+    out: dict = {}
+    for stage in _units(rec for _, rec in runs):
+        tests = [rec.stages[stage].metrics.get("test", {}) if stage in rec.stages else {} for _, rec in runs]
+        for dom in tests[0]:
+            parts = [t.get(dom, {}).get("last_input") for t in tests]
+            if all(parts):
+                out.setdefault(stage, {})[dom] = {k: {p: {m: _stats([x[k][p][m] for x in parts]) for m in LAST_INPUT}
+                                                      for p in PROTOCOLS} for k in parts[0] if all(k in x for x in parts)}
+    return out
+
+
 def _target_fraction(run_dirs: list[str | Path]) -> float:
     """The ``data.target_fraction`` every run was trained with (its config.yaml; 1 where absent);
     ReportError when they differ: runs on less target data are another experiment."""
@@ -144,6 +164,9 @@ def aggregate(run_dirs: list[str | Path]) -> dict:
                  "num_negatives": protocol.get("num_negatives"),
                  "prior": protocol.get("prior", 0.0), "transition": protocol.get("transition", 0.0),
                  "test": _test_metrics(runs), "provenance": [rec.provenance for _, rec in runs]}
+    last = _last_input(runs)
+    if last:
+        out["last_input"] = last
     tr = [transfer_entries(rec.transfer) for _, rec in runs]
     if all(tr):
         out["transfer"] = _pooled_transfer(tr)
@@ -203,9 +226,24 @@ def merge_saved(reports: list[tuple[str, dict]]) -> dict:
             for d, res in doms.items()} for s, doms in first["test"].items()}}
     if all("transfer" in r for _, r in reports):
         out["transfer"] = _pooled_transfer([transfer_entries(r["transfer"]) for _, r in reports])
+    last = _merge_last_input([r.get("last_input", {}) for _, r in reports])
+    if last:
+        out["last_input"] = last
     timed = [s for s in first.get("wall_s", {}) if all(s in r.get("wall_s", {}) for _, r in reports)]
     if timed:
         out["wall_s"] = {s: _merge_stats([r["wall_s"][s] for _, r in reports]) for s in timed}
+    return out
+
+
+def _merge_last_input(parts: list[dict]) -> dict:
+    """Saved reports' ``last_input`` groups pooled, those every report holds."""
+    out: dict = {}
+    for s, doms in parts[0].items():
+        for d, lasts in doms.items():
+            for k, res in lasts.items():
+                if all(k in x.get(s, {}).get(d, {}) for x in parts):
+                    out.setdefault(s, {}).setdefault(d, {})[k] = {
+                        p: {m: _merge_stats([x[s][d][k][p][m] for x in parts]) for m in ms} for p, ms in res.items()}
     return out
 
 
@@ -280,6 +318,19 @@ def _transfer_entry_lines(agg: dict, t: dict) -> list[str]:
     return lines
 
 
+def _last_input_lines(agg: dict) -> list[str]:
+    """One line per (domain, domain of the latest input event): each stage's test NDCG@10 there."""
+    rows: dict = {}
+    for stage, doms in agg.get("last_input", {}).items():
+        for dom, lasts in doms.items():
+            for last, res in lasts.items():
+                rows.setdefault((dom, last), []).append((stage, res))
+    sampled = next(p for p in PROTOCOLS if p != "full")
+    return [f"{dom} test ndcg@10 full (sampled), latest input event in {last} ({res[0][1]['full']['n_users']['mean']:,.0f} "
+            "users): " + "; ".join(f"{unit_label(s)} {mean_pm(r['full']['ndcg@10'])} ({mean_pm(r[sampled]['ndcg@10'])})"
+                                   for s, r in res) for (dom, last), res in rows.items()]
+
+
 def _time_label(unit: str) -> str:
     """A time line's name of a unit: its stage's label, the domain for one of several baselines."""
     if unit == "total" or unit_stage(unit) not in STAGES:
@@ -305,6 +356,7 @@ def format_report(agg: dict) -> str:
             lines.append(f"{unit_label(stage):<20}{dom:<13}" + "".join(mean_pm(res[p][k], width) for p, k in cols))
     if "transfer" in agg:
         lines += _transfer_lines(agg)
+    lines += _last_input_lines(agg)
     if "wall_s" in agg:
         lines.append(_time_line(agg))
     return "\n".join(lines)
@@ -324,6 +376,8 @@ def format_markdown(agg: dict, plots: list[Path] = ()) -> str:
             lines.append(f"| {unit_label(stage)} | {dom} | " + " | ".join(mean_pm(res[p][k]) for p, k in cols) + " |")
     if "transfer" in agg:
         lines += [""] + [f"- {line}" for line in _transfer_lines(agg)]
+    if "last_input" in agg:
+        lines += [""] + [f"- {line}" for line in _last_input_lines(agg)]
     if "wall_s" in agg:
         lines += ["", f"- {_time_line(agg)}"]
     if plots:

@@ -25,7 +25,8 @@ def select_value(run: Run, engine, data: StageData) -> float:
 
 
 def evaluate_stage(run: Run, engine, data: StageData) -> dict:
-    """Valid and test metrics per domain; on test also per history bucket (``cold_start``), and
+    """Valid and test metrics per domain; on test also per history bucket (``cold_start``) and per
+    domain of the user's latest input event (``last_input``), and
     each test user's ranks saved to ``<run>/<stage>/test_ranks.npz`` for the paired bootstrap."""
     out: dict = {}
     saved = {}
@@ -36,6 +37,7 @@ def evaluate_stage(run: Run, engine, data: StageData) -> dict:
             res = run.evaluator.metrics(r)
             if split == "test":
                 res["cold_start"] = run.evaluator.by_history(r)
+                res["last_input"] = run.evaluator.by_last_input(r)
                 saved.update({f"{name}/{k}": v for k, v in r.items()})
             out.setdefault(split, {})[name] = res
     if run.env.is_main:

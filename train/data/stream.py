@@ -434,14 +434,17 @@ def _chunks(src, size: int):
 def eval_example(sample: dict, *, dom: Vocabulary, max_len: int, only_domain: int | None, domain: int = 0,
                  history_tail: int = 0) -> dict:
     """``n_train``: the user's training events in ``domain`` (the history minus its last
-    ``history_tail`` events: 1 for test samples, whose history ends with the valid event)."""
+    ``history_tail`` events: 1 for test samples, whose history ends with the valid event);
+    ``last_domain``: the domain index of the user's latest event before the target, whatever the
+    model reads (-1: no event)."""
     seq = np.asarray(sample["items"], dtype=np.int64)
     n_train = int((dom.of_ids(seq[:len(seq) - history_tail]) == domain).sum())
+    last_domain = int(dom.of_ids(seq[-1:])[0]) if len(seq) else -1
     history = np.unique(seq)  # every item before the target, whatever the model's window
     if only_domain is not None:
         seq = seq[dom.of_ids(seq) == only_domain]
     return {"items": _left_pad(seq[-max_len:], max_len), "user": sample["user"], "n_train": n_train,
-            "target": sample["target"], "exclude": np.asarray(sample["exclude"], dtype=np.int64), "history": history}
+            "last_domain": last_domain, "target": sample["target"], "exclude": np.asarray(sample["exclude"], dtype=np.int64), "history": history}
 
 
 def collate(examples: list[dict]) -> dict:
