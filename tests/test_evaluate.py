@@ -272,3 +272,14 @@ def test_the_evaluator_ranks_the_same_in_small_item_chunks_with_both_eval_terms(
     a = one.ranks(score_fn, "B", "test", only_domain=False, device="cpu")
     b = many.ranks(score_fn, "B", "test", only_domain=False, device="cpu")
     assert all(np.array_equal(a[k], b[k]) for k in a) and a["full"].max() > 1
+
+
+def test_without_takes_the_latest_event_or_the_other_domains_out_of_left_padded_rows():
+    from train.evaluate import without
+
+    rows = torch.tensor([[0, 0, 3, 12, 4, 15], [1, 11, 12, 2, 13, 14]])  # domain 1: ids 11..20
+    assert without(rows, "last-event", 10, 10).tolist() == [[0, 0, 0, 3, 12, 4], [0, 1, 11, 12, 2, 13]]
+    assert without(rows, "other-domains", 10, 10).tolist() == [[0, 0, 0, 0, 12, 15], [0, 0, 11, 12, 13, 14]]
+    assert without(rows, "other-domains", 0, 10).tolist() == [[0, 0, 0, 0, 3, 4], [0, 0, 0, 0, 1, 2]]
+    with pytest.raises(ValueError, match="last-event, other-domains"):
+        without(rows, "first-event", 0, 10)

@@ -77,6 +77,19 @@ def test_every_stage_exported_repeats_its_metrics_json(tmp_path, sequence):
                     for k in ("hr@10", "ndcg@10", "mrr"):
                         assert ours[split][dom][proto][k] == pytest.approx(want[dom][proto][k], abs=1e-9), \
                             (stage, split, dom, proto, k)
+    # --without: a target-only model reads B's events only, so taking the other domains out changes
+    # nothing; taking the latest event out of the joint model's input moves its ranks
+    alone = evaluate_exported(tmp_path / "export-target_only", splits=("test",), without="other-domains")["test"]["B"]
+    assert all(alone[p][k] == pytest.approx(recorded["target_only"]["test"]["B"][p][k], abs=1e-9)
+               for p in ("full", "sampled999") for k in ("hr@10", "ndcg@10", "mrr"))
+    cut = evaluate_exported(tmp_path / "export-joint", splits=("test",), without="last-event")["test"]["B"]
+    assert any(cut[p]["mrr"] != pytest.approx(recorded["joint"]["test"]["B"][p]["mrr"], abs=1e-9)
+               for p in ("full", "sampled999"))
+    if sequence == "mixed":  # the command line names the change and prints the same numbers
+        cli = subprocess.run([sys.executable, "-m", "train.cli", "evaluate", str(tmp_path / "export-joint"), "--without",
+                              "last-event", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr[-2000:]
+        assert json.loads(cli.stdout)["test"]["B"]["full"]["mrr"] == pytest.approx(cut["full"]["mrr"], abs=1e-12)
     from train.export import recommendations
     with pytest.raises(ExportError, match=r"--domain 'A': this export \(stage target_only\) scores \['B'\]"):
         recommendations(tmp_path / "export-target_only", "A", ["1"], internal=True)

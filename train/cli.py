@@ -5,7 +5,7 @@
     xdrec data verify|stats data/prepared/<name>
     xdrec data fetch amazon-food-kitchen [--to data/raw/amazon-food-kitchen]   a public release, sha256-checked
     xdrec export  runs/<name> [--stage joint]          -> runs/<name>/export-joint/model.safetensors
-    xdrec evaluate runs/<name>/export-joint [--split test] [--json]
+    xdrec evaluate runs/<name>/export-joint [--split test] [--json] [--without last-event|other-domains]
     xdrec recommend runs/<name>/export-joint --domain B --history <item ids, oldest first> [-k 10] [--json]
     xdrec report  runs/<name>-seed0 runs/<name>-seed1 ... [--out report.json] [--markdown] [--plots DIR]
     xdrec report  docs/results/<a>.json [<b>.json ...] [--markdown]  saved reports again (several: pooled)
@@ -76,6 +76,8 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from train.protocol import ABLATIONS  # light: names only
+
     p = argparse.ArgumentParser(prog="xdrec", description="Cross-domain Transformer recommenders on DeepSpeed.")
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -102,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("export_dir", help="runs/<name>/export-<stage> (xdrec export)")
     v.add_argument("--split", default="test", choices=("valid", "test"), help="which split to rank")
     v.add_argument("--json", action="store_true", help="print metrics.json's layout instead of the table")
+    v.add_argument("--without", default=None, choices=ABLATIONS,
+                   help="rank with that part of each input taken out: the latest event (at test, the valid "
+                        "target), or every event outside the ranked domain")
     r = add("recommend", help="top-k items of a domain for one history (no DeepSpeed)")
     r.add_argument("export_dir", help="runs/<name>/export-<stage> (xdrec export)")
     r.add_argument("--domain", required=True, help="the domain to recommend from")
@@ -246,14 +251,14 @@ def cmd_evaluate(args) -> int:
     from train.export import load_info
     from train.stages import format_table
 
-    metrics = evaluate_exported(args.export_dir, splits=(args.split,))
+    metrics = evaluate_exported(args.export_dir, splits=(args.split,), without=args.without)
     if args.json:
         print(json.dumps(metrics, indent=1))
         return 0
     info = load_info(args.export_dir)
     cfg = load_config(f"{args.export_dir}/config.yaml")
     print(f"{args.split} metrics of {args.export_dir} (stage {info['stage']}; sampled: "
-          f"{cfg.eval.num_negatives} negatives):")
+          f"{cfg.eval.num_negatives} negatives" + (f"; input without {args.without}" if args.without else "") + "):")
     print(format_table({info.get("unit", info["stage"]): metrics}, info["evaluated"], [], split=args.split))
     return 0
 

@@ -28,7 +28,7 @@ from train.config import EvalConfig
 from train.data.stream import vocabulary, ReaderOptions, eval_batches, eval_samples
 from train.engine import gather_arrays, max_over_ranks, world_size
 from train.progress import bar
-from train.protocol import PROTOCOLS, SAMPLED
+from train.protocol import ABLATIONS, PROTOCOLS, SAMPLED
 
 
 def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
@@ -249,6 +249,20 @@ def history_columns(histories: list[np.ndarray], targets: torch.Tensor, offset: 
     for r, cols in enumerate(rows):
         out[r, :len(cols)] = cols
     return torch.from_numpy(out)
+
+
+def without(items: torch.Tensor, what: str, offset: int, n_items: int) -> torch.Tensor:
+    """``[B, L]`` left-padded rows with ``what`` taken out: ``last-event``, each row's latest event
+    (at test: the valid target); ``other-domains``, every event outside the domain with ids
+    offset + 1 ... offset + n_items (the rest keep their order, packed to the right)."""
+    if what == "last-event":
+        return torch.cat([torch.zeros_like(items[:, :1]), items[:, :-1]], 1)
+    if what != "other-domains":
+        raise ValueError(f"without={what!r}: one of {', '.join(ABLATIONS)}")
+    keep = (items > offset) & (items <= offset + n_items)
+    # a stable sort of keep (False first) moves the kept events right, in their order
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
+    return torch.where(keep, items, 0).gather(1, order)
 
 
 class NonFiniteScores(RuntimeError):

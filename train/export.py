@@ -175,10 +175,12 @@ def recommendations(folder: str | Path, domain: str, history: list[str], *, k: i
     return [(to_raw.get(i, str(i)), float(v)) for i, v in zip(top[0].tolist(), scores[0].tolist())]
 
 
-def evaluate_exported(folder: str | Path, *, splits=("valid", "test")) -> dict:
+def evaluate_exported(folder: str | Path, *, splits=("valid", "test"), without: str | None = None) -> dict:
     """Metrics of an exported model on its prepared data, single process, no DeepSpeed:
-    ``{split: {domain: {"full": ..., "sampled999": ...}}}`` as in ``metrics.json``."""
-    from train.evaluate import Evaluator
+    ``{split: {domain: {"full": ..., "sampled999": ...}}}`` as in ``metrics.json``. ``without``
+    (one of ``train.evaluate.ABLATIONS``): the same users and candidates, with that part of each
+    input taken out (what does the model get from the latest event, or from the other domains)."""
+    from train.evaluate import Evaluator, without as ablate
 
     model, info = load_exported(folder)
     cfg = load_config(Path(folder) / "config.yaml")
@@ -186,7 +188,10 @@ def evaluate_exported(folder: str | Path, *, splits=("valid", "test")) -> dict:
     check_same_data(info.get("provenance", {}), manifest, what=f"the export {folder}", folder=cfg.data.prepared_dir())
     ev = Evaluator(manifest, cfg.data.prepared_dir(), cfg.eval, max_len=cfg.model.max_len)
     only = info["input"] == "own_domain"
-    score = lambda items, dom, consume: model(items, domain=dom, consume=consume)
+    vocab = ev.vocab
+    change = (lambda items, dom: ablate(items, without, vocab.offsets[dom], vocab.sizes[dom])) if without else \
+        (lambda items, dom: items)
+    score = lambda items, dom, consume: model(change(items, dom), domain=dom, consume=consume)
     with torch.no_grad():
         return {split: {d: ev.evaluate(score, d, split, only_domain=only, device=torch.device("cpu"))
                         for d in info["evaluated"]} for split in splits}

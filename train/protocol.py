@@ -6,6 +6,8 @@ from train.config import EvalConfig
 
 SAMPLED = "sampled999"  # the key in metrics.json, whatever ``eval.num_negatives`` is
 PROTOCOLS = ("full", SAMPLED)  # every result holds both, in this order
+# What `xdrec evaluate --without` can take out of each input (train.evaluate.without)
+ABLATIONS = ("last-event", "other-domains")
 # The eval.* fields the sampled numbers depend on, recorded in metrics.json as ``_meta.eval``: runs,
 # resumed stages and a carried-over source stage compare only when these agree.
 PROTOCOL_FIELDS = ("num_negatives", "seed", "prior", "transition", "exclude_history")
