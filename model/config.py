@@ -51,6 +51,10 @@ class ModelConfig:
     sequence: Literal["mixed", "per_domain", "dual"] = "mixed"
     view_domains: list[str] = field(default_factory=list)  # dual: the domains with a view; [] = every domain
     view_layers: int = 0  # dual: 0 = views through the shared encoder; N = each its own N-block encoder
+    # next_item only: each domain's query adds a learned vector of the row's latest event of that
+    # domain (zero at the start, one row an item): item-to-item transitions held apart from the
+    # item embeddings (FPMC's factorised transitions inside the model, not an evaluation term)
+    transition_table: bool = False
     # "next_item" (SASRec, causal) or "masked" (BERT4Rec-style cloze, bidirectional: a random
     # mask_prob share of each row's label-domain items is predicted, at least one)
     objective: Literal["next_item", "masked"] = "next_item"
@@ -72,6 +76,7 @@ class ModelConfig:
                f"objective={self.objective!r} needs causal={self.objective == 'next_item'} (a bidirectional encoder "
                "would see the next item it is asked for; the cloze objective needs both directions)")
         _check(0 < self.mask_prob <= 1, f"mask_prob must be in (0, 1], got {self.mask_prob}")
+        _check(not self.transition_table or self.objective == "next_item", "transition_table needs objective=next_item")
         self._check_loss()
         self._check_views()
 

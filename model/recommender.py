@@ -26,13 +26,15 @@ class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]], *, loss,
                  objective=NextItem(), scoring: Scoring = Scoring(), heads: nn.ModuleList | None = None,
                  view_domains: Sequence[int] = (), view_encoders: nn.ModuleDict | None = None,
-                 item_bias: bool = False):
+                 item_bias: bool = False, transition_table: bool = False):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query, residually: q_d = h + heads[d](h). ``view_domains``: for
         each domain d listed, d's query also adds the own-domain view (:meth:`domain_view`),
         through ``view_encoders[str(d)]`` where given (it may hold idle encoders of domains not
         listed, so every stage of a run has the same parameters), else the shared encoder.
-        ``item_bias``: a learned bias per item, zero at the start, added to every score."""
+        ``item_bias``: a learned bias per item, zero at the start, added to every score.
+        ``transition_table``: domain d's query also adds ``transition[the row's latest d event]``, a
+        learned vector an item, zero at the start (:class:`ZeroTable`)."""
         super().__init__()
         self.embedding, self.encoder, self.heads, self.view_encoders = embedding, encoder, heads, view_encoders
         self.ranges = [tuple(r) for r in ranges]
@@ -40,6 +42,7 @@ class Recommender(nn.Module):
         self.view_domains = sorted(set(view_domains))
         rows = embedding.item.num_embeddings  # not the weight's shape: under zero.Init it is partitioned by now
         self.item_bias = nn.Parameter(torch.zeros(rows)) if item_bias else None
+        self.transition = ZeroTable(rows, embedding.position.embedding_dim) if transition_table else None
 
     # -- the two entry points --------------------------------------------------------------------
     def training_loss(self, items: torch.Tensor, targets: torch.Tensor):
@@ -93,6 +96,10 @@ class Recommender(nn.Module):
         items, targets = self.objective.training(items, targets)
         h = self.encode(items)  # (B, L, D)
         views = {d: self.domain_view(items, d) for d in self.view_domains}
+        if self.transition is not None:
+            for d, (lo, hi) in enumerate(self.ranges):
+                t = self.transition(latest_of_domain(items, lo, hi))
+                views[d] = views[d] + t if d in views else t
         bias = self.item_bias is not None
         queries = [self.scoring.query(q, bias) for q in self.queries(h, views)]
         table = self.scoring.rows(self.embedding.item.weight, self.item_bias)
@@ -104,6 +111,8 @@ class Recommender(nn.Module):
         q = self.queries(self.encode(items)[:, -1])[domain]
         if domain in self.view_domains:
             q = q + self.domain_view(items, domain, last_only=True)
+        if self.transition is not None:
+            q = q + self.transition(latest_of_domain(items, lo, hi)[:, -1])
         scorer = Scorer(self.scoring.query(q, self.item_bias is not None), self.embedding.item.weight,
                         self.item_bias, lo, hi, self.scoring)
         return consume(scorer) if consume is not None else scorer.columns(0, hi - lo)
@@ -125,8 +134,7 @@ class Recommender(nn.Module):
         sub = torch.where(own, items, 0)
         encoder = self.encoder if self.view_encoders is None else self.view_encoders[str(domain)]
         hd = encoder(self.embedding(sub), sub)  # (B, L, D); other positions are padding
-        pos = torch.arange(items.shape[1], device=items.device)
-        latest = torch.where(own, pos, -1).cummax(1).values  # latest own position <= p, -1: none yet
+        latest = latest_positions(own)
         if last_only:
             latest = latest[:, -1:]
         view = hd.gather(1, latest.clamp(min=0)[..., None].expand(-1, -1, hd.shape[-1])) * (latest >= 0)[..., None]
@@ -147,6 +155,32 @@ class Recommender(nn.Module):
             scores = scores.masked_fill(seen, float("-inf"))
         top = scores.topk(min(k, hi - lo - int(seen.sum(1).max())), dim=-1)  # rows share one k
         return top.indices + lo, top.values
+
+
+def latest_positions(own: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool -> [B, L]: at each position p the latest position <= p where ``own`` holds, -1
+    before the first."""
+    pos = torch.arange(own.shape[1], device=own.device)
+    return torch.where(own, pos, -1).cummax(1).values
+
+
+def latest_of_domain(items: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """[B, L] item ids -> [B, L]: at each position the row's latest item with id in [lo, hi) at or
+    before it, 0 (padding) before the first."""
+    latest = latest_positions((items >= lo) & (items < hi))
+    return items.gather(1, latest.clamp(min=0)) * (latest >= 0)
+
+
+class ZeroTable(nn.Embedding):
+    """An embedding table that starts at zero, row 0 (padding) staying zero; zeroed in
+    ``reset_parameters`` without a draw (the random stream stays as without it), so it holds
+    under ``deepspeed.zero.Init`` too."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=0)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
 
 
 class ZeroLinear(nn.Linear):
@@ -202,4 +236,4 @@ def build_recommender(cfg: ModelConfig, vocab: Vocabulary, active: Sequence[str]
     objective = Cloze(vocab.n_items + 1, cfg.mask_prob) if masked else NextItem()
     return Recommender(emb, enc, vocab.ranges, loss=training_loss_of(cfg, indices(cfg.uniform_aux_domains)),
                        objective=objective, scoring=Scoring(cfg.temperature), heads=heads, view_domains=viewed,
-                       view_encoders=views, item_bias=cfg.item_bias)
+                       view_encoders=views, item_bias=cfg.item_bias, transition_table=cfg.transition_table)

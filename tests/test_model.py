@@ -604,3 +604,42 @@ def test_the_vocabulary_is_the_one_description_of_item_id_ranges():
     assert v.of_ids(torch.tensor([9, 1])).tolist() == [2, 0]
     assert v.columns(1, torch.tensor([4, 7])).tolist() == [0, 3]
     assert v.item_domain().tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_transition_table_adds_the_latest_own_domain_events_vector_to_each_query_by_hand():
+    """transition_table: domain d's query at position p adds T[the row's latest d event at or before
+    p] (nothing before the first); T starts at zero (the model scores as without it, same random
+    stream); only the rows of the input's latest events take a gradient."""
+    from model.recommender import latest_of_domain
+
+    items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
+    assert latest_of_domain(items, 1, 4).tolist() == [[0, 1, 1, 2, 2, 2]]
+    assert latest_of_domain(items, 4, 8).tolist() == [[0, 0, 4, 4, 5, 6]]
+    kw = dict(domain_heads=True)
+    plain = make(**kw).eval()
+    table = make(**kw, transition_table=True).eval()
+    assert all(torch.equal(v, table.state_dict()[k]) for k, v in plain.state_dict().items())
+    assert torch.allclose(table(items, domain=1), plain(items, domain=1), atol=1e-6)
+    with torch.no_grad():
+        table.transition.weight.copy_(torch.randn(8, 8))
+        table.transition.weight[0].zero_()
+    T = table.transition.weight.detach()
+    unit = plain.embedding.item.weight
+    q = plain.queries(plain(items))
+    # scoring: the last position's query of B adds T[6] (the latest B event); of A, T[2]
+    assert torch.allclose(table(items, domain=1), (q[1][0, -1] + T[6]) @ unit[4:8].T, atol=1e-5)
+    assert torch.allclose(table(items, domain=0), (q[0][0, -1] + T[2]) @ unit[1:4].T, atol=1e-5)
+    sums, _ = table(items, targets=tgts)
+    want = [0.0, 0.0]
+    for p, t in enumerate(tgts[0].tolist()):
+        d = int(t >= 4)
+        lo, hi = plain.ranges[d]
+        latest = int(latest_of_domain(items, lo, hi)[0, p])
+        want[d] = want[d] - torch.log_softmax(unit[lo:hi] @ (q[d][0, p] + T[latest]), -1)[t - lo]
+    assert torch.allclose(torch.stack(sums), torch.stack(want), atol=1e-4)
+    sum(sums).backward()
+    g = table.transition.weight.grad.abs().sum(1)
+    # 3 and 7 are no input; 6, the latest B event only where the target (3) is A's, scores nothing
+    assert (g[[1, 2, 4, 5]] > 0).all() and g[[0, 3, 6, 7]].eq(0).all()
+    with pytest.raises(ValueError, match="transition_table needs objective=next_item"):
+        ModelConfig(transition_table=True, objective="masked", causal=False)

@@ -291,16 +291,17 @@ def test_a_stage_trains_with_its_own_micro_batch(tmp_path):
     assert "; micro batch 16\n" in p.stdout and "; micro batch 64\n" in p.stdout
 
 
-@pytest.mark.parametrize("loss, sequence, views, view_layers, zero, mean, temp, smooth, bias",
-                         [("sampled", "per_domain", "[]", 0, 0, "row", 0.1, 0, False),
-                          ("uniform", "dual", "[B]", 0, 3, "target", 0, 0, True),
-                          ("full", "dual", "[]", 1, 3, "row", 0.2, 0.1, True)])
+@pytest.mark.parametrize("loss, sequence, views, view_layers, zero, mean, temp, smooth, bias, table",
+                         [("sampled", "per_domain", "[]", 0, 0, "row", 0.1, 0, False, False),
+                          ("uniform", "dual", "[B]", 0, 3, "target", 0, 0, True, False),
+                          ("full", "dual", "[]", 1, 3, "row", 0.2, 0.1, True, True)])
 def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, views, view_layers, zero, mean,
-                                                              temp, smooth, bias):
+                                                              temp, smooth, bias, table):
     """dual runs an encoder once more per domain view in a forward: under ZeRO-3 too. With
     view_layers the views have encoders of their own; the source stage leaves B's idle (its
-    parameters are still in the checkpoint the joint stage loads)."""
-    p = train_tiny(tmp_path, "train.stages=[source, joint]",
+    parameters are still in the checkpoint the joint stage loads). The transition table is
+    gathered and trained under ZeRO-3 as well."""
+    p = train_tiny(tmp_path, "train.stages=[source, joint]", f"model.transition_table={str(table).lower()}",
                    f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
                    f"model.view_domains={views}", f"model.view_layers={view_layers}", f"train.zero_stage={zero}",
                    f"model.loss_mean={mean}", f"model.temperature={temp}", f"model.label_smoothing={smooth}",
@@ -315,6 +316,8 @@ def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, se
     joint = inputs + ({"[B]": ", plus the own-domain view for B", "[]": ", plus the own-domain view for A, B"}[views] + own
                       if sequence == "dual" else "")
     source = inputs + (", plus the own-domain view for A" + own if views == "[]" and sequence == "dual" else "")
+    trans = ", plus a learned transition vector of each domain's latest event" if table else ""
+    joint, source = joint + trans, source + trans
     assert f"[joint] inputs: {joint}\n" in p.stdout and f"[source] inputs: {source}\n" in p.stdout
     assert f"ZeRO stage {zero}" in p.stdout
     softmax = {"sampled": "sampled softmax (in-batch + 16 uniform negatives of the domain, log-Q corrected)",
@@ -331,6 +334,9 @@ def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, se
         from train.export import export
         learned = load_file(str(export(tmp_path / "tiny", tmp_path / "export", stage="joint") / "model.safetensors"))
         assert learned["item_bias"][1:].abs().min() > 0
+        if table:  # most items were some row's latest event of their domain: their vectors moved from zero
+            moved = learned["transition.weight"][1:].abs().sum(1) > 0
+            assert moved.float().mean() > 0.5 and learned["transition.weight"][0].eq(0).all()
 
 
 def test_masked_item_objective_trains_end_to_end(tmp_path):

@@ -202,6 +202,8 @@ class StageData:
         if model.view_domains:
             inputs += ", plus the own-domain view for " + ", ".join(names[d] for d in model.view_domains) + (
                 f" (each through its own {mc.view_layers}-block encoder)" if mc.view_layers else "")
+        if model.transition is not None:
+            inputs += ", plus a learned transition vector of each domain's latest event"
         loss = model.loss.describe(names)
         per = "its rows, each row's mean first (every user weighs the same)" if mc.loss_mean == "row" else "its targets"
         scores = model.scoring.describe(model.item_bias is not None)
