@@ -641,5 +641,8 @@ def test_transition_table_adds_the_latest_own_domain_events_vector_to_each_query
     g = table.transition.weight.grad.abs().sum(1)
     # 3 and 7 are no input; 6, the latest B event only where the target (3) is A's, scores nothing
     assert (g[[1, 2, 4, 5]] > 0).all() and g[[0, 3, 6, 7]].eq(0).all()
+    from tools.plan import count_parts  # the table is a row an item: planned with the item table
+    assert count_parts(table)["item_table"] == 2 * count_parts(plain)["item_table"] == 2 * 8 * 8
+    assert count_parts(table)["encoder"] == count_parts(plain)["encoder"]
     with pytest.raises(ValueError, match="transition_table needs objective=next_item"):
         ModelConfig(transition_table=True, objective="masked", causal=False)

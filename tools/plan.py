@@ -48,12 +48,13 @@ def weight_bytes(precision: str) -> int:
 
 
 def count_parts(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter elements by part: ``item_table`` (the tied item embeddings and item bias),
+    """Parameter elements by part: ``item_table`` (the tied item embeddings, the item bias and the
+    transition table: a row an item),
     ``embeddings`` (positions, domains), ``encoder`` (the shared and any view encoders), ``heads``."""
     parts = {"item_table": 0, "embeddings": 0, "encoder": 0, "heads": 0}
     for name, p in model.named_parameters():
         n = int(getattr(p, "ds_numel", p.numel()))
-        if name.startswith("embedding.item") or name == "item_bias":
+        if name.startswith(("embedding.item", "transition.")) or name == "item_bias":
             parts["item_table"] += n
         elif name.startswith("embedding."):
             parts["embeddings"] += n
