@@ -188,10 +188,12 @@ def evaluate_exported(folder: str | Path, *, splits=("valid", "test"), without: 
     check_same_data(info.get("provenance", {}), manifest, what=f"the export {folder}", folder=cfg.data.prepared_dir())
     ev = Evaluator(manifest, cfg.data.prepared_dir(), cfg.eval, max_len=cfg.model.max_len)
     only = info["input"] == "own_domain"
-    vocab = ev.vocab
-    change = (lambda items, dom: ablate(items, without, vocab.offsets[dom], vocab.sizes[dom])) if without else \
-        (lambda items, dom: items)
-    score = lambda items, dom, consume: model(change(items, dom), domain=dom, consume=consume)
+
+    def score(items, dom, consume):
+        if without:
+            items = ablate(items, without, ev.vocab.offsets[dom], ev.vocab.sizes[dom])
+        return model(items, domain=dom, consume=consume)
+
     with torch.no_grad():
         return {split: {d: ev.evaluate(score, d, split, only_domain=only, device=torch.device("cpu"))
                         for d in info["evaluated"]} for split in splits}

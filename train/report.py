@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from train.config import STAGES, baseline_of, unit_stage
-from train.protocol import PROTOCOLS, protocol_label
+from train.protocol import PROTOCOLS, SAMPLED, protocol_label
 from train.record import RunRecord, transfer_entries
 from train.stages import unit_label
 
@@ -325,9 +325,8 @@ def _last_input_lines(agg: dict) -> list[str]:
         for dom, lasts in doms.items():
             for last, res in lasts.items():
                 rows.setdefault((dom, last), []).append((stage, res))
-    sampled = next(p for p in PROTOCOLS if p != "full")
     return [f"{dom} test ndcg@10 full (sampled), latest input event in {last} ({res[0][1]['full']['n_users']['mean']:,.0f} "
-            "users): " + "; ".join(f"{unit_label(s)} {mean_pm(r['full']['ndcg@10'])} ({mean_pm(r[sampled]['ndcg@10'])})"
+            "users): " + "; ".join(f"{unit_label(s)} {mean_pm(r['full']['ndcg@10'])} ({mean_pm(r[SAMPLED]['ndcg@10'])})"
                                    for s, r in res) for (dom, last), res in rows.items()]
 
 

@@ -438,13 +438,15 @@ def eval_example(sample: dict, *, dom: Vocabulary, max_len: int, only_domain: in
     ``last_domain``: the domain index of the user's latest event before the target, whatever the
     model reads (-1: no event)."""
     seq = np.asarray(sample["items"], dtype=np.int64)
-    n_train = int((dom.of_ids(seq[:len(seq) - history_tail]) == domain).sum())
-    last_domain = int(dom.of_ids(seq[-1:])[0]) if len(seq) else -1
+    doms = dom.of_ids(seq)  # each event's domain, read once
+    n_train = int((doms[:len(seq) - history_tail] == domain).sum())
+    last_domain = int(doms[-1]) if len(seq) else -1
     history = np.unique(seq)  # every item before the target, whatever the model's window
     if only_domain is not None:
-        seq = seq[dom.of_ids(seq) == only_domain]
+        seq = seq[doms == only_domain]
     return {"items": _left_pad(seq[-max_len:], max_len), "user": sample["user"], "n_train": n_train,
-            "last_domain": last_domain, "target": sample["target"], "exclude": np.asarray(sample["exclude"], dtype=np.int64), "history": history}
+            "last_domain": last_domain, "target": sample["target"],
+            "exclude": np.asarray(sample["exclude"], dtype=np.int64), "history": history}
 
 
 def collate(examples: list[dict]) -> dict:
