@@ -55,6 +55,9 @@ class ModelConfig:
     # domain (zero at the start, one row an item): item-to-item transitions held apart from the
     # item embeddings (FPMC's factorised transitions inside the model, not an evaluation term)
     transition_table: bool = False
+    # transition_table only: the share of training positions whose queries leave the table's vector
+    # out (the encoder must predict without it there); evaluation always adds it. 0 = never left out
+    transition_dropout: float = 0.0
     # "next_item" (SASRec, causal) or "masked" (BERT4Rec-style cloze, bidirectional: a random
     # mask_prob share of each row's label-domain items is predicted, at least one)
     objective: Literal["next_item", "masked"] = "next_item"
@@ -77,6 +80,8 @@ class ModelConfig:
                "would see the next item it is asked for; the cloze objective needs both directions)")
         _check(0 < self.mask_prob <= 1, f"mask_prob must be in (0, 1], got {self.mask_prob}")
         _check(not self.transition_table or self.objective == "next_item", "transition_table needs objective=next_item")
+        _check(0 <= self.transition_dropout < 1, f"transition_dropout must be in [0, 1), got {self.transition_dropout}")
+        _check(not self.transition_dropout or self.transition_table, "transition_dropout needs transition_table: true")
         self._check_loss()
         self._check_views()
 

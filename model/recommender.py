@@ -26,7 +26,7 @@ class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]], *, loss,
                  objective=NextItem(), scoring: Scoring = Scoring(), heads: nn.ModuleList | None = None,
                  view_domains: Sequence[int] = (), view_encoders: nn.ModuleDict | None = None,
-                 item_bias: bool = False, transition_table: bool = False):
+                 item_bias: bool = False, transition_table: bool = False, transition_dropout: float = 0.0):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query, residually: q_d = h + heads[d](h). ``view_domains``: for
         each domain d listed, d's query also adds the own-domain view (:meth:`domain_view`),
@@ -34,7 +34,8 @@ class Recommender(nn.Module):
         listed, so every stage of a run has the same parameters), else the shared encoder.
         ``item_bias``: a learned bias per item, zero at the start, added to every score.
         ``transition_table``: domain d's query also adds ``transition[the row's latest d event]``, a
-        learned vector an item, zero at the start (:class:`ZeroTable`)."""
+        learned vector an item, zero at the start (:class:`ZeroTable`); in training, left out of a
+        random ``transition_dropout`` share of the positions (every domain's query at once)."""
         super().__init__()
         self.embedding, self.encoder, self.heads, self.view_encoders = embedding, encoder, heads, view_encoders
         self.ranges = [tuple(r) for r in ranges]
@@ -43,6 +44,7 @@ class Recommender(nn.Module):
         rows = embedding.item.num_embeddings  # not the weight's shape: under zero.Init it is partitioned by now
         self.item_bias = nn.Parameter(torch.zeros(rows)) if item_bias else None
         self.transition = ZeroTable(rows, embedding.position.embedding_dim) if transition_table else None
+        self.transition_dropout = transition_dropout
 
     # -- the two entry points --------------------------------------------------------------------
     def training_loss(self, items: torch.Tensor, targets: torch.Tensor):
@@ -97,9 +99,7 @@ class Recommender(nn.Module):
         h = self.encode(items)  # (B, L, D)
         views = {d: self.domain_view(items, d) for d in self.view_domains}
         if self.transition is not None:
-            for d, (lo, hi) in enumerate(self.ranges):
-                t = self.transition(latest_of_domain(items, lo, hi))
-                views[d] = views[d] + t if d in views else t
+            self._add_transitions(items, views)
         bias = self.item_bias is not None
         queries = [self.scoring.query(q, bias) for q in self.queries(h, views)]
         table = self.scoring.rows(self.embedding.item.weight, self.item_bias)
@@ -116,6 +116,18 @@ class Recommender(nn.Module):
         scorer = Scorer(self.scoring.query(q, self.item_bias is not None), self.embedding.item.weight,
                         self.item_bias, lo, hi, self.scoring)
         return consume(scorer) if consume is not None else scorer.columns(0, hi - lo)
+
+    def _add_transitions(self, items: torch.Tensor, views: dict[int, torch.Tensor]) -> None:
+        """Adds to ``views[d]`` (in place; set where absent) the table's vector of the row's latest d
+        event at each position, left out at a random ``transition_dropout`` share of the positions
+        in training (one draw a position for every domain, none when 0: the random stream stays)."""
+        keep = None
+        if self.training and self.transition_dropout:
+            keep = (torch.rand(items.shape, device=items.device) >= self.transition_dropout)[..., None]
+        for d, (lo, hi) in enumerate(self.ranges):
+            t = self.transition(latest_of_domain(items, lo, hi))
+            t = t if keep is None else t * keep
+            views[d] = views[d] + t if d in views else t
 
     def queries(self, h: torch.Tensor, views: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per-domain query states [..., D]; ``views[d]`` (same shape), where given, is added to
@@ -236,4 +248,5 @@ def build_recommender(cfg: ModelConfig, vocab: Vocabulary, active: Sequence[str]
     objective = Cloze(vocab.n_items + 1, cfg.mask_prob) if masked else NextItem()
     return Recommender(emb, enc, vocab.ranges, loss=training_loss_of(cfg, indices(cfg.uniform_aux_domains)),
                        objective=objective, scoring=Scoring(cfg.temperature), heads=heads, view_domains=viewed,
-                       view_encoders=views, item_bias=cfg.item_bias, transition_table=cfg.transition_table)
+                       view_encoders=views, item_bias=cfg.item_bias, transition_table=cfg.transition_table,
+                       transition_dropout=cfg.transition_dropout)
