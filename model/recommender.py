@@ -64,8 +64,9 @@ class Recommender(nn.Module):
         with ``targets``, scores with ``domain``, else hidden states ``[B, L, D]``."""
         if targets is not None:
             return self._training_loss(items, targets)
-        if domain is not None:
-            return self._score(items, domain, consume)
+        if domain is not None:  # scores rank in full precision, also under a training autocast
+            with torch.autocast(items.device.type, enabled=False):
+                return self._score(items, domain, consume)
         return self.encode(items)
 
     # -- what an engine needs to know ----------------------------------------------------------

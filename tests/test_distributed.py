@@ -169,3 +169,15 @@ def test_two_torchrun_agents_as_two_nodes_on_localhost(tmp_path):
     m = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     assert m["_meta"]["world_size"] == 2
     assert set(m) >= {"source", "joint", "target_only"}
+
+
+def test_bf16_autocast_trains_in_bf16_with_fp32_weights_and_scores_in_fp32(tmp_path):
+    """train.autocast=bf16 (ZeRO-2, 2 ranks): the training forward's linear layers give bfloat16,
+    the loss, weights and scores stay fp32, and the engine's scores are the bare module's."""
+    out = tmp_path / "autocast.json"
+    torchrun([str(REPO / "tests" / "dist_autocast.py"), str(out)], tmp_path)
+    for r in json.loads(out.read_text()):
+        assert r["train_linear"] == ["torch.bfloat16"] and r["loss"] == "torch.float32", r
+        assert r["weights"] == ["torch.float32"], r
+        assert r["score_linear"] == ["torch.float32"] and r["scores"] == "torch.float32", r
+        assert r["scores_as_module"], r

@@ -245,6 +245,9 @@ class TrainConfig:
     micro_batch_size: Annotated[int, _at_least(1)] = 128
     grad_accum: Annotated[int, _at_least(1)] = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # "bf16" (precision fp32 only): the training forward runs under torch.autocast in bfloat16
+    # (DeepSpeed's torch_autocast; fp32 weights, optimizer and loss reduction); scores rank in fp32
+    autocast: Literal["off", "bf16"] = "off"
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU (stage >= 1)
     activation_checkpointing: bool = False  # recompute each Transformer block in backward
@@ -285,6 +288,8 @@ class TrainConfig:
                f"init_from={self.init_from!r} starts the joint stage from that run's source stage, so train.stages "
                f"must hold 'joint' and not 'source', got {self.stages}")
         _check(not self.offload_optimizer or self.zero_stage > 0, "offload_optimizer needs train.zero_stage >= 1")
+        _check(self.autocast == "off" or self.precision == "fp32",
+               f"autocast={self.autocast} needs train.precision=fp32 (the weights stay fp32), got {self.precision}")
 
     def global_batch_size(self, world_size: int) -> int:
         return self.micro_batch_size * self.grad_accum * world_size

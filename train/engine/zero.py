@@ -114,6 +114,7 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, size: ModelSize) ->
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16"},
+        "torch_autocast": {"enabled": train.autocast != "off", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10 ** 9,
@@ -129,7 +130,7 @@ _OWNED = {"train_batch_size": "train.micro_batch_size x train.grad_accum x world
           "train_micro_batch_size_per_gpu": "train.micro_batch_size",
           "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "train.grad_clip",
           "zero_optimization.stage": "train.zero_stage", "bf16.enabled": "train.precision",
-          "fp16.enabled": "train.precision", "zero_optimization.offload_optimizer.device": "train.offload_optimizer"}
+          "fp16.enabled": "train.precision", "torch_autocast.enabled": "train.autocast", "zero_optimization.offload_optimizer.device": "train.offload_optimizer"}
 
 
 def merge_user_deepspeed_config(generated: dict, path: str) -> dict:
