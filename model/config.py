@@ -72,7 +72,7 @@ class ModelConfig:
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name, most in _MOST.items():  # beyond these no tensor's size fits an int64 count of bytes
             _check(getattr(self, name) <= most, f"{name} must be <= {most:,}, got {getattr(self, name):,}")
-        for name in ("dropout", "emb_dropout"):
+        for name in ("dropout", "emb_dropout", "transition_dropout"):
             _check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _check(self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         _check(self.causal == (self.objective == "next_item"),
@@ -80,7 +80,6 @@ class ModelConfig:
                "would see the next item it is asked for; the cloze objective needs both directions)")
         _check(0 < self.mask_prob <= 1, f"mask_prob must be in (0, 1], got {self.mask_prob}")
         _check(not self.transition_table or self.objective == "next_item", "transition_table needs objective=next_item")
-        _check(0 <= self.transition_dropout < 1, f"transition_dropout must be in [0, 1), got {self.transition_dropout}")
         _check(not self.transition_dropout or self.transition_table, "transition_dropout needs transition_table: true")
         self._check_loss()
         self._check_views()

@@ -246,10 +246,10 @@ def test_model_trains_with_the_named_sampled_loss(loss):
     m = make(domain_heads=True, loss=loss, sampled_negatives=5).eval()
     items = torch.tensor([[0, 1, 4, 2, 5, 6]])
     targets = torch.tensor([[1, 4, 2, 5, 6, 3]])
-    torch.manual_seed(1)
+    torch.manual_seed(3)
     sums, _ = m(items, targets=targets)
     fn = domain_sampled_ce_sums if loss == "sampled" else domain_uniform_ce_sums
-    torch.manual_seed(1)
+    torch.manual_seed(3)
     ref, _ = fn(m.queries(m(items)), targets, m.embedding.item.weight, m.ranges, 5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sums, ref))
     with pytest.raises(ValueError, match=r"loss must be one of \['full', 'sampled', 'uniform'\], got 'sampeld'"):

@@ -130,7 +130,8 @@ _OWNED = {"train_batch_size": "train.micro_batch_size x train.grad_accum x world
           "train_micro_batch_size_per_gpu": "train.micro_batch_size",
           "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "train.grad_clip",
           "zero_optimization.stage": "train.zero_stage", "bf16.enabled": "train.precision",
-          "fp16.enabled": "train.precision", "torch_autocast.enabled": "train.autocast", "zero_optimization.offload_optimizer.device": "train.offload_optimizer"}
+          "fp16.enabled": "train.precision", "torch_autocast.enabled": "train.autocast",
+          "zero_optimization.offload_optimizer.device": "train.offload_optimizer"}
 
 
 def merge_user_deepspeed_config(generated: dict, path: str) -> dict:
