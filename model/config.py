@@ -51,6 +51,9 @@ class ModelConfig:
     sequence: Literal["mixed", "per_domain", "dual"] = "mixed"
     view_domains: list[str] = field(default_factory=list)  # dual: the domains with a view; [] = every domain
     view_layers: int = 0  # dual: 0 = views through the shared encoder; N = each its own N-block encoder
+    # view_layers > 0 only: one view encoder serves every viewed domain, so a domain that a stage
+    # does not train (the target, in the source stage) starts the next stage with a trained view
+    view_shared: bool = False
     # next_item only: each domain's query adds a learned vector of the row's latest event of that
     # domain (zero at the start, one row an item): item-to-item transitions held apart from the
     # item embeddings (FPMC's factorised transitions inside the model, not an evaluation term)
@@ -104,6 +107,7 @@ class ModelConfig:
         _check(not self.view_domains or dual, f"view_domains={self.view_domains} needs sequence=dual, got {self.sequence!r}")
         _check(self.view_layers >= 0, f"view_layers must be >= 0, got {self.view_layers}")
         _check(not self.view_layers or dual, f"view_layers={self.view_layers} needs sequence=dual, got {self.sequence!r}")
+        _check(not self.view_shared or self.view_layers, "view_shared needs view_layers >= 1 (0 views through the shared encoder)")
 
 
 # Upper bounds of the sizes (far above any model that trains: xl is d_model 2048, 24 layers)

@@ -31,7 +31,8 @@ class Recommender(nn.Module):
         hidden state to domain d's query, residually: q_d = h + heads[d](h). ``view_domains``: for
         each domain d listed, d's query also adds the own-domain view (:meth:`domain_view`),
         through ``view_encoders[str(d)]`` where given (it may hold idle encoders of domains not
-        listed, so every stage of a run has the same parameters), else the shared encoder.
+        listed, so every stage of a run has the same parameters), or ``view_encoders["shared"]``
+        (one for every domain) where that is its only key, else the shared encoder.
         ``item_bias``: a learned bias per item, zero at the start, added to every score.
         ``transition_table``: domain d's query also adds ``transition[the row's latest d event]``, a
         learned vector an item, zero at the start (:class:`ZeroTable`); in training, left out of a
@@ -145,13 +146,18 @@ class Recommender(nn.Module):
         lo, hi = self.ranges[domain]
         own = (items >= lo) & (items < hi)
         sub = torch.where(own, items, 0)
-        encoder = self.encoder if self.view_encoders is None else self.view_encoders[str(domain)]
-        hd = encoder(self.embedding(sub), sub)  # (B, L, D); other positions are padding
+        hd = self.view_encoder(domain)(self.embedding(sub), sub)  # (B, L, D); other positions are padding
         latest = latest_positions(own)
         if last_only:
             latest = latest[:, -1:]
         view = hd.gather(1, latest.clamp(min=0)[..., None].expand(-1, -1, hd.shape[-1])) * (latest >= 0)[..., None]
         return view[:, 0] if last_only else view
+
+    def view_encoder(self, domain: int) -> nn.Module:
+        """The encoder of ``domain``'s own-domain view."""
+        if self.view_encoders is None:
+            return self.encoder
+        return self.view_encoders["shared" if "shared" in self.view_encoders else str(domain)]
 
     @torch.no_grad()
     def recommend(self, items: torch.Tensor, domain: int, k: int = 10, *,
@@ -243,9 +249,11 @@ def build_recommender(cfg: ModelConfig, vocab: Vocabulary, active: Sequence[str]
     views = None
     if dual and cfg.view_layers > 0:
         views = nn.ModuleDict()
-        for d in sorted(vocab.index(n) for n in (cfg.view_domains or vocab.names)):
-            with torch.random.fork_rng(devices=[], enabled=d not in viewed):
-                views[str(d)] = Encoder(n_layers=cfg.view_layers, **block)
+        keys = {"shared": bool(viewed)} if cfg.view_shared else {
+            str(d): d in viewed for d in sorted(vocab.index(n) for n in (cfg.view_domains or vocab.names))}
+        for key, used in keys.items():
+            with torch.random.fork_rng(devices=[], enabled=not used):
+                views[key] = Encoder(n_layers=cfg.view_layers, **block)
     objective = Cloze(vocab.n_items + 1, cfg.mask_prob) if masked else NextItem()
     return Recommender(emb, enc, vocab.ranges, loss=training_loss_of(cfg, indices(cfg.uniform_aux_domains)),
                        objective=objective, scoring=Scoring(cfg.temperature), heads=heads, view_domains=viewed,

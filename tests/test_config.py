@@ -55,6 +55,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
      r"command line: train.autocast=bf16 needs train.precision=fp32 \(the weights stay fp32\), got bf16"),
     ("name: x\n", ["model.transition_dropout=0.5"], r"command line: model.transition_dropout needs transition_table: true"),
     ("name: x\n", ["model.sequence=dual", "model.view_layers=-1"], r"model.view_layers must be >= 0, got -1"),
+    ("name: x\n", ["model.sequence=dual", "model.view_shared=true"],
+     r"command line: model.view_shared needs view_layers >= 1 \(0 views through the shared encoder\)"),
     ("name: x\n", ["model.uniform_aux=0.5", "model.loss=uniform"],
      r"command line: model.uniform_aux=0.5 needs loss=full, got 'uniform'"),
     ("name: x\n", ["model.uniform_aux=0.5", "model.uniform_aux_domains=[C]"],
@@ -76,7 +78,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
         "override-form", "files-domain", "rating-column", "min-events", "duplicates", "amazon-files", "bidirectional-next-item",
         "causal-cloze", "no-negatives", "init-from-and-source", "joint-without-source", "plateau-decay",
         "view-without-dual", "view-domain", "view-layers-without-dual", "autocast-not-fp32", "transition-dropout-without-table",
-        "view-layers-negative",
+        "view-layers-negative", "view-shared-without-layers",
         "uniform-aux-not-full", "uniform-aux-domain",
         "exclude-own-items-not-full", "stage-micro-batch", "temperature-negative", "label-smoothing-range",
         "label-smoothing-not-full", "prior-negative", "transition-negative", "split-quantiles", "split-times"])

@@ -409,6 +409,30 @@ def test_an_idle_view_encoder_leaves_the_random_stream_and_the_other_weights_as_
     assert not torch.equal(after_idle, torch.get_rng_state())  # both used: both draw
 
 
+def test_a_shared_view_encoder_trains_in_a_stage_of_one_domain_and_serves_the_others_view():
+    """view_shared: one view encoder for every domain. A stage that views domain 0 alone (the
+    source stage) trains it, and the model that views both (the joint stage) reads domain 1's
+    view through those same weights, where per-domain encoders would give domain 1 an untrained one."""
+    shared = _dual_model(view_domains=[0], view_layers=1, view_encoder_domains=[0, 1], view_shared=True).train()
+    per_domain = _dual_model(view_domains=[0], view_layers=1, view_encoder_domains=[0, 1])
+    assert list(shared.view_encoders) == ["shared"] and sorted(per_domain.view_encoders) == ["0", "1"]
+    n = sum(p.numel() for p in shared.parameters())
+    assert n == sum(p.numel() for p in per_domain.parameters()) - sum(
+        p.numel() for p in per_domain.view_encoders["1"].parameters())
+    items = torch.tensor([[0, 1, 4, 5, 2, 6, 7], [0, 0, 4, 4, 5, 6, 3]])
+    targets = torch.tensor([[1, 2, 3, 2, 1, 3, 2], [0, 1, 2, 3, 1, 2, 3]])  # domain 0's targets alone
+    sums, _ = shared(items, targets=targets)
+    sum(sums).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared.view_encoders["shared"].parameters())
+    both = _dual_model(view_domains=[0, 1], view_layers=1, view_encoder_domains=[0, 1], view_shared=True)
+    both.load_state_dict(shared.state_dict())
+    lo, hi = both.ranges[1]
+    alone = torch.where((items >= lo) & (items < hi), items, 0)
+    ref = both.view_encoders["shared"](both.embedding(alone), alone)[torch.arange(2), torch.tensor([6, 5])]
+    assert both.view_encoder(1) is both.view_encoder(0) is both.view_encoders["shared"]
+    assert torch.allclose(both.domain_view(items, 1, last_only=True), ref, atol=1e-5)
+
+
 def test_row_mean_weighs_every_row_the_same_whatever_its_number_of_targets():
     from model.losses import domain_ce_sums, domain_uniform_ce_sums
 

@@ -291,17 +291,20 @@ def test_a_stage_trains_with_its_own_micro_batch(tmp_path):
     assert "; micro batch 16\n" in p.stdout and "; micro batch 64\n" in p.stdout
 
 
-@pytest.mark.parametrize("loss, sequence, views, view_layers, zero, mean, temp, smooth, bias, table",
-                         [("sampled", "per_domain", "[]", 0, 0, "row", 0.1, 0, False, False),
-                          ("uniform", "dual", "[B]", 0, 3, "target", 0, 0, True, False),
-                          ("full", "dual", "[]", 1, 3, "row", 0.2, 0.1, True, True)])
+@pytest.mark.parametrize("loss, sequence, views, view_layers, zero, mean, temp, smooth, bias, table, shared",
+                         [("sampled", "per_domain", "[]", 0, 0, "row", 0.1, 0, False, False, False),
+                          ("uniform", "dual", "[B]", 0, 3, "target", 0, 0, True, False, False),
+                          ("full", "dual", "[]", 1, 3, "row", 0.2, 0.1, True, True, False),
+                          ("full", "dual", "[]", 2, 3, "target", 0.1, 0, False, False, True)])
 def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, sequence, views, view_layers, zero, mean,
-                                                              temp, smooth, bias, table):
+                                                              temp, smooth, bias, table, shared):
     """dual runs an encoder once more per domain view in a forward: under ZeRO-3 too. With
     view_layers the views have encoders of their own; the source stage leaves B's idle (its
-    parameters are still in the checkpoint the joint stage loads). The transition table is
-    gathered and trained under ZeRO-3 as well."""
+    parameters are still in the checkpoint the joint stage loads); view_shared runs one view
+    encoder twice in the joint stage's forward. The transition table is gathered and trained
+    under ZeRO-3 as well."""
     p = train_tiny(tmp_path, "train.stages=[source, joint]", f"model.transition_table={str(table).lower()}",
+                   f"model.view_shared={str(shared).lower()}",
                    f"model.loss={loss}", "model.sampled_negatives=16", f"model.sequence={sequence}",
                    f"model.view_domains={views}", f"model.view_layers={view_layers}", f"train.zero_stage={zero}",
                    f"model.loss_mean={mean}", f"model.temperature={temp}", f"model.label_smoothing={smooth}",
@@ -312,7 +315,8 @@ def test_sampled_losses_and_sequence_options_train_end_to_end(tmp_path, loss, se
     # a stage computes its own domains' views: the source stage (domain A) views A where every
     # domain has a view, none where the view is B's alone
     inputs = "each row's own domain only" if sequence == "per_domain" else "the mixed sequence of every domain"
-    own = f" (each through its own {view_layers}-block encoder)" if view_layers else ""
+    whose = f"one {view_layers}-block encoder they share" if shared else f"its own {view_layers}-block encoder"
+    own = f" (each through {whose})" if view_layers else ""
     joint = inputs + ({"[B]": ", plus the own-domain view for B", "[]": ", plus the own-domain view for A, B"}[views] + own
                       if sequence == "dual" else "")
     source = inputs + (", plus the own-domain view for A" + own if views == "[]" and sequence == "dual" else "")

@@ -200,8 +200,10 @@ class StageData:
         names, mc, stage = vocabulary(self.manifest).names, self.cfg.model, self.unit
         inputs = "each row's own domain only" if self.own_domain_only else "the mixed sequence of every domain"
         if model.view_domains:
+            whose = f"one {mc.view_layers}-block encoder they share" if mc.view_shared else \
+                f"its own {mc.view_layers}-block encoder"
             inputs += ", plus the own-domain view for " + ", ".join(names[d] for d in model.view_domains) + (
-                f" (each through its own {mc.view_layers}-block encoder)" if mc.view_layers else "")
+                f" (each through {whose})" if mc.view_layers else "")
         if model.transition is not None:
             inputs += ", plus a learned transition vector of each domain's latest event"
         loss = model.loss.describe(names)
