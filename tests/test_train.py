@@ -553,3 +553,17 @@ def test_a_run_with_the_op_already_built_says_nothing_about_building_it(tiny_run
     _, stdout = tiny_run
     assert "built successfully" not in stdout and "built DeepSpeed op" not in stdout
     assert "[source] epoch 1/4" in stdout
+
+
+def test_min_epochs_keeps_a_stage_training_past_patience_until_that_many_epochs(tmp_path):
+    """At lr 1e-30 the weights do not move, so the valid metric never improves after epoch 1:
+    patience 1 alone would stop after epoch 2; min_epochs 3 holds the stop back to epoch 3, and
+    the cap (5) is not reached."""
+    from train.loop import patience_ends
+    assert not patience_ends(1, 1, 2, 3) and patience_ends(1, 1, 3, 3) and patience_ends(1, 1, 2, 0)
+    assert not patience_ends(0, 1, 9, 3)  # improving: never
+    p = train_tiny(tmp_path, "train.stages=[source]", "train.source.lr=1e-30", "train.source.patience=1",
+                   "train.source.min_epochs=3", "train.source.epochs=5")
+    meta = json.loads((tmp_path / "tiny" / "metrics.json").read_text())["_meta"]["source"]
+    assert len(meta["epoch_losses"]) == 3 and meta["best_epoch"] == 0
+    assert "[source] no better valid metric for 1 evaluations; stopping" in p.stdout

@@ -230,6 +230,9 @@ class StageConfig:
     source_weight: float = 1.0  # w_s in L = w_s * mean CE(source) + w_t * mean CE(target)
     target_weight: float = 1.0  # w_t
     patience: Annotated[int, _at_least(1)] = 3  # stop after this many evaluations without a better valid metric
+    # patience stops the stage only once this many epochs have run (a model leaving its first,
+    # popularity-like phase can dip on valid before it learns the sequences); 0: from the first
+    min_epochs: Annotated[int, _at_least(0)] = 0
     # after each evaluation without a better valid metric, multiply the LR by this (on top of the
     # warmup + cosine schedule) until the stage stops; 1.0: off
     plateau_decay: Annotated[float, Field(gt=0, le=1, description="in (0, 1]")] = 1.0

@@ -42,6 +42,7 @@ class StagePlan:
     grad_accum: int = 1  # stop and checkpoint only where accumulated gradients have been applied
     domain_names: list[str] = field(default_factory=list)
     plateau_decay: float = 1.0  # LR factor after each evaluation without gain (1.0: off)
+    min_epochs: int = 0  # patience stops the stage only once this many epochs have run
     keep_checkpoints: int = 2  # resume checkpoints kept
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" training, or "skip" the batch
     max_nonfinite_skips: int = 10  # skip: stop once more batches than this were skipped in the stage
@@ -271,6 +272,12 @@ def run_epoch(engine, plan: StagePlan, st: LoopState, monitor: Monitor, *, devic
     monitor.sync()
 
 
+def patience_ends(bad: int, patience: int, epochs_run: int, min_epochs: int) -> bool:
+    """Early stopping: ``bad`` evaluations in a row without a better valid metric reach
+    ``patience``, and at least ``min_epochs`` epochs have run."""
+    return bad >= patience and epochs_run >= min_epochs
+
+
 def end_epoch(engine, plan: StagePlan, st: LoopState, *, tracker: Tracker, elapsed: Callable[[], float],
               log) -> None:
     """Evaluate on valid, keep the best weights, apply patience and the LR plateau decay."""
@@ -289,7 +296,7 @@ def end_epoch(engine, plan: StagePlan, st: LoopState, *, tracker: Tracker, elaps
                              "lr_scale": st.lr_scale, "stage_step": st.step}})
     log(f"[{plan.name}] epoch {st.epoch + 1}/{plan.epochs}  loss {st.losses[-1]:.4f}  {plan.select_label} {score:.4f}"
         f"{'  * best so far, kept' if improved else ''}  ({elapsed():.0f}s)")
-    if st.bad >= plan.patience:
+    if patience_ends(st.bad, plan.patience, st.epoch + 1, plan.min_epochs):
         log(f"[{plan.name}] no better valid metric for {plan.patience} evaluations; stopping")
         st.done = True
     elif not improved and plan.plateau_decay < 1.0:

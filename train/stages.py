@@ -231,7 +231,8 @@ class StageData:
         """How the training loop runs this stage (``select``: the valid number an epoch is kept by)."""
         t, sc = self.cfg.train, self.cfg.train.stage(self.spec.name)
         return StagePlan(name=self.unit, batches=self.batches, weights=self.weights(), epochs=sc.epochs,
-                         patience=sc.patience, select=select, ckpt_dir=ckpt_dir, log_every=t.log_every,
+                         patience=sc.patience, min_epochs=sc.min_epochs, select=select, ckpt_dir=ckpt_dir,
+                         log_every=t.log_every,
                          checkpoint_every=t.checkpoint_every, grad_accum=t.grad_accum,
                          domain_names=vocabulary(self.manifest).names, plateau_decay=sc.plateau_decay,
                          keep_checkpoints=t.keep_checkpoints, on_nonfinite=t.on_nonfinite,
