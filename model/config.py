@@ -61,6 +61,10 @@ class ModelConfig:
     # transition_table only: the share of training positions whose queries leave the table's vector
     # out (the encoder must predict without it there); evaluation always adds it. 0 = never left out
     transition_dropout: float = 0.0
+    # transition_table only: the table learns only what the rest of the model misses (a second CE
+    # with everything but the table held fixed); the rest trains as without it. The training loss
+    # logged is the sum of the two CEs
+    transition_residual: bool = False
     # "next_item" (SASRec, causal) or "masked" (BERT4Rec-style cloze, bidirectional: a random
     # mask_prob share of each row's label-domain items is predicted, at least one)
     objective: Literal["next_item", "masked"] = "next_item"
@@ -84,6 +88,7 @@ class ModelConfig:
         _check(0 < self.mask_prob <= 1, f"mask_prob must be in (0, 1], got {self.mask_prob}")
         _check(not self.transition_table or self.objective == "next_item", "transition_table needs objective=next_item")
         _check(not self.transition_dropout or self.transition_table, "transition_dropout needs transition_table: true")
+        _check(not self.transition_residual or self.transition_table, "transition_residual needs transition_table: true")
         self._check_loss()
         self._check_views()
 

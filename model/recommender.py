@@ -26,7 +26,8 @@ class Recommender(nn.Module):
     def __init__(self, embedding: SequenceEmbedding, encoder: Encoder, ranges: list[tuple[int, int]], *, loss,
                  objective=NextItem(), scoring: Scoring = Scoring(), heads: nn.ModuleList | None = None,
                  view_domains: Sequence[int] = (), view_encoders: nn.ModuleDict | None = None,
-                 item_bias: bool = False, transition_table: bool = False, transition_dropout: float = 0.0):
+                 item_bias: bool = False, transition_table: bool = False, transition_dropout: float = 0.0,
+                 transition_residual: bool = False):
         """ranges[d] = (first global id, last + 1) of domain d; heads[d] (optional) maps the shared
         hidden state to domain d's query, residually: q_d = h + heads[d](h). ``view_domains``: for
         each domain d listed, d's query also adds the own-domain view (:meth:`domain_view`),
@@ -36,7 +37,9 @@ class Recommender(nn.Module):
         ``item_bias``: a learned bias per item, zero at the start, added to every score.
         ``transition_table``: domain d's query also adds ``transition[the row's latest d event]``, a
         learned vector an item, zero at the start (:class:`ZeroTable`); in training, left out of a
-        random ``transition_dropout`` share of the positions (every domain's query at once)."""
+        random ``transition_dropout`` share of the positions (every domain's query at once).
+        ``transition_residual``: the table is fitted to what the rest of the model misses (see
+        :meth:`_residual_loss`); scoring adds it as above."""
         super().__init__()
         self.embedding, self.encoder, self.heads, self.view_encoders = embedding, encoder, heads, view_encoders
         self.ranges = [tuple(r) for r in ranges]
@@ -45,7 +48,7 @@ class Recommender(nn.Module):
         rows = embedding.item.num_embeddings  # not the weight's shape: under zero.Init it is partitioned by now
         self.item_bias = nn.Parameter(torch.zeros(rows)) if item_bias else None
         self.transition = ZeroTable(rows, embedding.position.embedding_dim) if transition_table else None
-        self.transition_dropout = transition_dropout
+        self.transition_dropout, self.transition_residual = transition_dropout, transition_residual
 
     # -- the two entry points --------------------------------------------------------------------
     def training_loss(self, items: torch.Tensor, targets: torch.Tensor):
@@ -100,12 +103,30 @@ class Recommender(nn.Module):
         items, targets = self.objective.training(items, targets)
         h = self.encode(items)  # (B, L, D)
         views = {d: self.domain_view(items, d) for d in self.view_domains}
+        if self.transition is not None and self.transition_residual:
+            return self._residual_loss(items, targets, own, h, views)
         if self.transition is not None:
             self._add_transitions(items, views)
         bias = self.item_bias is not None
         queries = [self.scoring.query(q, bias) for q in self.queries(h, views)]
         table = self.scoring.rows(self.embedding.item.weight, self.item_bias)
         return self.loss(queries, targets, table, self.ranges, own)
+
+    def _residual_loss(self, items, targets, own, h, views):
+        """The loss of the model without the table plus the loss of the table alone: the second
+        CE scores the same queries with the table's vector added, everything but the table held
+        fixed (queries and item vectors detached). The encoder, heads, views and item vectors
+        train as in the model without the table (they never lean on it); the table learns the
+        transitions they miss. Returns the two per-domain CE sums added, the counts once."""
+        trans: dict[int, torch.Tensor] = {}
+        self._add_transitions(items, trans)
+        bias = self.item_bias is not None
+        table = self.scoring.rows(self.embedding.item.weight, self.item_bias)
+        qs = self.queries(h, views)
+        sums, counts = self.loss([self.scoring.query(q, bias) for q in qs], targets, table, self.ranges, own)
+        fixed = [self.scoring.query(q.detach() + trans[d], bias) for d, q in enumerate(qs)]
+        extra, _ = self.loss(fixed, targets, table.detach(), self.ranges, own)
+        return [a + b for a, b in zip(sums, extra)], counts
 
     def _score(self, items: torch.Tensor, domain: int, consume: Callable | None):
         items = self.objective.scoring(items)
@@ -258,4 +279,4 @@ def build_recommender(cfg: ModelConfig, vocab: Vocabulary, active: Sequence[str]
     return Recommender(emb, enc, vocab.ranges, loss=training_loss_of(cfg, indices(cfg.uniform_aux_domains)),
                        objective=objective, scoring=Scoring(cfg.temperature), heads=heads, view_domains=viewed,
                        view_encoders=views, item_bias=cfg.item_bias, transition_table=cfg.transition_table,
-                       transition_dropout=cfg.transition_dropout)
+                       transition_dropout=cfg.transition_dropout, transition_residual=cfg.transition_residual)

@@ -680,6 +680,37 @@ def _table_ce_by_hand(plain, items, tgts, T, keep=None):
     return torch.stack(want)
 
 
+def test_transition_residual_fits_the_table_to_what_the_model_without_it_misses():
+    """transition_residual: the training CE is the model's without the table plus the CE of its
+    queries with T added where all but T is held fixed; so every other parameter takes the
+    gradient of the model without the table, T the gradient of the second CE alone; scoring adds
+    T as the plain table does."""
+    items, tgts = torch.tensor([[0, 1, 4, 2, 5, 6]]), torch.tensor([[1, 4, 2, 5, 6, 3]])
+    plain = make(domain_heads=True).eval()
+    res = make(domain_heads=True, transition_table=True, transition_residual=True).eval()
+    with torch.no_grad():
+        res.transition.weight.copy_(torch.randn(8, 8))
+        res.transition.weight[0].zero_()
+    T = res.transition.weight.detach().clone()
+    sums, counts = res(items, targets=tgts)
+    alone = _table_ce_by_hand(plain, items, tgts, torch.zeros_like(T))
+    assert torch.allclose(torch.stack(sums), alone + _table_ce_by_hand(plain, items, tgts, T), atol=1e-4)
+    assert counts.tolist() == [3, 3]
+    sum(sums).backward()
+    alone.sum().backward()
+    named = dict(res.named_parameters())
+    for name, p in plain.named_parameters():  # encoder, heads, item vectors: as without the table
+        assert torch.allclose(named[name].grad, p.grad, atol=1e-5), name
+    t = T.clone().requires_grad_()
+    want, = torch.autograd.grad(_table_ce_by_hand(plain, items, tgts, t).sum(), t)
+    g = res.transition.weight.grad  # row 0 is padding: the table's row 0 takes no gradient
+    assert torch.allclose(g[1:], want[1:], atol=1e-5) and g[1:].abs().sum() > 0 and g[0].eq(0).all()
+    q, unit = plain.queries(plain(items)), plain.embedding.item.weight
+    assert torch.allclose(res(items, domain=1), (q[1][0, -1] + T[6]) @ unit[4:8].T, atol=1e-5)
+    with pytest.raises(ValueError, match="transition_residual needs transition_table: true"):
+        ModelConfig(transition_residual=True)
+
+
 def test_transition_dropout_leaves_the_tables_vector_out_at_a_random_share_of_training_positions():
     """transition_dropout=p: in training each position's queries drop the table's vector where a
     uniform draw (one a position, after the encoder's) falls below p; in evaluation it always adds."""

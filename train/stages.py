@@ -205,7 +205,8 @@ class StageData:
             inputs += ", plus the own-domain view for " + ", ".join(names[d] for d in model.view_domains) + (
                 f" (each through {whose})" if mc.view_layers else "")
         if model.transition is not None:
-            inputs += ", plus a learned transition vector of each domain's latest event"
+            inputs += ", plus a learned transition vector of each domain's latest event" + (
+                " (fitted to what the rest misses)" if model.transition_residual else "")
         loss = model.loss.describe(names)
         per = "its rows, each row's mean first (every user weighs the same)" if mc.loss_mean == "row" else "its targets"
         scores = model.scoring.describe(model.item_bias is not None)
