@@ -103,26 +103,25 @@ class Recommender(nn.Module):
         items, targets = self.objective.training(items, targets)
         h = self.encode(items)  # (B, L, D)
         views = {d: self.domain_view(items, d) for d in self.view_domains}
+        table = self.scoring.rows(self.embedding.item.weight, self.item_bias)
         if self.transition is not None and self.transition_residual:
-            return self._residual_loss(items, targets, own, h, views)
+            return self._residual_loss(items, targets, own, self.queries(h, views), table)
         if self.transition is not None:
             self._add_transitions(items, views)
         bias = self.item_bias is not None
         queries = [self.scoring.query(q, bias) for q in self.queries(h, views)]
-        table = self.scoring.rows(self.embedding.item.weight, self.item_bias)
         return self.loss(queries, targets, table, self.ranges, own)
 
-    def _residual_loss(self, items, targets, own, h, views):
+    def _residual_loss(self, items, targets, own, qs, table):
         """The loss of the model without the table plus the loss of the table alone: the second
         CE scores the same queries with the table's vector added, everything but the table held
         fixed (queries and item vectors detached). The encoder, heads, views and item vectors
         train as in the model without the table (they never lean on it); the table learns the
-        transitions they miss. Returns the two per-domain CE sums added, the counts once."""
+        transitions they miss. ``qs``: the per-domain queries without the table; ``table``: the
+        scored item rows. Returns the two per-domain CE sums added, the counts once."""
         trans: dict[int, torch.Tensor] = {}
         self._add_transitions(items, trans)
         bias = self.item_bias is not None
-        table = self.scoring.rows(self.embedding.item.weight, self.item_bias)
-        qs = self.queries(h, views)
         sums, counts = self.loss([self.scoring.query(q, bias) for q in qs], targets, table, self.ranges, own)
         fixed = [self.scoring.query(q.detach() + trans[d], bias) for d, q in enumerate(qs)]
         extra, _ = self.loss(fixed, targets, table.detach(), self.ranges, own)
