@@ -29,6 +29,25 @@ def test_train_example_trims_pads_and_masks_other_domain():
     assert empty["items"].tolist() == [0, 0, 0, 11] and not empty["targets"].any()
 
 
+def test_latest_target_false_keeps_a_rows_latest_event_as_an_input_only():
+    """train.latest_target=false: the target of the row's latest event (after the reduction to
+    the domain) is dropped; the inputs and every other target stay."""
+    m = {"domains": [{"name": "A", "offset": 0, "n_items": 10}, {"name": "B", "offset": 10, "n_items": 10}]}
+    dom = vocabulary(m)
+    cases = (  # (label domain, only_domain, items, targets by default, targets without the latest)
+        (1, False, [1, 11, 2, 12], [11, 0, 12, 13], [11, 0, 12, 0]),  # the mixed row: 13 is the latest event
+        (1, True, [0, 0, 11, 12], [0, 0, 12, 13], [0, 0, 12, 0]),  # reduced to B: [11, 12, 13]
+        (0, False, [1, 11, 2, 12], [0, 2, 0, 0], [0, 2, 0, 0]),  # an A row: its latest event is B's, no target
+    )
+    for label, only, items, targets, held in cases:
+        kw = dict(dom=dom, label_domain=label, max_len=4, only_domain=only)
+        sample = {"user": 3, "items": [1, 11, 2, 12, 13]}
+        default, without = train_example(sample, **kw), train_example(sample, **kw, latest_target=False)
+        assert default["items"].tolist() == without["items"].tolist() == items
+        assert default["targets"].tolist() == targets and without["targets"].tolist() == held
+
+
+
 def test_mixed_batches_hold_the_configured_ratio(synth):
     m, folder = synth
     dom = vocabulary(m)

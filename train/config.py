@@ -269,6 +269,10 @@ class TrainConfig:
     # length_buckets x micro batch samples is sorted by length, cut into batches, and the batches
     # shuffled; 0: every batch padded to model.max_len
     length_buckets: Annotated[int, _at_least(0)] = 0
+    # false: a training row's latest event is never a target (it stays an input), so the valid
+    # target's latest input is, as the test target's (the held-out valid event), an event the model
+    # never learned to predict for that user; true: every event after a row's first is a target
+    latest_target: bool = True
     source: StageConfig = field(default_factory=StageConfig)
     joint: StageConfig = field(default_factory=StageConfig)
     target_only: StageConfig = field(default_factory=StageConfig)

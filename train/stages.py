@@ -177,6 +177,7 @@ class StageData:
         t, cfg = self.train, self.cfg
         common = dict(max_len=cfg.model.max_len, seed=cfg.seed, epoch=epoch, buffer=t.shuffle_buffer, reader=self.reader,
                       cloze=cfg.model.objective == "masked", only_domain=self.own_domain_only, buckets=t.length_buckets,
+                      latest_target=t.latest_target,
                       epoch_batches=self.steps_per_epoch() * t.grad_accum if t.resampled else None)
         if self.mixed:
             return mixed_batches(self.manifest, self.folder, source=_one(self.names["source"]),
@@ -209,6 +210,8 @@ class StageData:
                 " (fitted to what the rest misses)" if model.transition_residual else "")
         loss = model.loss.describe(names)
         per = "its rows, each row's mean first (every user weighs the same)" if mc.loss_mean == "row" else "its targets"
+        if not self.cfg.train.latest_target:
+            per += " (a row's latest event is not one)"
         scores = model.scoring.describe(model.item_bias is not None)
         return [f"[{stage}] inputs: {inputs}",
                 f"[{stage}] loss: {loss}; a domain's loss is the mean over {per}; scores: {scores}",

@@ -289,7 +289,7 @@ def _left_pad(seq: np.ndarray, length: int) -> np.ndarray:
 
 
 def train_rows(samples: list[dict], *, dom: Vocabulary, label_domain: int | list[int], max_len: int,
-               only_domain: bool, cloze: bool = False) -> dict[str, np.ndarray]:
+               only_domain: bool, cloze: bool = False, latest_target: bool = True) -> dict[str, np.ndarray]:
     """One training row per sample, in order, its targets in ``label_domain`` (one domain for
     every row, or each row's own: a stream over several domains' shards). A sample whose
     window holds no target there (its sequence trimmed, or reduced to the domain, past its last
@@ -302,6 +302,8 @@ def train_rows(samples: list[dict], *, dom: Vocabulary, label_domain: int | list
     ``[n, max_len]`` (left padded: the last column is the latest event) and ``user`` ``[n]``.
     ``cloze`` (masked-item objective): inputs are the last ``max_len`` events and each position's
     target is its own item where it belongs to the label domain (the model picks what to mask).
+    ``latest_target`` false: the row's latest event (its last column, after the reduction to the
+    domain) is never a target; it stays an input (``train.latest_target``).
     """
     labels = np.broadcast_to(np.asarray(label_domain, np.int64), (len(samples),))
     # each row's label domain's ids are lo+1..hi, as [n, 1] columns against the matrix below
@@ -321,6 +323,8 @@ def train_rows(samples: list[dict], *, dom: Vocabulary, label_domain: int | list
     else:
         x, y = mat[:, :-1], mat[:, 1:]
         targets = np.where((x > 0) & (y > lo) & (y <= hi), y, 0)  # no target for a padded input
+    if not latest_target:
+        targets[:, -1] = 0
     user = np.fromiter((s["user"] for s in samples), np.int64, len(samples))
     return {"items": x, "targets": targets, "user": user}
 
@@ -482,7 +486,8 @@ def _loader(pipe: wds.DataPipeline, reader: ReaderOptions, epoch_batches: int | 
 
 def train_batches(manifest: dict, folder: str | Path, domain: str | list[str], *, batch_size: int, max_len: int,
                   seed: int, epoch: int, buffer: int, only_domain: bool = False, cloze: bool = False,
-                  reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None, buckets: int = 0):
+                  reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None, buckets: int = 0,
+                  latest_target: bool = True):
     """One epoch of shuffled training batches of ``domain``'s train split (this rank's share):
     one domain, or several (their shards read as one stream, each row labelled by its shard's
     domain); ``buckets`` > 0: batches of like length, trimmed (:func:`_train_batches_stage`)."""
@@ -493,7 +498,8 @@ def train_batches(manifest: dict, folder: str | Path, domain: str | list[str], *
     pipe = sample_stream(urls, shuffle=True, seed=seed, epoch=epoch, buffer=buffer, reader=reader, n_items=dom.n_items,
                          sizes=[n for d in domains for n in shard_sizes(manifest, d, "train")])
     pipe.append(_train_batches_stage(batch_size, buckets, seed, epoch, labels, dom=dom, label_domain=dom.index(domains[0]),
-                                     max_len=max_len, only_domain=only_domain, cloze=cloze))
+                                     max_len=max_len, only_domain=only_domain, cloze=cloze,
+                                     latest_target=latest_target))
     return _loader(pipe, reader, epoch_batches)
 
 
@@ -506,7 +512,7 @@ def joint_rows(batch_size: int, mix_ratio: float) -> tuple[int, int]:
 def mixed_batches(manifest: dict, folder: str | Path, *, source: str | list[str], target: str | list[str], batch_size: int,
                   mix_ratio: float, max_len: int, seed: int, epoch: int, buffer: int, only_domain: bool = False,
                   cloze: bool = False, reader: ReaderOptions = ReaderOptions(), epoch_batches: int | None = None,
-                  buckets: int = 0) -> Iterator[dict]:
+                  buckets: int = 0, latest_target: bool = True) -> Iterator[dict]:
     """Joint-stage batches: ``round(mix_ratio * B)`` source rows + the rest target rows (each
     side one domain or several, :func:`train_batches`).
 
@@ -522,7 +528,7 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str | list[str]
             for b in train_batches(manifest, folder, source, batch_size=n_src, max_len=max_len,
                                    seed=seed + 1, epoch=epoch * 1000 + k, buffer=buffer, reader=reader,
                                    epoch_batches=epoch_batches, only_domain=only_domain, cloze=cloze,
-                                   buckets=buckets):
+                                   buckets=buckets, latest_target=latest_target):
                 n += 1
                 yield b
             if n == 0:
@@ -532,7 +538,7 @@ def mixed_batches(manifest: dict, folder: str | Path, *, source: str | list[str]
     src = source_forever()
     for tb in train_batches(manifest, folder, target, batch_size=n_tgt, max_len=max_len, seed=seed,
                             epoch=epoch, buffer=buffer, reader=reader, epoch_batches=epoch_batches,
-                            only_domain=only_domain, cloze=cloze, buckets=buckets):
+                            only_domain=only_domain, cloze=cloze, buckets=buckets, latest_target=latest_target):
         sb = next(src)
         width = max(sb["items"].shape[1], tb["items"].shape[1])
         sb, tb = pad_left(sb, width), pad_left(tb, width)
