@@ -63,3 +63,15 @@ def test_xdrec_plan_on_the_xl_preset_says_zero0_cannot_fit_two_ranks_of_11_gib()
     zero0 = next(line for line in bf16.splitlines() if line.startswith("ZeRO-0 "))
     assert float(zero0.split()[-4]) > 11  # GiB per rank
     assert "recommended for 11.00 GiB per rank: ZeRO-1 (" in bf16
+
+
+def test_activation_estimate_counts_the_residual_tables_second_set_of_logits():
+    """model.transition_residual scores every target twice (two CEs whose logits live until backward):
+    the estimate grows by exactly one set of logits, their softmax and its gradient."""
+    from tools.plan import activation_bytes
+    from train.config import load_config
+    tiny = REPO / "configs" / "experiment" / "tiny.yaml"
+    plain = load_config(tiny, ["model.transition_table=true"])
+    residual = load_config(tiny, ["model.transition_table=true", "model.transition_residual=true"])
+    tokens, items = plain.train.micro_batch_size * plain.model.max_len, 500
+    assert activation_bytes(residual, items) - activation_bytes(plain, items) == 3 * tokens * items * 4

@@ -23,7 +23,7 @@ partition is counted above). Buffers: the reduce (and ZeRO-1/2 allgather) bucket
 ``train.engine.zero_settings`` and, at ZeRO-3, the gathered blocks it allows. Optimizer offload
 moves the fp32 master and the AdamW moments to host memory. Activations are an estimate
 (per block 34 x tokens x d_model bytes in 16-bit, Korthikanti et al. 2022, twice that in fp32,
-plus the training softmax's logits); they are not in the measured check.
+plus the training softmax's logits, twice with ``model.transition_residual``); they are not in the measured check.
 """
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ def activation_bytes(cfg, n_domain_items: int) -> int:
     blocks = m.n_layers * per_block * (1 if not t.activation_checkpointing else 0) + per_block
     candidates = training_loss_of(m, []).columns(n_domain_items, t.micro_batch_size)
     logits = 3 * tokens * candidates * 4  # logits, their softmax and its gradient, in fp32
-    return blocks + logits
+    ces = 2 if m.transition_table and m.transition_residual else 1  # the residual table adds a second CE
+    return blocks + ces * logits
 
 
 def parse_bytes(text: str) -> int:
