@@ -47,7 +47,6 @@ def test_latest_target_false_keeps_a_rows_latest_event_as_an_input_only():
         assert default["targets"].tolist() == targets and without["targets"].tolist() == held
 
 
-
 def test_mixed_batches_hold_the_configured_ratio(synth):
     m, folder = synth
     dom = vocabulary(m)

@@ -123,7 +123,7 @@ def activation_bytes(cfg, n_domain_items: int) -> int:
     blocks = m.n_layers * per_block * (1 if not t.activation_checkpointing else 0) + per_block
     candidates = training_loss_of(m, []).columns(n_domain_items, t.micro_batch_size)
     logits = 3 * tokens * candidates * 4  # logits, their softmax and its gradient, in fp32
-    ces = 2 if m.transition_table and m.transition_residual else 1  # the residual table adds a second CE
+    ces = 2 if m.transition_residual else 1  # the residual table adds a second CE (it needs the table)
     return blocks + ces * logits
 
 

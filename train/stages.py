@@ -210,7 +210,7 @@ class StageData:
                 " (fitted to what the rest misses)" if model.transition_residual else "")
         loss = model.loss.describe(names)
         per = "its rows, each row's mean first (every user weighs the same)" if mc.loss_mean == "row" else "its targets"
-        if not self.cfg.train.latest_target:
+        if not self.train.latest_target:
             per += " (a row's latest event is not one)"
         scores = model.scoring.describe(model.item_bias is not None)
         return [f"[{stage}] inputs: {inputs}",
