@@ -16,9 +16,32 @@ import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True)
+class SoftTargets:
+    """A teacher's next-item distributions for a batch's targets (knowledge distillation).
+
+    ``probs[d]``: (N_d, n_d), over domain d's items, one row per domain-d target of the batch in
+    the order :func:`_per_domain` selects them (row-major over the (B, L) targets); ``has[d]``:
+    (N_d,) bool, where the teacher gave one. Such a target's CE becomes (1 - weight) x CE(target)
+    + weight x CE(teacher's distribution); the other targets (and domains not in ``probs``) keep
+    the plain CE."""
+
+    probs: dict[int, torch.Tensor]
+    has: dict[int, torch.Tensor]
+    weight: float
+
+    def mix(self, d: int, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        """Domain d's per-target CE ``ce`` (N_d,) with the teacher's term where it has one."""
+        if d not in self.probs or not len(ce):
+            return ce
+        soft = -(self.probs[d] * F.log_softmax(logits, -1)).sum(-1)
+        return torch.where(self.has[d], (1 - self.weight) * ce + self.weight * soft, ce)
+
+
 def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Tensor, item_weight: torch.Tensor,
                    ranges: list[tuple[int, int]], exclude: torch.Tensor | None = None, per_row: bool = False,
-                   label_smoothing: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
+                   label_smoothing: float = 0.0,
+                   soft: SoftTargets | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Summed CE and target count per domain.
 
     hidden: (B, L, D) encoder outputs, or one such tensor per domain (domain d's targets are
@@ -34,9 +57,13 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
     head, so every parameter takes part in every step. ``per_row``: ``sums[d]`` adds each row's
     mean CE over its domain-d targets and ``counts[d]`` is the number of rows with such targets.
     ``label_smoothing``: as in ``F.cross_entropy``, over the target's domain (not with ``exclude``).
+    ``soft``: a teacher's distributions mixed into the CE of the targets it covers (:class:`SoftTargets`;
+    not with ``exclude``).
     """
-    if label_smoothing and exclude is not None:
-        raise ValueError("label_smoothing cannot be combined with exclude (excluded logits are -inf)")
+    if (label_smoothing or soft is not None) and exclude is not None:
+        raise ValueError("label_smoothing and soft targets cannot be combined with exclude (excluded logits are -inf)")
+    domain_of = {lo: d for d, (lo, _) in enumerate(ranges)}
+
     def full_ce(h, t, lo, hi, rows=None):
         logits = (h @ item_weight[lo:hi].T).float()  # (N_d, n_d)
         if exclude is not None and len(h):
@@ -46,7 +73,8 @@ def domain_ce_sums(hidden: torch.Tensor | list[torch.Tensor], targets: torch.Ten
             logits = logits.index_put((at[0], ex[at] - lo), logits.new_tensor(float("-inf")))
         if not len(h):
             return 0.0 * logits.sum()
-        return F.cross_entropy(logits, t - lo, reduction="none", label_smoothing=label_smoothing)
+        ce = F.cross_entropy(logits, t - lo, reduction="none", label_smoothing=label_smoothing)
+        return ce if soft is None else soft.mix(domain_of[lo], logits, ce)
 
     return _per_domain(hidden, targets, ranges, full_ce, with_rows=exclude is not None, per_row=per_row)
 
@@ -154,7 +182,8 @@ def domain_cross_entropy(hidden, targets: torch.Tensor, item_weight: torch.Tenso
 # -- the training losses a Recommender is given ----------------------------------------------------
 # Each is called as ``loss(queries, targets, table, ranges, own)`` -> (per-domain CE sums,
 # per-domain counts): ``queries`` one [B, L, D'] tensor per domain, ``table`` the scored item
-# table, ``own`` (B, 2L) the row's inputs and targets (for exclude_own_items).
+# table, ``own`` (B, 2L) the row's inputs and targets (for exclude_own_items). The full softmax
+# (alone or under the uniform auxiliary) also takes ``soft=`` a teacher's :class:`SoftTargets`.
 
 
 # Every loss has one interface: ``loss(queries, targets, table, ranges, own)``, ``describe(names)``
@@ -170,9 +199,9 @@ class FullSoftmax:
     label_smoothing: float = 0.0
     exclude_own_items: bool = False
 
-    def __call__(self, queries, targets, table, ranges, own):
+    def __call__(self, queries, targets, table, ranges, own, soft: SoftTargets | None = None):
         return domain_ce_sums(queries, targets, table, ranges, exclude=own if self.exclude_own_items else None,
-                              per_row=self.per_row, label_smoothing=self.label_smoothing)
+                              per_row=self.per_row, label_smoothing=self.label_smoothing, soft=soft)
 
     def describe(self, names: list[str] | None = None) -> str:
         return "full softmax over the target's domain" + (
@@ -227,8 +256,8 @@ class WithUniformAux:
     aux: UniformSoftmax
     weight: float
 
-    def __call__(self, queries, targets, table, ranges, own):
-        sums, counts = self.base(queries, targets, table, ranges, own)
+    def __call__(self, queries, targets, table, ranges, own, soft: SoftTargets | None = None):
+        sums, counts = self.base(queries, targets, table, ranges, own, soft=soft)
         aux, _ = self.aux(queries, targets, table, ranges, own)
         return [s + self.weight * a for s, a in zip(sums, aux)], counts
 

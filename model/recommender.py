@@ -17,7 +17,7 @@ from torch import nn
 from model.config import ModelConfig, Vocabulary
 from model.embeddings import SequenceEmbedding
 from model.encoder import Encoder
-from model.losses import LOSSES, UniformSoftmax, WithUniformAux
+from model.losses import LOSSES, SoftTargets, UniformSoftmax, WithUniformAux
 from model.objective import Cloze, NextItem
 from model.scoring import Scorer, Scoring
 
@@ -51,10 +51,11 @@ class Recommender(nn.Module):
         self.transition_dropout, self.transition_residual = transition_dropout, transition_residual
 
     # -- the two entry points --------------------------------------------------------------------
-    def training_loss(self, items: torch.Tensor, targets: torch.Tensor):
+    def training_loss(self, items: torch.Tensor, targets: torch.Tensor, soft: SoftTargets | None = None):
         """``(per-domain CE sums, per-domain target counts)`` of a batch (see
-        ``model.losses.domain_ce_sums``); ``model.losses.weighted_domain_mean`` makes the loss."""
-        return self(items, targets=targets)
+        ``model.losses.domain_ce_sums``); ``model.losses.weighted_domain_mean`` makes the loss.
+        ``soft``: a teacher's distributions for some targets (the full softmax only)."""
+        return self(items, targets=targets, soft=soft)
 
     def score(self, items: torch.Tensor, domain: int, consume: Callable | None = None):
         """``[B, n_items of domain]`` next-item scores at the last position (column j = global id
@@ -62,15 +63,22 @@ class Recommender(nn.Module):
         :class:`model.scoring.Scorer` that scores a range of items at a time."""
         return self(items, domain=domain, consume=consume)
 
+    def next_item_logits(self, items: torch.Tensor, domain: int, rows: torch.Tensor, cols: torch.Tensor):
+        """``[N, n_items of domain]``: the scores of the next item after position ``cols[i]`` of row
+        ``rows[i]`` (every position's query, as training scores it; a teacher's distributions)."""
+        return self(items, domain=domain, at=(rows, cols))
+
     def forward(self, items: torch.Tensor, targets: torch.Tensor | None = None, domain: int | None = None,
-                consume: Callable | None = None):
+                consume: Callable | None = None, soft: SoftTargets | None = None,
+                at: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The entry points' one way in (items: [B, L] int64, 0 = padding): the training loss
-        with ``targets``, scores with ``domain``, else hidden states ``[B, L, D]``."""
+        with ``targets``, scores with ``domain`` (at the last position, or at ``at``), else hidden
+        states ``[B, L, D]``."""
         if targets is not None:
-            return self._training_loss(items, targets)
+            return self._training_loss(items, targets, soft)
         if domain is not None:  # scores rank in full precision, also under a training autocast
             with torch.autocast(items.device.type, enabled=False):
-                return self._score(items, domain, consume)
+                return self._score(items, domain, consume) if at is None else self._logits_at(items, domain, *at)
         return self.encode(items)
 
     # -- what an engine needs to know ----------------------------------------------------------
@@ -98,31 +106,33 @@ class Recommender(nn.Module):
         """[B, L] -> hidden states [B, L, D]."""
         return self.encoder(self.embedding(items), items)
 
-    def _training_loss(self, items: torch.Tensor, targets: torch.Tensor):
+    def _training_loss(self, items: torch.Tensor, targets: torch.Tensor, soft: SoftTargets | None = None):
         own = torch.cat([items, targets], 1)  # the row's items: a full softmax may leave them out
         items, targets = self.objective.training(items, targets)
         h = self.encode(items)  # (B, L, D)
         views = {d: self.domain_view(items, d) for d in self.view_domains}
         table = self.scoring.rows(self.embedding.item.weight, self.item_bias)
+        kw = {} if soft is None else {"soft": soft}  # only the full softmax takes a teacher's (config checks)
         if self.transition is not None and self.transition_residual:
-            return self._residual_loss(items, targets, own, self.queries(h, views), table)
+            return self._residual_loss(items, targets, own, self.queries(h, views), table, kw)
         if self.transition is not None:
             self._add_transitions(items, views)
         bias = self.item_bias is not None
         queries = [self.scoring.query(q, bias) for q in self.queries(h, views)]
-        return self.loss(queries, targets, table, self.ranges, own)
+        return self.loss(queries, targets, table, self.ranges, own, **kw)
 
-    def _residual_loss(self, items, targets, own, qs, table):
+    def _residual_loss(self, items, targets, own, qs, table, kw: dict):
         """The loss of the model without the table plus the loss of the table alone: the second
         CE scores the same queries with the table's vector added, everything but the table held
         fixed (queries and item vectors detached). The encoder, heads, views and item vectors
         train as in the model without the table (they never lean on it); the table learns the
         transitions they miss. ``qs``: the per-domain queries without the table; ``table``: the
-        scored item rows. Returns the two per-domain CE sums added, the counts once."""
+        scored item rows; ``kw``: the first CE's extra arguments (a teacher's). Returns the two
+        per-domain CE sums added, the counts once."""
         trans: dict[int, torch.Tensor] = {}
         self._add_transitions(items, trans)
         bias = self.item_bias is not None
-        sums, counts = self.loss([self.scoring.query(q, bias) for q in qs], targets, table, self.ranges, own)
+        sums, counts = self.loss([self.scoring.query(q, bias) for q in qs], targets, table, self.ranges, own, **kw)
         fixed = [self.scoring.query(q.detach() + trans[d], bias) for d, q in enumerate(qs)]
         extra, _ = self.loss(fixed, targets, table.detach(), self.ranges, own)
         return [a + b for a, b in zip(sums, extra)], counts
@@ -138,6 +148,17 @@ class Recommender(nn.Module):
         scorer = Scorer(self.scoring.query(q, self.item_bias is not None), self.embedding.item.weight,
                         self.item_bias, lo, hi, self.scoring)
         return consume(scorer) if consume is not None else scorer.columns(0, hi - lo)
+
+    def _logits_at(self, items: torch.Tensor, domain: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        items = self.objective.scoring(items)
+        lo, hi = self.ranges[domain]
+        views = {domain: self.domain_view(items, domain)} if domain in self.view_domains else {}
+        if self.transition is not None:
+            self._add_transitions(items, views)
+        q = self.queries(self.encode(items), views)[domain][rows, cols]  # (N, D)
+        scorer = Scorer(self.scoring.query(q, self.item_bias is not None), self.embedding.item.weight,
+                        self.item_bias, lo, hi, self.scoring)
+        return scorer.columns(0, hi - lo)
 
     def _add_transitions(self, items: torch.Tensor, views: dict[int, torch.Tensor]) -> None:
         """Adds to ``views[d]`` (in place; set where absent) the table's vector of the row's latest d

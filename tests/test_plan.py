@@ -75,3 +75,13 @@ def test_activation_estimate_counts_the_residual_tables_second_set_of_logits():
     residual = load_config(tiny, ["model.transition_table=true", "model.transition_residual=true"])
     tokens, items = plain.train.micro_batch_size * plain.model.max_len, 500
     assert activation_bytes(residual, items) - activation_bytes(plain, items) == 3 * tokens * items * 4
+
+
+def test_activation_estimate_counts_the_distilling_teachers_logits_and_softmax():
+    """train.joint.distill: the teacher's logits and their softmax live beside the student's (no gradient)."""
+    from tools.plan import activation_bytes
+    from train.config import load_config
+    tiny = REPO / "configs" / "experiment" / "tiny.yaml"
+    plain, kd = load_config(tiny, []), load_config(tiny, ["train.joint.distill=0.5"])
+    tokens, items = plain.train.micro_batch_size * plain.model.max_len, 500
+    assert activation_bytes(kd, items) - activation_bytes(plain, items) == 2 * tokens * items * 4

@@ -427,6 +427,39 @@ def test_joint_stage_can_start_from_another_runs_source_stage(tmp_path):
     assert not (tmp_path / "c" / "joint").exists()  # refused before the stage began
 
 
+def test_the_joint_stage_distils_from_the_target_only_model_of_this_run_or_of_init_from(tmp_path):
+    """train.joint.distill: the joint stage's teacher is the target-only stage's best weights, of this
+    run or of train.init_from's (the same teacher, source weights and stream take the same steps);
+    without it the steps differ; an init_from run without a target-only stage is refused before
+    training, naming the folders."""
+    common = ["train.log_every=1", "train.joint.epochs=1", "train.source.epochs=1", "train.target_only.epochs=1"]
+    b = train_tiny(tmp_path, "name=b", "train.joint.distill=0.5", *common)
+    assert f"[joint] distilling from target_only's best weights in {tmp_path / 'b' / 'target_only' / 'checkpoints'}" \
+        in b.stdout
+    assert "0.5 x the CE against the target-only model's next-item distribution" in b.stdout
+    c = train_tiny(tmp_path, "name=c", "train.stages=[joint]", f"train.init_from={tmp_path / 'b'}",
+                   "train.joint.distill=0.5", *common)
+    assert f"distilling from target_only's best weights in {tmp_path / 'b' / 'target_only' / 'checkpoints'}" in c.stdout
+    train_tiny(tmp_path, "name=plain", "train.stages=[joint]", f"train.init_from={tmp_path / 'b'}", *common)
+
+    def joint_losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["joint/stage_step"]: r["joint/loss"] for r in rows if "joint/loss" in r}
+
+    lb, lc, lp = joint_losses("b"), joint_losses("c"), joint_losses("plain")
+    assert len(lb) >= 3 and sorted(lb) == sorted(lc) == sorted(lp)
+    assert all(lc[s] == pytest.approx(lb[s], abs=1e-6) for s in lb)
+    assert all(abs(lp[s] - lb[s]) > 1e-3 for s in lb)
+
+    train_tiny(tmp_path, "name=src", "train.stages=[source]", *common)
+    bad = run_tiny(tmp_path, "name=d", "train.stages=[joint]", f"train.init_from={tmp_path / 'src'}",
+                   "train.joint.distill=0.5", *common)
+    assert bad.returncode == 2
+    assert f"no best weights of stage target_only in {tmp_path / 'd' / 'target_only' / 'checkpoints'} or " \
+           f"{tmp_path / 'src' / 'target_only' / 'checkpoints'}" in bad.stderr
+    assert not (tmp_path / "d" / "joint").exists()
+
+
 @pytest.mark.parametrize("pair, source, target", [("amazon-food-kitchen", "food", "kitchen"),
                                                     ("amazon-beauty-electronics", "beauty", "electronics")])
 def test_the_source_view_of_an_amazon_pair_leaves_its_target_only_baseline_as_it_was(pair, source, target, tmp_path):

@@ -124,7 +124,9 @@ def activation_bytes(cfg, n_domain_items: int) -> int:
     candidates = training_loss_of(m, []).columns(n_domain_items, t.micro_batch_size)
     logits = 3 * tokens * candidates * 4  # logits, their softmax and its gradient, in fp32
     ces = 2 if m.transition_residual else 1  # the residual table adds a second CE (it needs the table)
-    return blocks + ces * logits
+    # train.joint.distill: the teacher's logits and its softmax (no gradient) beside the student's
+    teacher = 2 * tokens * candidates * 4 if t.joint.distill else 0
+    return blocks + ces * logits + teacher
 
 
 def parse_bytes(text: str) -> int:

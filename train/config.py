@@ -240,6 +240,11 @@ class StageConfig:
     micro_batch_size: Annotated[int, _at_least(0, " (0: train.micro_batch_size)")] = 0
     # w_d of named domains, over source_weight / target_weight (L = sum_d w_d * mean CE(d))
     domain_weights: dict[str, float] = field(default_factory=dict)
+    # joint only, > 0: knowledge distillation from each target's target-only model (of this run or
+    # of train.init_from): a target-domain target after an event of that domain in its row trains
+    # on (1 - distill) x CE(target) + distill x CE(the target-only model's next-item distribution,
+    # given the row's events of that domain alone); 0: off
+    distill: Annotated[float, Field(ge=0, le=1, description="in [0, 1]")] = 0.0
 
 
 @dataclass
@@ -294,6 +299,12 @@ class TrainConfig:
         _check(not self.init_from or ("source" not in self.stages and "joint" in self.stages),
                f"init_from={self.init_from!r} starts the joint stage from that run's source stage, so train.stages "
                f"must hold 'joint' and not 'source', got {self.stages}")
+        for stage in ("source", "target_only"):
+            _check(not self.stage(stage).distill, f"{stage}.distill={self.stage(stage).distill}: only the joint stage "
+                                                   "distils (from the target-only model)")
+        _check(not self.joint.distill or "target_only" in self.stages or self.init_from,
+               f"joint.distill={self.joint.distill} learns from the target-only model, so train.stages must hold "
+               f"'target_only' or train.init_from name a run that trained it, got stages {self.stages}")
         _check(not self.offload_optimizer or self.zero_stage > 0, "offload_optimizer needs train.zero_stage >= 1")
         _check(self.autocast == "off" or self.precision == "fp32",
                f"autocast={self.autocast} needs train.precision=fp32 (the weights stay fp32), got {self.precision}")
@@ -375,6 +386,11 @@ class ExperimentConfig:
         for key in ("view_domains", "uniform_aux_domains"):
             for dom in getattr(self.model, key):
                 _check(dom in self.data.domains, f"model.{key}: {dom!r} is not one of data.domains {self.data.domains}")
+        m = self.model
+        _check(not self.train.joint.distill or (m.loss == "full" and not m.exclude_own_items and m.objective == "next_item"),
+               f"train.joint.distill={self.train.joint.distill} needs model.loss=full without exclude_own_items and "
+               f"model.objective=next_item, got loss={m.loss!r}, exclude_own_items={m.exclude_own_items}, "
+               f"objective={m.objective!r}")
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name

@@ -7,6 +7,8 @@ import time
 
 from train.checkpoint import ResumeError, load_resume, load_weights
 from train.config import ExperimentConfig, save_config
+from train.data.stream import vocabulary
+from train.distill import Teacher, teacher_checkpoints
 from train.engine import barrier, build_engine
 from train.protocol import sampled_protocol
 from train.loop import NonFiniteError, StageInterrupted, Stopper, run_stage
@@ -103,7 +105,7 @@ class Experiment:
             load_source_weights(engine, run)
         if self.env.is_main:
             save_config(self.cfg, ckpt_dir / "config.yaml")
-        plan = data.plan(select=lambda: select_value(run, engine, data), ckpt_dir=ckpt_dir)
+        plan = data.plan(select=lambda: select_value(run, engine, data), ckpt_dir=ckpt_dir, teacher=teacher_of(run, data))
         summary = run_stage(engine, plan, device=run.device, tracker=run.tracker, stopper=self.stopper, resume=state,
                             log=self.log)
         metrics = evaluate_stage(run, engine, data)
@@ -123,6 +125,24 @@ def stage_engine(data: StageData):
     sc = data.cfg.train.stage(data.spec.name)
     return build_engine(data.model_builder(), train=data.train, stage=sc,
                         total_steps=sc.epochs * data.steps_per_epoch(), world_size=data.world)
+
+
+def teacher_of(run: Run, data: StageData) -> Teacher | None:
+    """The joint stage's teachers (``train.joint.distill``): each target's target-only model at its
+    best weights, in eval mode; None where the stage does not distil."""
+    weight = data.cfg.train.stage(data.spec.name).distill
+    if not weight:
+        return None
+    vocab, engines = vocabulary(run.manifest), {}
+    for target in data.names["target"]:
+        unit = run.cfg.baseline_unit(target)
+        folder = teacher_checkpoints(run.dir, run.cfg.train.init_from, unit)
+        _, engine = stage_engine(stage_data(run, unit))
+        load_weights(engine, folder)
+        engine.eval()
+        engines[vocab.index(target)] = engine
+        run.log(f"[{data.unit}] distilling from {unit}'s best weights in {folder} (train.{data.spec.name}.distill={weight:g})")
+    return Teacher(engines, vocab.ranges, weight)
 
 
 def load_source_weights(engine, run: Run) -> None:

@@ -50,6 +50,8 @@ class StagePlan:
     steps: Callable[[int], tuple[int, int] | None] = lambda epoch: None
     select_label: str = "valid"  # how epoch lines name the selection metric
     rows_per_batch: int = 0  # rows of one micro batch over every rank (for the samples/s of plain progress lines)
+    # (items, targets) -> a teacher's model.SoftTargets for the batch (train.joint.distill); None: none
+    teacher: Callable | None = None
 
 
 class NonFiniteError(RuntimeError):
@@ -68,16 +70,19 @@ class Step:
     skipped_by_deepspeed: bool = False  # ZeRO 1-3 skipped the step for a non-finite gradient norm
 
 
-def train_step(engine, batch: dict, weights: list[float], device, *, skip: bool = False) -> Step:
+def train_step(engine, batch: dict, weights: list[float], device, *, skip: bool = False,
+               teacher: Callable | None = None) -> Step:
     """Forward, backward, optimizer step (DeepSpeed applies accumulation and clipping).
 
     Nothing is read on the host here unless ``skip`` (``train.on_nonfinite=skip``): then a
     non-finite loss is not backpropagated (the step returns before backward), and a non-finite
     gradient norm leaves the weights as they were (ZeRO-0 steps with zero gradients at LR 0;
     ZeRO 1-3 skip on their own). Otherwise a non-finite step shows in ``Step.finite`` and is
-    settled at the next sync point, before anything is saved.
+    settled at the next sync point, before anything is saved. ``teacher``: see ``StagePlan.teacher``.
     """
-    sums, counts = engine(batch["items"].to(device), targets=batch["targets"].to(device))
+    items, targets = batch["items"].to(device), batch["targets"].to(device)
+    extra = {} if teacher is None else {"soft": teacher(items, targets)}
+    sums, counts = engine(items, targets=targets, **extra)
     if fault_point("train.loss"):  # the fault tests' NaN batch
         sums = [s * float("nan") for s in sums]
     loss, stats = global_domain_loss(sums, counts, weights)
@@ -248,7 +253,7 @@ def run_epoch(engine, plan: StagePlan, st: LoopState, monitor: Monitor, *, devic
     """Train the rest of ``st.epoch``; StageInterrupted after a resume checkpoint when asked to stop."""
     skip = plan.on_nonfinite == "skip"
     for batch in _next_batches(plan, st, log):
-        step = train_step(engine, batch, plan.weights, device, skip=skip)
+        step = train_step(engine, batch, plan.weights, device, skip=skip, teacher=plan.teacher)
         if skip and _skipped(plan, st, step, log):
             if not bool(torch.isfinite(step.value)):  # not backpropagated: no step taken
                 st.batch_in_epoch += 1

@@ -14,6 +14,7 @@ from train.checkpoint import ResumeError, check_same_config, source_of
 from train.config import ConfigError, ExperimentConfig, config_sha256, save_config
 from train.data.prepare import ensure_prepared, load_manifest
 from train.data.stream import ReaderOptions
+from train.distill import teacher_checkpoints
 from train.files import sha256_file
 from train.engine import all_gather_objects, barrier, check_launcher_settings, setup_distributed
 from train.evaluate import Evaluator
@@ -72,6 +73,9 @@ def start(cfg: ExperimentConfig, *, resume: bool, reevaluate: bool, overwrite: b
     try:
         previous = _checked_previous(cfg, resume=resume or reevaluate, reevaluate=reevaluate)
         init = source_of(Path(cfg.train.init_from), cfg) if cfg.train.init_from else None
+        if cfg.train.joint.distill and "target_only" not in cfg.train.stages:  # the teachers come from init_from
+            for target in cfg.data.targets():
+                teacher_checkpoints(cfg.run_dir(), cfg.train.init_from, cfg.baseline_unit(target))
         manifest, data_lock = _prepared(cfg, env, log)
         if init:
             check_same_data(RunRecord.load(Path(cfg.train.init_from) / "metrics.json").provenance, manifest,

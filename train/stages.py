@@ -212,6 +212,11 @@ class StageData:
         per = "its rows, each row's mean first (every user weighs the same)" if mc.loss_mean == "row" else "its targets"
         if not self.train.latest_target:
             per += " (a row's latest event is not one)"
+        distill = self.cfg.train.stage(self.spec.name).distill
+        if distill:
+            own = ", ".join(self.names["target"])
+            loss += (f"; a {own} target after a {own} event in its row: {1 - distill:g} x that CE + {distill:g} x the CE "
+                     "against the target-only model's next-item distribution given the row's events of the domain alone")
         scores = model.scoring.describe(model.item_bias is not None)
         return [f"[{stage}] inputs: {inputs}",
                 f"[{stage}] loss: {loss}; a domain's loss is the mean over {per}; scores: {scores}",
@@ -231,8 +236,9 @@ class StageData:
         return (f"{n_shards} {', '.join(self.driver)} train shards, {self.world} rank(s) x {max(workers, 1)} reader(s) "
                 f"({workers} DataLoader workers): {how}")
 
-    def plan(self, *, select, ckpt_dir) -> StagePlan:
-        """How the training loop runs this stage (``select``: the valid number an epoch is kept by)."""
+    def plan(self, *, select, ckpt_dir, teacher=None) -> StagePlan:
+        """How the training loop runs this stage (``select``: the valid number an epoch is kept by;
+        ``teacher``: ``StagePlan.teacher``)."""
         t, sc = self.cfg.train, self.cfg.train.stage(self.spec.name)
         return StagePlan(name=self.unit, batches=self.batches, weights=self.weights(), epochs=sc.epochs,
                          patience=sc.patience, min_epochs=sc.min_epochs, select=select, ckpt_dir=ckpt_dir,
@@ -242,7 +248,7 @@ class StageData:
                          keep_checkpoints=t.keep_checkpoints, on_nonfinite=t.on_nonfinite,
                          max_nonfinite_skips=t.max_nonfinite_skips, steps=self.known_steps,
                          select_label=self.select_label(),
-                         rows_per_batch=self.train.micro_batch_size * self.world)
+                         rows_per_batch=self.train.micro_batch_size * self.world, teacher=teacher)
 
     def select_label(self) -> str:
         """How the epoch lines name the number an epoch is kept by, e.g. ``valid sampled ndcg@10 (B)``."""
