@@ -59,7 +59,7 @@ def test_own_domain_rows_right_align_a_domains_events_in_order():
 
 def test_the_teacher_reads_each_target_as_the_target_only_stream_row_does():
     """For every B target of a mixed training row after a B event, the teacher's distribution is
-    the teacher model's softmax at the position of the target-only stream's row (the same user's B
+    the teacher model's softmax (of its scores / the temperature) at the position of the target-only stream's row (the same user's B
     events alone) where that target is predicted; a B target before any B event has none."""
     teacher = make(seed=1)
     seq = [1, 4, 2, 5, 6, 3, 1, 7, 8]  # a user's events; the last is a B event (so a B row's last target)
@@ -67,14 +67,14 @@ def test_the_teacher_reads_each_target_as_the_target_only_stream_row_does():
     mixed = train_rows([sample], dom=VOCAB, label_domain=1, max_len=8, only_domain=False)
     own = train_rows([sample], dom=VOCAB, label_domain=1, max_len=8, only_domain=True)
     items, targets = torch.from_numpy(mixed["items"]), torch.from_numpy(mixed["targets"])
-    soft = Teacher({1: teacher}, VOCAB.ranges, 0.5)(items, targets)
+    soft = Teacher({1: teacher}, VOCAB.ranges, 0.5, temperature=0.5)(items, targets)
     assert [t for t in targets[0].tolist() if t] == [4, 5, 6, 7, 8]
     assert soft.has[1].tolist() == [False, True, True, True, True]  # 4 follows no B event
     own_items, own_targets = torch.from_numpy(own["items"]), torch.from_numpy(own["targets"])
     cols = own_targets[0].nonzero()[:, 0]
     assert own_targets[0, cols].tolist() == [5, 6, 7, 8]
     with torch.no_grad():
-        want = torch.softmax(teacher.next_item_logits(own_items, 1, torch.zeros_like(cols), cols), -1)
+        want = torch.softmax(teacher.next_item_logits(own_items, 1, torch.zeros_like(cols), cols) / 0.5, -1)
     assert torch.allclose(soft.probs[1][1:], want, atol=1e-6)
     assert torch.equal(soft.probs[1][0], torch.zeros(5))
 

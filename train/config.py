@@ -245,6 +245,8 @@ class StageConfig:
     # on (1 - distill) x CE(target) + distill x CE(the target-only model's next-item distribution,
     # given the row's events of that domain alone); 0: off
     distill: Annotated[float, Field(ge=0, le=1, description="in [0, 1]")] = 0.0
+    # the teacher's distribution is the softmax of its scores / this (< 1: sharper, > 1: flatter)
+    distill_temperature: Annotated[float, Field(gt=0, description="> 0")] = 1.0
 
 
 @dataclass

@@ -36,10 +36,12 @@ def own_domain_rows(items: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor
 class Teacher:
     """``teacher(items, targets)`` -> :class:`model.SoftTargets` of a training batch: for each
     domain d with a teacher engine, the next-item distribution of every domain-d target whose row
-    holds a domain-d event at or before the target's input position (``has``)."""
+    holds a domain-d event at or before the target's input position (``has``): the softmax of the
+    teacher's scores / ``temperature``."""
 
-    def __init__(self, engines: dict[int, object], ranges: list[tuple[int, int]], weight: float):
-        self.engines, self.ranges, self.weight = engines, ranges, weight
+    def __init__(self, engines: dict[int, object], ranges: list[tuple[int, int]], weight: float,
+                 temperature: float = 1.0):
+        self.engines, self.ranges, self.weight, self.temperature = engines, ranges, weight, temperature
 
     @torch.no_grad()
     def __call__(self, items: torch.Tensor, targets: torch.Tensor) -> SoftTargets:
@@ -53,7 +55,7 @@ class Teacher:
             at_rows = rows[has[d]]
             logits = engine(sub, domain=d, at=(at_rows, dest[at_rows, latest[has[d]]]))  # (N_has, n_d)
             p = torch.zeros(len(rows), hi - lo, device=items.device)
-            p[has[d]] = torch.softmax(logits.float(), -1)
+            p[has[d]] = torch.softmax(logits.float() / self.temperature, -1)
             probs[d] = p
         return SoftTargets(probs, has, self.weight)
 

@@ -130,7 +130,8 @@ def stage_engine(data: StageData):
 def teacher_of(run: Run, data: StageData) -> Teacher | None:
     """The joint stage's teachers (``train.joint.distill``): each target's target-only model at its
     best weights, in eval mode; None where the stage does not distil."""
-    weight = data.cfg.train.stage(data.spec.name).distill
+    sc = data.cfg.train.stage(data.spec.name)
+    weight = sc.distill
     if not weight:
         return None
     vocab, engines = vocabulary(run.manifest), {}
@@ -141,8 +142,9 @@ def teacher_of(run: Run, data: StageData) -> Teacher | None:
         load_weights(engine, folder)
         engine.eval()
         engines[vocab.index(target)] = engine
-        run.log(f"[{data.unit}] distilling from {unit}'s best weights in {folder} (train.{data.spec.name}.distill={weight:g})")
-    return Teacher(engines, vocab.ranges, weight)
+        run.log(f"[{data.unit}] distilling from {unit}'s best weights in {folder} (train.{data.spec.name}.distill="
+                f"{weight:g}, its scores / {sc.distill_temperature:g})")
+    return Teacher(engines, vocab.ranges, weight, sc.distill_temperature)
 
 
 def load_source_weights(engine, run: Run) -> None:

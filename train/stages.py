@@ -212,11 +212,13 @@ class StageData:
         per = "its rows, each row's mean first (every user weighs the same)" if mc.loss_mean == "row" else "its targets"
         if not self.train.latest_target:
             per += " (a row's latest event is not one)"
-        distill = self.cfg.train.stage(self.spec.name).distill
-        if distill:
+        sc = self.cfg.train.stage(self.spec.name)
+        if sc.distill:
             own = ", ".join(self.names["target"])
-            loss += (f"; a {own} target after a {own} event in its row: {1 - distill:g} x that CE + {distill:g} x the CE "
-                     "against the target-only model's next-item distribution given the row's events of the domain alone")
+            sharp = f" (its scores / {sc.distill_temperature:g})" if sc.distill_temperature != 1 else ""
+            loss += (f"; a {own} target after a {own} event in its row: {1 - sc.distill:g} x that CE + {sc.distill:g} x "
+                     f"the CE against the target-only model's next-item distribution{sharp} given the row's events of "
+                     "the domain alone")
         scores = model.scoring.describe(model.item_bias is not None)
         return [f"[{stage}] inputs: {inputs}",
                 f"[{stage}] loss: {loss}; a domain's loss is the mean over {per}; scores: {scores}",
