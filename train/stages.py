@@ -216,9 +216,9 @@ class StageData:
         if sc.distill:
             own = ", ".join(self.names["target"])
             sharp = f" (its scores / {sc.distill_temperature:g})" if sc.distill_temperature != 1 else ""
-            loss += (f"; a {own} target after a {own} event in its row: {1 - sc.distill:g} x that CE + {sc.distill:g} x "
-                     f"the CE against the target-only model's next-item distribution{sharp} given the row's events of "
-                     "the domain alone")
+            loss += (f"; each {own} target after an event of its domain in its row: {1 - sc.distill:g} x that CE + "
+                     f"{sc.distill:g} x the CE against the target-only model's next-item distribution{sharp} given the "
+                     "row's events of the domain alone")
         scores = model.scoring.describe(model.item_bias is not None)
         return [f"[{stage}] inputs: {inputs}",
                 f"[{stage}] loss: {loss}; a domain's loss is the mean over {per}; scores: {scores}",
