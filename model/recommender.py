@@ -145,20 +145,23 @@ class Recommender(nn.Module):
             q = q + self.domain_view(items, domain, last_only=True)
         if self.transition is not None:
             q = q + self.transition(latest_of_domain(items, lo, hi)[:, -1])
-        scorer = Scorer(self.scoring.query(q, self.item_bias is not None), self.embedding.item.weight,
-                        self.item_bias, lo, hi, self.scoring)
+        scorer = self._scorer(q, domain)
         return consume(scorer) if consume is not None else scorer.columns(0, hi - lo)
 
     def _logits_at(self, items: torch.Tensor, domain: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         items = self.objective.scoring(items)
-        lo, hi = self.ranges[domain]
         views = {domain: self.domain_view(items, domain)} if domain in self.view_domains else {}
         if self.transition is not None:
             self._add_transitions(items, views)
         q = self.queries(self.encode(items), views)[domain][rows, cols]  # (N, D)
-        scorer = Scorer(self.scoring.query(q, self.item_bias is not None), self.embedding.item.weight,
-                        self.item_bias, lo, hi, self.scoring)
-        return scorer.columns(0, hi - lo)
+        scorer = self._scorer(q, domain)
+        return scorer.columns(0, scorer.n_items)
+
+    def _scorer(self, q: torch.Tensor, domain: int) -> Scorer:
+        """The :class:`Scorer` of queries ``q`` [N, D] against ``domain``'s items."""
+        lo, hi = self.ranges[domain]
+        return Scorer(self.scoring.query(q, self.item_bias is not None), self.embedding.item.weight, self.item_bias,
+                      lo, hi, self.scoring)
 
     def _add_transitions(self, items: torch.Tensor, views: dict[int, torch.Tensor]) -> None:
         """Adds to ``views[d]`` (in place; set where absent) the table's vector of the row's latest d

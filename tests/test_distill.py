@@ -52,7 +52,7 @@ def test_next_item_logits_at_the_last_column_are_the_models_scores():
 
 def test_own_domain_rows_right_align_a_domains_events_in_order():
     items = torch.tensor([[0, 0, 4, 1, 5, 2, 6, 3], [0, 1, 2, 3, 1, 2, 3, 1]])
-    sub, dest = own_domain_rows(items, 4, 9)
+    sub, dest = own_domain_rows(items, (items >= 4) & (items < 9))
     assert sub.tolist() == [[0, 0, 0, 0, 0, 4, 5, 6], [0] * 8]
     assert dest[0, [2, 4, 6]].tolist() == [5, 6, 7]
 

@@ -20,11 +20,10 @@ from model.recommender import latest_positions
 from train.checkpoint import ResumeError
 
 
-def own_domain_rows(items: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``items`` [B, L] (left padded) -> (``sub`` [B, L]: each row's items in ``[lo, hi)`` alone, in
-    order, right-aligned; ``dest`` [B, L]: where each position's item lands in ``sub`` (meaningful
-    at those items only))."""
-    own = (items >= lo) & (items < hi)
+def own_domain_rows(items: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``items`` [B, L] (left padded), ``own`` [B, L] bool (the domain's items) -> (``sub`` [B, L]:
+    each row's ``own`` items alone, in order, right-aligned; ``dest`` [B, L]: where each position's
+    item lands in ``sub`` (meaningful at ``own`` positions only))."""
     after = own.flip(1).long().cumsum(1).flip(1) - own.long()  # the row's own items after each position
     dest = items.shape[1] - 1 - after
     sub = torch.zeros_like(items)
@@ -49,9 +48,10 @@ class Teacher:
         for d, engine in self.engines.items():
             lo, hi = self.ranges[d]
             rows, cols = ((targets >= lo) & (targets < hi)).nonzero(as_tuple=True)  # row-major: the loss's order
-            latest = latest_positions((items >= lo) & (items < hi))[rows, cols]  # the latest d event at or before
+            own = (items >= lo) & (items < hi)
+            latest = latest_positions(own)[rows, cols]  # the latest d event at or before each target's input
             has[d] = latest >= 0
-            sub, dest = own_domain_rows(items, lo, hi)
+            sub, dest = own_domain_rows(items, own)
             at_rows = rows[has[d]]
             logits = engine(sub, domain=d, at=(at_rows, dest[at_rows, latest[has[d]]]))  # (N_has, n_d)
             p = torch.zeros(len(rows), hi - lo, device=items.device)
@@ -68,4 +68,4 @@ def teacher_checkpoints(run_dir: Path, init_from: str, unit: str) -> Path:
         if (folder / "best").is_dir():
             return folder
     raise ResumeError(f"train.joint.distill: no best weights of stage {unit} in " + " or ".join(map(str, tried))
-                            + f" (train {unit} first, in this run or in the run train.init_from names)")
+                      + f" (train {unit} first, in this run or in the run train.init_from names)")
