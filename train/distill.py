@@ -51,11 +51,12 @@ class Teacher:
             own = (items >= lo) & (items < hi)
             latest = latest_positions(own)[rows, cols]  # the latest d event at or before each target's input
             has[d] = latest >= 0
+            taught = has[d].nonzero(as_tuple=True)[0]  # one lookup of the taught targets, indexed 3 times
             sub, dest = own_domain_rows(items, own)
-            at_rows = rows[has[d]]
-            logits = engine(sub, domain=d, at=(at_rows, dest[at_rows, latest[has[d]]]))  # (N_has, n_d)
+            at_rows = rows[taught]
+            logits = engine(sub, domain=d, at=(at_rows, dest[at_rows, latest[taught]]))  # (N_has, n_d)
             p = torch.zeros(len(rows), hi - lo, device=items.device)
-            p[has[d]] = torch.softmax(logits.float() / self.temperature, -1)
+            p[taught] = torch.softmax(logits.float() / self.temperature, -1)
             probs[d] = p
         return SoftTargets(probs, has, self.weight)
 
