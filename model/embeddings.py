@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.dropout import Dropout
+
 
 class ItemTable(nn.Embedding):
     """``[n_items + 1, D]`` item embeddings, N(0, 1/D), row 0 (padding) zero.
@@ -39,7 +41,7 @@ class SequenceEmbedding(nn.Module):
         domain = nn.Embedding(n_domains + 1, d_model, padding_idx=0) if domain_embeddings else None
         self.item, self.position, self.domain = ItemTable(n_items + 1, d_model), position, domain
         self.register_buffer("item_domain", item_domain.clone(), persistent=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.scale = d_model ** 0.5
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.dropout import Dropout
+
 
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, ff_mult: int, dropout: float):
@@ -22,7 +24,7 @@ class Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d_model, ff_mult * d_model), nn.GELU(),
                                 nn.Linear(ff_mult * d_model, d_model))
         self.dropout = dropout
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D); mask: (B, 1, L, L) bool, True = may attend."""

@@ -1,10 +1,12 @@
 """Benchmarks behind ``make bench``: every performance goal measured as a ratio, in one run.
 
     python -m tools.bench all [--out runs/bench]       every part; JSON in runs/bench/, a table beside the goals
-    python -m tools.bench step | zero | memory | xl | eval | vocab | stream | prepare
+    python -m tools.bench step | dropout | zero | memory | xl | eval | vocab | stream | prepare
 
 - ``step``: one process, the DeepSpeed path (ZeRO-0) vs a plain PyTorch AdamW loop of the same
   model and batch: median step time ratio.
+- ``dropout``: xdrec's CPU dropout (``model.dropout``) vs ``nn.Dropout``, forward and backward on
+  one joint-stage activation of the Amazon experiments: median time ratio.
 - ``zero``: 2 ranks, ZeRO-2 and ZeRO-3 vs ZeRO-0 median step time (base and large models).
 - ``memory``: 2 ranks, ``tools.memory`` (each stage in fresh processes) for base, mid (60M),
   large (156M) in fp32 and bf16 and xl (ZeRO-3, bf16); ZeRO-k / ZeRO-0 live bytes, fp32 bytes
@@ -35,11 +37,11 @@ from tools.bench.eval import bench_eval, bench_vocab
 from tools.bench.gpu import bench_gpu
 from tools.bench.memory import bench_memory, bench_xl
 from tools.bench.prepare import bench_prepare
-from tools.bench.step import bench_step, bench_zero
+from tools.bench.step import bench_dropout, bench_step, bench_zero
 from tools.bench.stream import bench_stream
 
 
-PARTS = {"step": bench_step, "zero": bench_zero, "memory": bench_memory, "xl": bench_xl, "eval": bench_eval,
+PARTS = {"step": bench_step, "dropout": bench_dropout, "zero": bench_zero, "memory": bench_memory, "xl": bench_xl, "eval": bench_eval,
          "vocab": bench_vocab}
 
 
@@ -73,7 +75,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.bench")
     ap.add_argument("what", choices=["all", "stream", "prepare", "gpu", *PARTS])
     ap.add_argument("--dry-run", action="store_true", help="gpu: tiny sizes on the CPU, 1 process (checks the script)")
-    ap.add_argument("--parts", default="step,zero,eval,memory,xl,vocab,stream,prepare", help="with all: which parts")
+    ap.add_argument("--parts", default="step,dropout,zero,eval,memory,xl,vocab,stream,prepare", help="with all: which parts")
     ap.add_argument("--out", default="runs/bench", help="JSON results go here")
     ap.add_argument("--data", default="data/bench", help="prepared data of the benchmarks")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per timing")

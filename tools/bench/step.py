@@ -56,3 +56,46 @@ def bench_zero(args) -> dict:
         for z in (2, 3):
             goals.append(goal(f"{name}: ZeRO-{z} / ZeRO-0 step time, 2 ranks", t[z] / t[0], "<= 1.5", t[z] / t[0] <= 1.5))
     return {**out, "goals": goals}
+
+
+def _torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every ``model.dropout.Dropout`` replaced by ``nn.Dropout`` of the same p."""
+    from model.dropout import Dropout
+
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, Dropout):
+                setattr(parent, name, torch.nn.Dropout(child.p))
+    return model
+
+
+def bench_dropout(args) -> dict:
+    """xdrec's CPU dropout (``model.dropout``) vs torch's ``nn.Dropout``: one training step (forward
+    and backward under bf16 autocast) of the model of the Amazon experiments' joint stage (the
+    ``amazon`` preset, cosine scoring, both domains' views; Beauty-Electronics' item counts) on a
+    128 x 50 batch of random items, median step time; and the layer alone on one such activation."""
+    from model import ModelConfig, Vocabulary, build_recommender, weighted_domain_mean
+    from model.dropout import Dropout
+
+    vocab = Vocabulary(("beauty", "electronics"), (10379, 14188))
+    cfg = ModelConfig(d_model=128, n_layers=2, n_heads=2, ff_mult=4, dropout=0.5, emb_dropout=0.5, max_len=50,
+                      temperature=0.1, sequence="dual", view_layers=1, view_domains=[])
+    items = torch.randint(1, vocab.n_items + 1, (128, 51), generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for name, swap in (("torch", _torch_dropout), ("xdrec", lambda m: m)):
+        torch.manual_seed(0)
+        model = swap(build_recommender(cfg, vocab)).train()
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                sums, counts = model(items[:, :-1], targets=items[:, 1:])
+            weighted_domain_mean(sums, counts, [1.0, 1.0]).backward()
+        steps[name] = _median_time(step, args.steps, warmup=3)
+    x = torch.randn(128, 50, 128, requires_grad=True)
+    layer = {name: _median_time(lambda: d(x).sum().backward(), max(args.steps, 20))
+             for name, d in (("torch", torch.nn.Dropout(0.5).train()), ("xdrec", Dropout(0.5).train()))}
+    return {"torch_step_s": steps["torch"], "xdrec_step_s": steps["xdrec"], "torch_layer_s": layer["torch"],
+            "xdrec_layer_s": layer["xdrec"], "goals": [
+                goal("Amazon joint-stage step, xdrec / torch dropout (CPU)", steps["xdrec"] / steps["torch"], "<= 0.95",
+                     steps["xdrec"] / steps["torch"] <= 0.95),
+                goal("dropout layer alone, xdrec / torch (CPU)", layer["xdrec"] / layer["torch"], "recorded", True)]}
