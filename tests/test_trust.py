@@ -376,7 +376,11 @@ def test_fetch_interrupted_leaves_no_part_file(tmp_path):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     out = tmp_path / "got"
-    p = subprocess.Popen([sys.executable, "-m", "train.cli", "data", "fetch", "amazon-food-kitchen", "--to", str(out),
+    # A suite started in the background by a non-interactive shell has SIGINT ignored, and the CLI
+    # would inherit that: the child takes Python's Ctrl-C handler back first, as at a terminal.
+    ctrl_c = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "runpy.run_module('train.cli', run_name='__main__', alter_sys=True)")
+    p = subprocess.Popen([sys.executable, "-c", ctrl_c, "data", "fetch", "amazon-food-kitchen", "--to", str(out),
                           "--base-url", f"http://127.0.0.1:{srv.server_address[1]}"], cwd=REPO, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
