@@ -5,8 +5,8 @@
 
 - ``step``: one process, the DeepSpeed path (ZeRO-0) vs a plain PyTorch AdamW loop of the same
   model and batch: median step time ratio.
-- ``dropout``: xdrec's CPU dropout (``model.dropout``) vs ``nn.Dropout``, forward and backward on
-  one joint-stage activation of the Amazon experiments: median time ratio.
+- ``dropout``: xdrec's CPU dropout (``model.dropout``) vs ``nn.Dropout``: median step time ratio of
+  the Amazon joint-stage model (forward and backward, bf16 autocast), and the layer alone (recorded).
 - ``zero``: 2 ranks, ZeRO-2 and ZeRO-3 vs ZeRO-0 median step time (base and large models).
 - ``memory``: 2 ranks, ``tools.memory`` (each stage in fresh processes) for base, mid (60M),
   large (156M) in fp32 and bf16 and xl (ZeRO-3, bf16); ZeRO-k / ZeRO-0 live bytes, fp32 bytes
@@ -41,8 +41,8 @@ from tools.bench.step import bench_dropout, bench_step, bench_zero
 from tools.bench.stream import bench_stream
 
 
-PARTS = {"step": bench_step, "dropout": bench_dropout, "zero": bench_zero, "memory": bench_memory, "xl": bench_xl, "eval": bench_eval,
-         "vocab": bench_vocab}
+PARTS = {"step": bench_step, "dropout": bench_dropout, "zero": bench_zero, "memory": bench_memory, "xl": bench_xl,
+         "eval": bench_eval, "vocab": bench_vocab}
 
 
 def bench_all(args) -> dict:
